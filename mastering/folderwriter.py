@@ -1,0 +1,65 @@
+"""A File-set as a folder (PS3.12 Annex A/R: on a PC file system the File ID is the path).
+
+This is what goes onto a USB stick: the caller points it at a folder on the mounted FAT
+partition, or at a local folder to copy later. Files are written into a temporary sibling folder
+that is renamed into place once complete, so an interrupted run never leaves a File-set that
+looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from threading import Event
+
+from .content import copy_to
+from .intake import Cancelled
+from .plan import Volume
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def write(volume: Volume, dicomdir: bytes, tmp: Path,
+          extra_files: list[tuple[tuple[str, ...], bytes]] = (), *, label: str = "write",
+          progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
+    """Write the volume below tmp (which must not exist yet); returns the bytes written."""
+    tmp.mkdir(parents=False)
+    total = len(dicomdir)
+    entries = volume.entries()
+    (tmp / "DICOMDIR").write_bytes(dicomdir)
+    for comps, data in extra_files:
+        target = tmp.joinpath(*comps)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        total += len(data)
+    made: set[Path] = set()
+    for done, entry in enumerate(entries, 1):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled while writing the File-set")
+        target = tmp.joinpath(*entry.file_id)
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        copy_to(entry, str(target))
+        total += entry.out_size
+        if progress:
+            progress(label, done, len(entries))
+    _sync_tree(tmp)
+    return total
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync files and folders: a stick pulled after we report success must hold the data."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

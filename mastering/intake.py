@@ -1,0 +1,426 @@
+"""Intake: find the DICOM instances among the inputs, reading headers only.
+
+Every file is checked structurally first (:mod:`mastering.part10`: truncation, broken sequences),
+then its header is read with pydicom up to the pixel data and reduced to what the later stages
+need: identity, encoding, layout and the directory record keys already encoded. Nothing of the
+pixel data is read. Non-DICOM files are ignored and listed; invalid DICOM files (corrupt,
+truncated, not a storable instance, conflicting) are reported with the reason.
+
+An existing File-set among the inputs is an index, not an instance: a DICOMDIR adds the files it
+references (PS3.10 8.6), which are scanned like any other file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Event
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+
+from . import part10, records
+from .profiles import Profile
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+LEAF = "LEAF"
+SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+RUNNING = ("SeriesNumber", "InstanceNumber")
+
+
+class Cancelled(Exception):
+    """The caller's cancellation event was set."""
+
+
+@dataclass(slots=True)
+class Instance:
+    """One SOP instance found in the inputs, reduced to what planning and writing need."""
+
+    path: str
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str  # the body's real encoding
+    meta_complete: bool  # preamble + meta naming that encoding: the file can go as it is
+    dataset_start: int
+    record_type: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    series_number: str
+    instance_number: str
+    #: encoded record keys by level ("PATIENT", "STUDY", "SERIES", "LEAF"), ELE, tag -> bytes
+    keys: dict[str, dict[int, bytes]]
+    filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
+    duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A file that does not become part of the File-set, and why."""
+
+    path: str
+    kind: str  # "not-dicom" | "invalid" | "conflict" | "missing"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryIndex:
+    """A DICOMDIR found among the inputs: the files it references."""
+
+    path: str
+    referenced: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+@dataclass
+class IntakeResult:
+    instances: list[Instance]
+    ignored: list[Problem]  # not DICOM
+    invalid: list[Problem]  # corrupt, truncated, not storable, conflicting, missing
+    indexes: list[DirectoryIndex]
+    files_seen: int = 0
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# -- finding files ---------------------------------------------------------------------------
+
+
+def expand(inputs: Iterable[Path]) -> Iterator[Path]:
+    """Files below the inputs, depth first in sorted order (deterministic)."""
+    for item in inputs:
+        if item.is_dir():
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root, name)
+        elif item.exists():
+            yield item
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+
+
+# -- scanning one file (runs in worker processes) --------------------------------------------
+
+
+def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryIndex:
+    try:
+        layout = part10.inspect(Path(path))
+    except part10.NotDicomError as exc:
+        return Problem(path, "not-dicom", str(exc))
+    except part10.StructureError as exc:
+        return Problem(path, "invalid", f"corrupt DICOM: {exc}")
+    except OSError as exc:
+        return Problem(path, "invalid", f"cannot read: {exc.strerror or exc}")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        return Problem(path, "invalid", f"pydicom cannot parse the header: {exc}")
+    sop_class = records.text_value(ds, SOP_CLASS_UID)
+    meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if ds.file_meta else ""
+    if MEDIA_STORAGE_DIRECTORY in (sop_class, meta_class):
+        return _directory_index(path, ds)
+    try:
+        return _instance(path, layout, ds, profile)
+    except _Invalid as exc:
+        return Problem(path, "invalid", str(exc))
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -> Instance:
+    sop_class = records.text_value(ds, SOP_CLASS_UID)
+    sop_uid = records.text_value(ds, SOP_INSTANCE_UID)
+    if not sop_class or not sop_uid:
+        raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID")
+    if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
+        raise _Invalid(f"not a valid SOP Instance UID: {sop_uid!r}")
+    rtype = records.record_type(sop_class)
+    if rtype is None:
+        raise _Invalid(f"not a storable instance: SOP Class {sop_class} is not a storage class")
+    meta = ds.file_meta or Dataset()
+    meta_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    if meta_uid and meta_uid != sop_uid:
+        raise _Invalid(
+            f"file meta Media Storage SOP Instance UID {meta_uid} differs from the data set's "
+            f"SOP Instance UID {sop_uid}"
+        )
+    keys, filled = _keys(ds, rtype, profile)
+    values = {kw: v for kw, v in filled}
+
+    def value(kw: str) -> str:
+        return values.get(kw) or records.text_value(ds, records._tag(kw))
+
+    return Instance(
+        path=path,
+        size=layout.size,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        transfer_syntax=layout.body_ts,
+        meta_complete=layout.meta_complete and bool(meta_uid),
+        dataset_start=layout.dataset_start,
+        record_type=rtype,
+        patient_id=value("PatientID"),
+        study_uid=value("StudyInstanceUID"),
+        series_uid=value("SeriesInstanceUID"),
+        series_number=value("SeriesNumber"),
+        instance_number=value("InstanceNumber"),
+        keys=keys,
+        filled=filled,
+    )
+
+
+def _keys(
+    ds: Dataset, rtype: str, profile: Profile
+) -> tuple[dict[str, dict[int, bytes]], list[tuple[str, str]]]:
+    """Encoded keys per level, filling Type 1 keys the instance lacks (reported, never written
+    into the file)."""
+    levels = () if records.is_root_level(rtype) else records.LEVELS
+    keys: dict[str, dict[int, bytes]] = {}
+    filled: list[tuple[str, str]] = []
+    known: dict[str, str] = {}
+    charset = records.encode_element(ds, records.SPECIFIC_CHARACTER_SET)
+    for level in (*levels, LEAF):
+        spec = records.key_spec(rtype if level == LEAF else level, profile)
+        found: dict[int, bytes] = {}
+        if charset and records.has_value(ds, records.SPECIFIC_CHARACTER_SET):
+            found[records.SPECIFIC_CHARACTER_SET] = charset
+        for tag in spec.of("1"):
+            found[tag] = _type1(ds, tag, known, filled)
+        for tag in spec.of("2"):
+            found[tag] = records.encode_element(ds, tag) or records.encode_text(
+                tag, records.dictionary_VR(tag), b""
+            )
+        for tag in (*spec.of("1C"), *spec.of("3")):
+            found[tag] = _conditional(ds, tag, rtype)
+        found = {t: v for t, v in found.items() if v is not None}
+        keys[level] = found
+    return keys, filled
+
+
+def _type1(ds: Dataset, tag: int, known: dict[str, str], filled: list) -> bytes | None:
+    if records.has_value(ds, tag):
+        return records.encode_element(ds, tag)
+    keyword = pydicom.datadict.keyword_for_tag(tag)
+    value = records.derive(keyword, ds, known)
+    if value is None:
+        raise _Invalid(f"lacks the Type 1 directory key {keyword} and it cannot be derived")
+    known[keyword] = value
+    filled.append((keyword, value))
+    if value == "":  # a running number: the planner assigns it
+        return None
+    return records.encode_value(tag, value)
+
+
+def _conditional(ds: Dataset, tag: int, rtype: str) -> bytes | None:
+    """1C/3 keys; SR Content Sequence keeps only the HAS CONCEPT MOD items (F.5.24, F.5.25)."""
+    if tag == 0x0040A730 and rtype in ("SR DOCUMENT", "KEY OBJECT DOC"):
+        items = [i for i in ds.get("ContentSequence", []) if i.get("RelationshipType") == "HAS CONCEPT MOD"]
+        if not items:
+            return None
+        sub = Dataset()
+        sub.SpecificCharacterSet = ds.get("SpecificCharacterSet", "ISO_IR 6")
+        sub.ContentSequence = Sequence(items)
+        return records.encode_element(sub, tag)
+    if tag == 0x0040A030 and rtype == "SR DOCUMENT":  # Verification DateTime, if VERIFIED
+        observers = ds.get("VerifyingObserverSequence")
+        if ds.get("VerificationFlag") == "VERIFIED" and observers:
+            last = observers[-1]
+            if "VerificationDateTime" in last:
+                return records.encode_element(last, tag)
+        return None
+    return records.encode_element(ds, tag) if records.has_value(ds, tag) else None
+
+
+def _directory_index(path: str, ds: Dataset) -> DirectoryIndex:
+    base = Path(path).parent
+    referenced, missing = [], []
+    for rec in ds.get("DirectoryRecordSequence", []):
+        if rec.get("RecordInUseFlag", 0xFFFF) == 0 or "ReferencedFileID" not in rec:
+            continue
+        parts = rec.ReferencedFileID
+        parts = [parts] if isinstance(parts, str) else list(parts)
+        found = _resolve(base, parts)
+        (referenced if found else missing).append(str(found or base.joinpath(*parts)))
+    return DirectoryIndex(path, tuple(referenced), tuple(missing))
+
+
+def _resolve(base: Path, parts: list[str]) -> Path | None:
+    """A File ID below base; media mounted with lower-case names resolve case-insensitively."""
+    path = base.joinpath(*parts)
+    if path.is_file():
+        return path
+    cur = base
+    for part in parts:
+        try:
+            match = next(p for p in cur.iterdir() if p.name.upper().split(";")[0] == part.upper())
+        except (StopIteration, OSError):
+            return None
+        cur = match
+    return cur if cur.is_file() else None
+
+
+# -- the whole intake ------------------------------------------------------------------------
+
+
+def scan(
+    inputs: Iterable[Path],
+    profile: Profile,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: Event | None = None,
+    workers: int | None = None,
+) -> IntakeResult:
+    """Scan inputs (files and folders, recursively) and return instances and problems."""
+    paths = [str(p) for p in expand(inputs)]
+    result = IntakeResult([], [], [], [], 0)
+    seen = {os.path.realpath(p) for p in paths}
+    merger = _Merger(result)
+    queue = paths
+    while queue:
+        extra: list[str] = []
+        for item in _scan_all(queue, profile, progress, cancel, workers):
+            result.files_seen += 1
+            if isinstance(item, DirectoryIndex):
+                result.indexes.append(item)
+                result.invalid.extend(
+                    Problem(m, "missing", f"referenced by {item.path} but not found")
+                    for m in item.missing
+                )
+                for ref in item.referenced:
+                    if os.path.realpath(ref) not in seen:
+                        seen.add(os.path.realpath(ref))
+                        extra.append(ref)
+            elif isinstance(item, Problem):
+                (result.ignored if item.kind == "not-dicom" else result.invalid).append(item)
+            else:
+                merger.add(item)
+        queue = extra
+    merger.finish()
+    return result
+
+
+def _scan_all(
+    paths: list[str],
+    profile: Profile,
+    progress: ProgressFn | None,
+    cancel: Event | None,
+    workers: int | None,
+) -> Iterator[Instance | Problem | DirectoryIndex]:
+    workers = workers or os.cpu_count() or 1
+    total = len(paths)
+    if workers <= 1 or total < 64:
+        results: Iterable = (scan_file(p, profile) for p in paths)
+        yield from _tick(results, total, progress, cancel)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(scan_file, paths, [profile] * total, chunksize=32)
+        try:
+            yield from _tick(results, total, progress, cancel)
+        except Cancelled:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _tick(results: Iterable, total: int, progress: ProgressFn | None, cancel: Event | None):
+    for done, item in enumerate(results, 1):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled during intake")
+        if progress:
+            progress("scan", done, total)
+        yield item
+
+
+class _Merger:
+    """Merges identical copies of one instance; two different objects with one UID conflict.
+
+    Also keeps the PATIENT/STUDY/SERIES keys only once per series, so memory per instance is
+    its leaf record and identity, not its whole header.
+    """
+
+    def __init__(self, result: IntakeResult):
+        self.result = result
+        self.by_uid: dict[str, Instance] = {}
+        self.conflicts: dict[str, list[str]] = {}
+        self.series_first: dict[tuple[str, str, str], Instance] = {}
+
+    def add(self, inst: Instance) -> None:
+        other = self.by_uid.get(inst.sop_instance_uid)
+        if other is None:
+            self.by_uid[inst.sop_instance_uid] = inst
+            self._share_levels(inst)
+            return
+        if inst.sop_instance_uid in self.conflicts:
+            self.conflicts[inst.sop_instance_uid].append(inst.path)
+        elif same_object(other.path, inst.path):
+            other.duplicates.append(inst.path)
+        else:
+            self.conflicts[inst.sop_instance_uid] = [other.path, inst.path]
+
+    def _share_levels(self, inst: Instance) -> None:
+        key = (inst.patient_id, inst.study_uid, inst.series_uid)
+        first = self.series_first.get(key)
+        if first is None:
+            self.series_first[key] = inst
+            return
+        for level in records.LEVELS:  # 1C keys: take them from any instance that has them
+            for tag, enc in inst.keys.get(level, {}).items():
+                first.keys[level].setdefault(tag, enc)
+            inst.keys.pop(level, None)
+
+    def finish(self) -> None:
+        for uid, paths in self.conflicts.items():
+            inst = self.by_uid.pop(uid)
+            self._unshare(inst)
+            for path in paths:
+                others = ", ".join(p for p in paths if p != path)
+                self.result.invalid.append(
+                    Problem(path, "conflict", f"SOP Instance UID {uid} is also used by a "
+                            f"different object in {others}")
+                )
+        self.result.instances = list(self.by_uid.values())
+
+    def _unshare(self, inst: Instance) -> None:
+        """A conflicting instance leaves; if it carried its series' keys, hand them on."""
+        key = (inst.patient_id, inst.study_uid, inst.series_uid)
+        if self.series_first.get(key) is not inst:
+            return
+        heir = next((i for i in self.by_uid.values()
+                     if (i.patient_id, i.study_uid, i.series_uid) == key), None)
+        del self.series_first[key]
+        if heir is not None:
+            for level in records.LEVELS:
+                heir.keys[level] = inst.keys[level]
+            self.series_first[key] = heir
+
+
+def same_object(a: str, b: str) -> bool:
+    """True if two files hold the same data set: identical bytes, or equal after parsing
+    (the same instance stored in two encodings). Only called when SOP Instance UIDs collide."""
+    if _digest(a) == _digest(b):
+        return True
+    try:
+        da, db = pydicom.dcmread(a, force=True), pydicom.dcmread(b, force=True)
+    except Exception:  # noqa: BLE001 - unreadable means not provably the same
+        return False
+    return da == db
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

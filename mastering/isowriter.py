@@ -1,0 +1,120 @@
+"""ISO 9660 images of a planned volume, written with pycdlib (PS3.12 Annex F, P and X).
+
+CD: strict ISO 9660 Level 1, no Joliet, no Rock Ridge; File ID ``C1\\...\\CN`` becomes
+``/C1/.../CN.;1`` and the File-set ID is the Primary Volume Descriptor's Volume Identifier
+(PS3.12 F.1). DVD and BD follow the profile's file-system settings. File bodies stream from their
+sources at write time; the image is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from threading import Event
+
+import pycdlib
+
+from .content import SegmentReader, segments
+from .intake import Cancelled
+from .plan import FileEntry, Volume
+from .profiles import Profile
+
+ProgressFn = Callable[[str, int, int], None]
+BLOCKSIZE = 1 << 20
+
+
+def iso_path(components: tuple[str, ...] | list[str]) -> str:
+    """PS3.12 F.1.2.1: no extension, an empty one after '.', version 1."""
+    return "/" + "/".join(components) + ".;1"
+
+
+def dir_path(components: tuple[str, ...]) -> str:
+    return "/" + "/".join(components)
+
+
+def build(volume: Volume, dicomdir: bytes, profile: Profile,
+          extra_files: list[tuple[tuple[str, ...], bytes]] = ()) -> pycdlib.PyCdlib:
+    """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=profile.interchange_level, vol_ident=volume.fileset_id,
+            sys_ident="", joliet=3 if profile.joliet else None,
+            rock_ridge="1.09" if profile.rock_ridge else None, udf=profile.udf or None)
+    udf = bool(profile.udf)
+    _add_bytes(iso, ("DICOMDIR",), dicomdir, udf)
+    made: set[tuple[str, ...]] = set()
+    for comps, data in extra_files:
+        _mkdirs(iso, comps[:-1], made, udf)
+        _add_bytes(iso, comps, data, udf)
+    for entry in volume.entries():
+        _mkdirs(iso, entry.file_id[:-1], made, udf)
+        _add_entry(iso, entry, udf)
+    return iso
+
+
+def _mkdirs(iso: pycdlib.PyCdlib, comps: tuple[str, ...], made: set, udf: bool) -> None:
+    for depth in range(1, len(comps) + 1):
+        sub = comps[:depth]
+        if sub in made:
+            continue
+        iso.add_directory(dir_path(sub), udf_path=dir_path(sub) if udf else None)
+        made.add(sub)
+
+
+def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes, udf: bool) -> None:
+    name = comps[-1]
+    path = "/" + "/".join(comps) + (";1" if "." in name else ".;1")
+    iso.add_fp(io.BytesIO(data), len(data), path, udf_path=dir_path(comps) if udf else None)
+
+
+def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:
+    parts = segments(entry)
+    udf_path = dir_path(entry.file_id) if udf else None
+    if len(parts) == 1 and not isinstance(parts[0], bytes) and parts[0].offset == 0:
+        iso.add_file(parts[0].path, iso_path(entry.file_id), udf_path=udf_path)
+    else:
+        reader = SegmentReader(parts)
+        iso.add_fp(reader, reader.length, iso_path(entry.file_id), udf_path=udf_path)
+
+
+def set_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
+    """Reproducible images (SOURCE_DATE_EPOCH): every date in UTC from the epoch."""
+    utc = time.gmtime(epoch)
+    stamp = time.strftime("%Y%m%d%H%M%S", utc).encode() + b"00" + b"\0"
+    for vd in [*iso.pvds, *iso.svds]:
+        for attr in ("volume_creation_date", "volume_modification_date", "volume_effective_date"):
+            date = getattr(vd, attr)
+            date.date_str = stamp
+    for _path, rec in _walk(iso):
+        d = rec.date
+        d.years_since_1900, d.month, d.day_of_month = utc.tm_year - 1900, utc.tm_mon, utc.tm_mday
+        d.hour, d.minute, d.second, d.gmtoffset = utc.tm_hour, utc.tm_min, utc.tm_sec, 0
+
+
+def _walk(iso: pycdlib.PyCdlib):
+    stack = [iso.pvd.root_directory_record()]
+    while stack:
+        rec = stack.pop()
+        yield None, rec
+        if rec.is_dir():
+            stack.extend(c for c in rec.children if c is not None and not c.is_dot()
+                         and not c.is_dotdot())
+
+
+def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write",
+          progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
+    """Write the image to tmp (created exclusively), fsync it; returns its size."""
+
+    def tick(done: int, total: int, _opaque: object) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled while writing the image")
+        if progress:
+            progress(label, done, total)
+
+    with open(tmp, "xb") as out:
+        iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
+        out.flush()
+        os.fsync(out.fileno())
+        return out.tell()

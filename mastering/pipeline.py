@@ -1,0 +1,308 @@
+"""The whole job: intake -> plan -> stage conversions -> write volumes -> check, as one call.
+
+Front-ends (the CLI, the burning daemon, the USB kiosk) call :func:`master`; it keeps no global
+state, reports progress through a callback and stops when the cancel event is set. Nothing that
+looks finished is left behind on failure: every output is written under a temporary name next to
+its final place and renamed only when all volumes are complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Event
+
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, dicomdir, folderwriter
+from . import intake as intake_mod
+from . import isowriter, plan
+from .content import output_size
+from .intake import Cancelled, IntakeResult, Problem
+from .profiles import Profile
+
+ProgressFn = Callable[[str, int, int], None]
+FILESET_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+class MasteringError(Exception):
+    """The run was refused or failed; nothing was written. `report` says why."""
+
+    def __init__(self, message: str, report: Report, exit_code: int):
+        super().__init__(message)
+        self.report = report
+        self.exit_code = exit_code
+
+
+@dataclass
+class Options:
+    profile: Profile
+    fileset_id: str = "DICOM_MEDIA"
+    volume_id: str | None = None  # ISO volume identifier, default: the File-set ID
+    skip_invalid: bool = False
+    span: bool = True
+    workers: int | None = None
+    source_date_epoch: int | None = None  # reproducible output when set
+
+    @classmethod
+    def from_env(cls, profile: Profile, **kw) -> Options:
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+        return cls(profile, source_date_epoch=int(epoch) if epoch else None, **kw)
+
+
+@dataclass
+class VolumeReport:
+    path: str
+    fileset_id: str
+    fileset_uid: str
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+
+
+@dataclass
+class Report:
+    """What the run did, for the human summary and ``--report FILE.json``."""
+
+    profile: str
+    output: str
+    ok: bool = False
+    error: str = ""
+    patients: int = 0
+    studies: int = 0
+    series: int = 0
+    instances: int = 0
+    bytes: int = 0
+    files_seen: int = 0
+    conversions: dict[str, int] = field(default_factory=dict)  # action -> count
+    converted: list[dict] = field(default_factory=list)  # per transcoded file
+    filled: list[dict] = field(default_factory=list)  # {"path", "key", "value"}
+    ignored: list[dict] = field(default_factory=list)  # non-DICOM files
+    invalid: list[dict] = field(default_factory=list)  # refused files and why
+    skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
+    duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
+    volumes: list[VolumeReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _problems(items: Sequence[Problem]) -> list[dict]:
+    return [{"path": p.path, "kind": p.kind, "reason": p.reason} for p in items]
+
+
+def check_fileset_id(value: str) -> str:
+    """PS3.10 8.5 / Table F.3-2: 0-16 characters of A-Z 0-9 _."""
+    if len(value) > 16 or not set(value) <= FILESET_ID_CHARS:
+        raise ValueError(f"File-set ID {value!r}: at most 16 characters of A-Z, 0-9 and _")
+    return value
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """OUT.iso for one volume; OUT-1.iso, OUT-2.iso ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count + 1)]
+
+
+def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str = "iso",
+           progress: ProgressFn | None = None, cancel: Event | None = None) -> Report:
+    """Master the inputs onto media of options.profile; kind is "iso" or "folder"."""
+    profile = options.profile
+    report = Report(profile=profile.id, output=str(output))
+    check_fileset_id(options.fileset_id)
+    if kind == "iso" and not profile.writes_iso:
+        raise MasteringError(f"profile {profile.id} is for {profile.filesystem.upper()} media: "
+                             "use 'mastering fileset' and copy the folder to the stick", report, 2)
+    t0 = time.monotonic()
+    scanned = intake_mod.scan(inputs, profile, progress=progress, cancel=cancel,
+                              workers=options.workers)
+    report.seconds["scan"] = round(time.monotonic() - t0, 3)
+    _record_intake(report, scanned)
+    if scanned.invalid and not options.skip_invalid:
+        report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
+        raise MasteringError(report.error, report, 3)
+    report.skipped = report.invalid if options.skip_invalid else []
+    if not scanned.instances:
+        report.error = "no DICOM instances found in the input"
+        raise MasteringError(report.error, report, 3)
+
+    output = output.absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        return _plan_and_write(scanned, output, options, kind, report, work, progress, cancel)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _record_intake(report: Report, scanned: IntakeResult) -> None:
+    report.files_seen = scanned.files_seen
+    report.ignored = _problems(scanned.ignored)
+    report.invalid = _problems(scanned.invalid)
+    for inst in scanned.instances:
+        report.duplicates += [{"kept": inst.path, "merged": d} for d in inst.duplicates]
+
+
+def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind: str,
+                    report: Report, work: Path, progress: ProgressFn | None,
+                    cancel: Event | None) -> Report:
+    profile = options.profile
+    t0 = time.monotonic()
+    tree, roots = plan.build_tree(scanned.instances, profile)
+    entries = [e for p in tree for st in p.studies for se in st.series for e in se.entries] + roots
+    _stage(entries, profile, work, report, options, progress, cancel)
+    if report.invalid and not options.skip_invalid:
+        report.error = "conversion failed; nothing was written"
+        raise MasteringError(report.error, report, 3)
+    tree, roots = _drop_failed(tree, roots)
+    for entry in entries:
+        if entry.action != "transcode":
+            entry.out_size = output_size(entry)
+            entry.out_ts = entry.instance.transfer_syntax
+        report.conversions[entry.action] = report.conversions.get(entry.action, 0) + 1
+    try:
+        packed = plan.split_volumes(tree, roots, profile)
+    except plan.PlanError as exc:
+        report.error = str(exc)
+        raise MasteringError(report.error, report, 4) from exc
+    if len(packed) > 1 and not options.span:
+        report.error = (f"the content needs {len(packed)} volumes of {profile.capacity_bytes} "
+                        "bytes and --no-span was given; nothing was written")
+        raise MasteringError(report.error, report, 4)
+    report.seconds["plan"] = round(time.monotonic() - t0, 3)
+    volumes = _volumes(packed, options, profile)
+    _fill_report(report, scanned, volumes)
+    t0 = time.monotonic()
+    finals = output_paths(output, len(volumes))
+    temps = [work / f"vol{v.index}" for v in volumes]
+    for vol, tmp, final in zip(volumes, temps, finals, strict=True):
+        label = f"write {final.name}"
+        dd = dicomdir.encode(vol)
+        if kind == "iso":
+            image = isowriter.build(vol, dd, profile)
+            if options.source_date_epoch is not None:
+                isowriter.set_dates(image, options.source_date_epoch)
+            size = isowriter.write(image, tmp, label=label, progress=progress, cancel=cancel)
+            image.close()
+            if profile.capacity_bytes and size > profile.capacity_bytes:
+                raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
+                                     f"{profile.capacity_bytes}", report, 4)
+        else:
+            size = folderwriter.write(vol, dd, tmp, label=label, progress=progress,
+                                      cancel=cancel)
+        report.volumes.append(_volume_report(vol, final, size))
+    _publish(temps, finals, kind)
+    report.seconds["write"] = round(time.monotonic() - t0, 3)
+    report.ok = True
+    return report
+
+
+def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:
+    volumes = []
+    for i, (patients, roots) in enumerate(packed, 1):
+        fsid = plan.volume_fileset_id(options.fileset_id, i, len(packed))
+        vol = plan.Volume(i, len(packed), fsid, "", patients, roots)
+        plan.assign_file_ids(vol, profile)
+        vol.fileset_uid = plan.fileset_uid(vol.entries(), fsid, i,
+                                           options.source_date_epoch is not None)
+        volumes.append(vol)
+    return volumes
+
+
+def _fill_report(report: Report, scanned: IntakeResult, volumes: list[plan.Volume]) -> None:
+    for vol in volumes:
+        report.patients += len(vol.patients)
+        report.studies += sum(len(p.studies) for p in vol.patients)
+        report.series += sum(len(s.series) for p in vol.patients for s in p.studies)
+        for e in vol.entries():
+            report.instances += 1
+            report.bytes += e.out_size
+            report.filled += [{"path": e.instance.path, "key": k, "value": v}
+                              for k, v in e.instance.filled]
+
+
+def _volume_report(vol: plan.Volume, final: Path, size: int) -> VolumeReport:
+    return VolumeReport(
+        path=str(final), fileset_id=vol.fileset_id, fileset_uid=vol.fileset_uid,
+        patients=len(vol.patients), studies=sum(len(p.studies) for p in vol.patients),
+        series=sum(len(s.series) for p in vol.patients for s in p.studies),
+        instances=len(vol.entries()), bytes=size)
+
+
+def _publish(temps: list[Path], finals: list[Path], kind: str) -> None:
+    """Rename every finished volume into place; refuse to replace a non-empty folder."""
+    for final in finals:
+        if kind == "folder" and final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise FileExistsError(f"{final}: exists and is not an empty folder")
+    for tmp, final in zip(temps, finals, strict=True):
+        if kind == "folder" and final.is_dir():
+            final.rmdir()
+        os.replace(tmp, final)
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: Report,
+           options: Options, progress: ProgressFn | None, cancel: Event | None) -> None:
+    """Transcode what the profile does not allow into the work folder, in parallel."""
+    todo = [e for e in entries if e.action == "transcode"]
+    if not todo:
+        return
+    staging = work / "staged"
+    staging.mkdir()
+    jobs = [(e.instance.path, str(staging / f"{i:07d}"), profile.transfer_syntaxes)
+            for i, e in enumerate(todo)]
+    workers = min(options.workers or os.cpu_count() or 1, len(jobs))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(_transcode_job, jobs, chunksize=4)
+            _collect(todo, jobs, results, report, progress, cancel)
+    else:
+        _collect(todo, jobs, map(_transcode_job, jobs), report, progress, cancel)
+
+
+def _collect(todo, jobs, results, report: Report, progress, cancel) -> None:
+    for done, (entry, job, res) in enumerate(zip(todo, jobs, results, strict=True), 1):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled during conversion")
+        if progress:
+            progress("convert", done, len(todo))
+        if isinstance(res, str):
+            entry.action = "failed"
+            report.invalid.append({"path": entry.instance.path, "kind": "invalid",
+                                   "reason": f"cannot convert: {res}"})
+            continue
+        entry.staged, entry.out_ts, entry.out_size = job[1], res["target_ts"], res["bytes"]
+        report.converted.append({"path": entry.instance.path, **res})
+
+
+def _transcode_job(job: tuple[str, str, tuple[str, ...]]) -> dict | str:
+    from . import transcode
+
+    src, dst, allowed = job
+    try:
+        with open(dst, "xb") as out:
+            res = transcode.transcode(Path(src), out, list(allowed),
+                                      implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                      implementation_version_name=IMPLEMENTATION_VERSION_NAME)
+    except Exception as exc:  # noqa: BLE001 - reported per file, the run decides
+        return str(exc)
+    return {"source_ts": res.source_ts, "target_ts": res.target_ts, "action": res.action,
+            "decoder": res.decoder, "bytes": os.path.getsize(dst)}
+
+
+def _drop_failed(tree: list[plan.Patient], roots: list[plan.FileEntry]):
+    """With --skip-invalid, files that failed conversion leave the tree (and empty nodes go)."""
+    for patient in tree:
+        for study in patient.studies:
+            for se in study.series:
+                se.entries = [e for e in se.entries if e.action != "failed"]
+            study.series = [s for s in study.series if s.entries]
+        patient.studies = [s for s in patient.studies if s.series]
+    return [p for p in tree if p.studies], [e for e in roots if e.action != "failed"]

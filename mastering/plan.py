@@ -1,0 +1,332 @@
+"""Plan: apply a profile's rules to the scanned instances.
+
+Builds the PATIENT/STUDY/SERIES tree in a deterministic order, assigns File IDs (PS3.10 8.2: up
+to 8 components of 1-8 characters A-Z 0-9 _; we use 5, no patient data in them), numbers the
+running keys instances lack, decides per file how it reaches the medium (as it is, with a new
+meta header, or transcoded) and splits the content into volumes that fit the medium, each a
+self-contained File-set (PS3.11: spanning is not supported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import records
+from .intake import LEAF, Instance
+from .profiles import Profile
+
+SECTOR = 2048
+#: ISO 9660 system area (16 sectors), PVD, terminator, path tables and root: a safe floor.
+ISO_BASE_SECTORS = 32
+#: a directory record is 33 bytes + name (+ pad); 8.3 names and ";1" keep it under 48
+DIR_RECORD_BYTES = 48
+#: structural elements of a directory record item (offsets, flags, type, file ID, UIDs)
+RECORD_OVERHEAD = 320
+
+
+class PlanError(ValueError):
+    """The content cannot be placed on the medium under the profile's rules."""
+
+
+@dataclass(slots=True)
+class FileEntry:
+    """One instance on the medium."""
+
+    instance: Instance
+    action: str  # "copy" | "remeta" | "transcode"
+    out_size: int  # bytes on the medium (known after staging for transcoded files)
+    file_id: tuple[str, ...] = ()
+    staged: str | None = None  # path of the transcoded copy
+    out_ts: str = ""
+
+
+@dataclass
+class Series:
+    uid: str
+    keys: dict[int, bytes]
+    entries: list[FileEntry] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    uid: str
+    keys: dict[int, bytes]
+    series: list[Series] = field(default_factory=list)
+
+
+@dataclass
+class Patient:
+    id: str
+    keys: dict[int, bytes]
+    studies: list[Study] = field(default_factory=list)
+
+
+@dataclass
+class Volume:
+    """One self-contained File-set, one medium."""
+
+    index: int
+    count: int
+    fileset_id: str
+    fileset_uid: str
+    patients: list[Patient]
+    root_entries: list[FileEntry]  # root-level records (hanging protocols, palettes, ...)
+
+    def entries(self) -> list[FileEntry]:
+        """Files in DICOMDIR order (which is also their order on the medium)."""
+        out = [e for p in self.patients for st in p.studies for se in st.series for e in se.entries]
+        return out + self.root_entries
+
+    @property
+    def content_bytes(self) -> int:
+        return sum(e.out_size for e in self.entries())
+
+
+def action_for(inst: Instance, profile: Profile) -> str:
+    if not profile.allows(inst.transfer_syntax):
+        return "transcode"
+    return "copy" if inst.meta_complete else "remeta"
+
+
+# -- tree -----------------------------------------------------------------------------------
+
+
+def _num(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("inf")
+
+
+def build_tree(instances: Iterable[Instance], profile: Profile) -> tuple[list[Patient], list[FileEntry]]:
+    """Group instances into a sorted patient tree; root-level instances come back apart."""
+    patients: dict[str, Patient] = {}
+    studies: dict[tuple[str, str], Study] = {}
+    series: dict[tuple[str, str, str], Series] = {}
+    roots: list[FileEntry] = []
+    for inst in instances:
+        entry = FileEntry(inst, action_for(inst, profile), inst.size)
+        if records.is_root_level(inst.record_type):
+            roots.append(entry)
+            continue
+        pk, sk, ek = inst.patient_id, (inst.patient_id, inst.study_uid), (
+            inst.patient_id, inst.study_uid, inst.series_uid)
+        if pk not in patients:
+            patients[pk] = Patient(pk, {})
+        if sk not in studies:
+            studies[sk] = Study(inst.study_uid, {})
+            patients[pk].studies.append(studies[sk])
+        if ek not in series:
+            series[ek] = Series(inst.series_uid, {})
+            studies[sk].series.append(series[ek])
+        for level, node in (("PATIENT", patients[pk]), ("STUDY", studies[sk]),
+                            ("SERIES", series[ek])):
+            for tag, enc in inst.keys.pop(level, {}).items():
+                node.keys.setdefault(tag, enc)
+        series[ek].entries.append(entry)
+    tree = sorted(patients.values(), key=lambda p: p.id)
+    for patient in tree:
+        patient.studies.sort(key=lambda s: (_text(s.keys, 0x00080020), _text(s.keys, 0x00080030),
+                                            s.uid))
+        for study in patient.studies:
+            _number_series(study)
+            for se in study.series:
+                _number_instances(se)
+    roots.sort(key=lambda e: e.instance.sop_instance_uid)
+    return tree, roots
+
+
+def _text(keys: dict[int, bytes], tag: int) -> str:
+    enc = keys.get(tag)
+    if not enc:
+        return ""
+    return enc[8:].decode("latin-1").strip(" \0")
+
+
+def _number_series(study: Study) -> None:
+    """Sort series by number then UID; number the ones without a Series Number."""
+    study.series.sort(key=lambda s: (_num(s.entries[0].instance.series_number), s.uid))
+    taken = [int(_num(s.entries[0].instance.series_number)) for s in study.series
+             if _num(s.entries[0].instance.series_number) != float("inf")]
+    nxt = max(taken, default=0) + 1
+    for se in study.series:
+        if 0x00200011 in se.keys:
+            continue
+        se.keys[0x00200011] = records.encode_value(0x00200011, str(nxt))
+        for e in se.entries:
+            _report_fill(e.instance, "SeriesNumber", str(nxt))
+        nxt += 1
+
+
+def _number_instances(series: Series) -> None:
+    series.entries.sort(key=lambda e: (_num(e.instance.instance_number),
+                                       e.instance.sop_instance_uid))
+    numbers = [_num(e.instance.instance_number) for e in series.entries]
+    nxt = int(max((n for n in numbers if n != float("inf")), default=0)) + 1
+    for entry in series.entries:
+        leaf = entry.instance.keys[LEAF]
+        spec_needs = any(k == "InstanceNumber" for k, _ in entry.instance.filled)
+        if 0x00200013 in leaf or not spec_needs:
+            continue
+        leaf[0x00200013] = records.encode_value(0x00200013, str(nxt))
+        _report_fill(entry.instance, "InstanceNumber", str(nxt))
+        nxt += 1
+
+
+def _report_fill(inst: Instance, keyword: str, value: str) -> None:
+    inst.filled = [(k, value if k == keyword and not v else v) for k, v in inst.filled]
+
+
+# -- File IDs -------------------------------------------------------------------------------
+
+
+def assign_file_ids(volume: Volume, profile: Profile) -> None:
+    """DICOM/PTnnnnnn/STnnnnnn/SEnnnnnn/IMnnnnnn, counters in DICOMDIR order, so a name-sorted
+    ISO 9660 directory walk puts the data on the disc in DICOMDIR order."""
+    for p, patient in enumerate(volume.patients):
+        for s, study in enumerate(patient.studies):
+            for e, se in enumerate(study.series):
+                for i, entry in enumerate(se.entries):
+                    entry.file_id = ("DICOM", f"PT{p:06d}", f"ST{s:06d}", f"SE{e:06d}",
+                                     f"IM{i:06d}")
+    for i, entry in enumerate(volume.root_entries):
+        entry.file_id = ("DICOM", "ROOTRECS", f"OB{i:06d}")
+    for entry in volume.entries():
+        if len(entry.file_id) > profile.max_components or not all(
+            profile.component_ok(c) for c in entry.file_id
+        ):
+            raise PlanError(f"File ID {'/'.join(entry.file_id)} breaks the profile's naming rules")
+
+
+# -- volumes --------------------------------------------------------------------------------
+
+
+def _sectors(size: int) -> int:
+    return -(-size // SECTOR)
+
+
+def _entry_cost(entry: FileEntry) -> int:
+    """Bytes an instance costs on the medium: its sectors, its record, its directory entry."""
+    keys = sum(len(v) for v in entry.instance.keys.get(LEAF, {}).values())
+    return _sectors(entry.out_size) * SECTOR + keys + RECORD_OVERHEAD + DIR_RECORD_BYTES
+
+
+def _node_cost(keys: dict[int, bytes]) -> int:
+    """A PATIENT/STUDY/SERIES record plus its directory (one extra sector for the listing)."""
+    return sum(len(v) for v in keys.values()) + RECORD_OVERHEAD + SECTOR + DIR_RECORD_BYTES
+
+
+def split_volumes(
+    tree: list[Patient], roots: list[FileEntry], profile: Profile, *, extra_bytes: int = 0
+) -> list[list[Patient] | list[FileEntry]]:
+    """Pack series into volumes of the profile's capacity, in DICOMDIR order, keeping a series on
+    one volume where it fits. Returns per volume (patients, root entries)."""
+    capacity = profile.capacity_bytes
+    base = ISO_BASE_SECTORS * SECTOR + extra_bytes + 2 * SECTOR  # + the DICOM/ directory
+    if capacity and base > capacity:
+        raise PlanError("the profile's capacity is smaller than an empty File-set")
+    volumes: list[tuple[list[Patient], list[FileEntry]]] = []
+    packer = _Packer(capacity, base)
+    for patient in tree:
+        for study in patient.studies:
+            for se in study.series:
+                packer.add_series(patient, study, se)
+    for entry in roots:
+        packer.add_root(entry)
+    volumes = packer.finish()
+    return volumes
+
+
+class _Packer:
+    def __init__(self, capacity: int, base: int):
+        self.capacity, self.base = capacity, base
+        self.volumes: list[tuple[list[Patient], list[FileEntry]]] = []
+        self._new()
+
+    def _new(self) -> None:
+        self.patients: list[Patient] = []
+        self.roots: list[FileEntry] = []
+        self.used = self.base
+        self.volumes.append((self.patients, self.roots))
+
+    def _empty(self) -> bool:
+        return not self.patients and not self.roots
+
+    def _fits(self, cost: int) -> bool:
+        return not self.capacity or self.used + cost <= self.capacity
+
+    def _path_cost(self, patient: Patient, study: Study) -> int:
+        cost = _node_cost({}) * 1  # the series
+        cur_p = self.patients[-1] if self.patients and self.patients[-1].id == patient.id else None
+        if cur_p is None:
+            cost += _node_cost(patient.keys)
+        if cur_p is None or not cur_p.studies or cur_p.studies[-1].uid != study.uid:
+            cost += _node_cost(study.keys)
+        return cost
+
+    def add_series(self, patient: Patient, study: Study, se: Series) -> None:
+        costs = [_entry_cost(e) for e in se.entries]
+        whole = sum(costs) + self._path_cost(patient, study) + sum(len(v) for v in se.keys.values())
+        if not self._fits(whole) and not self._empty():
+            self._new()  # start the series on a fresh volume: keep it whole where it fits
+        target = self._place(patient, study, se)
+        self.used += self._path_cost_used
+        for entry, cost in zip(se.entries, costs, strict=True):
+            if not self._fits(cost):
+                if not target.entries:
+                    raise PlanError(
+                        f"{entry.instance.path}: {entry.out_size} bytes do not fit on one medium"
+                    )
+                self._new()  # the series is larger than a volume: continue it on the next
+                target = self._place(patient, study, se)
+                self.used += self._path_cost_used
+            target.entries.append(entry)
+            self.used += cost
+
+    def _place(self, patient: Patient, study: Study, se: Series) -> Series:
+        self._path_cost_used = self._path_cost(patient, study) + sum(len(v) for v in se.keys.values())
+        if not self.patients or self.patients[-1].id != patient.id:
+            self.patients.append(Patient(patient.id, patient.keys))
+        cur = self.patients[-1]
+        if not cur.studies or cur.studies[-1].uid != study.uid:
+            cur.studies.append(Study(study.uid, study.keys))
+        new = Series(se.uid, se.keys)
+        cur.studies[-1].series.append(new)
+        return new
+
+    def add_root(self, entry: FileEntry) -> None:
+        cost = _entry_cost(entry)
+        if not self._fits(cost) and not self._empty():
+            self._new()
+        if not self._fits(cost):
+            raise PlanError(f"{entry.instance.path}: {entry.out_size} bytes do not fit on one medium")
+        self.roots.append(entry)
+        self.used += cost
+
+    def finish(self) -> list[tuple[list[Patient], list[FileEntry]]]:
+        return [v for v in self.volumes if v[0] or v[1]]
+
+
+# -- identifiers ----------------------------------------------------------------------------
+
+
+def fileset_uid(volume_entries: list[FileEntry], fileset_id: str, index: int,
+                reproducible: bool) -> str:
+    """The File-set UID (PS3.10 8.6): content-derived when reproducible, else a fresh UUID."""
+    if not reproducible:
+        return f"2.25.{uuid.uuid4().int}"
+    h = hashlib.sha256(f"{fileset_id}\x1f{index}".encode())
+    for e in volume_entries:
+        h.update(e.instance.sop_instance_uid.encode() + b"\x1f" + "/".join(e.file_id).encode())
+    return "2.25." + str(int.from_bytes(h.digest()[:16], "big"))
+
+
+def volume_fileset_id(base: str, index: int, count: int) -> str:
+    """The File-set ID of volume index (1-based): base, or base_n when spanning and it fits."""
+    if count == 1:
+        return base
+    suffix = f"_{index}"
+    return (base + suffix) if len(base + suffix) <= 16 else base

@@ -1,0 +1,209 @@
+"""Basic Directory records (PS3.3 Annex F): which keys each record carries and how they are encoded.
+
+The tables are data (``_standard/record_keys.json``, ``sop_classes.json``, ``fill_rules.json``);
+this module reads them, merges a profile's extra keys (e.g. PS3.11 Table H.3-2), and encodes key
+elements in Explicit VR Little Endian, the only syntax a DICOMDIR may use (PS3.10 8.6).
+
+String values are copied byte for byte from the instance, so names in any Specific Character Set
+reach the record exactly as the modality wrote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from io import BytesIO
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+
+from .profiles import Profile
+
+LEVELS = ("PATIENT", "STUDY", "SERIES")
+TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+LONG_VRS = frozenset("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def _load(name: str) -> dict:
+    return json.loads(resources.files("mastering._standard").joinpath(name).read_text("utf-8"))
+
+
+@cache
+def sop_classes() -> dict[str, dict]:
+    """SOP Class UID -> {"name", "record", "retired"} for every storage SOP class (PS3.4 B.5)."""
+    return _load("sop_classes.json")
+
+
+@cache
+def record_keys() -> dict:
+    return _load("record_keys.json")
+
+
+@cache
+def fill_rules() -> dict[str, dict]:
+    return {k: v for k, v in _load("fill_rules.json").items() if not k.startswith("_")}
+
+
+def record_type(sop_class_uid: str) -> str | None:
+    """Directory Record Type for a storage SOP class, None if the class is not storable."""
+    entry = sop_classes().get(sop_class_uid)
+    return entry["record"] if entry else None
+
+
+def is_root_level(rtype: str) -> bool:
+    """Root-level record types hang directly below the root, without PATIENT (Table F.4-1)."""
+    return rtype in record_keys()["_root_level"]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """Keys by requirement type ("1", "2", "1C", "3") for one record type, profile included."""
+
+    rtype: str
+    by_type: dict[str, tuple[int, ...]]
+
+    def all_tags(self) -> tuple[int, ...]:
+        return tuple(sorted({t for tags in self.by_type.values() for t in tags}))
+
+    def of(self, req: str) -> tuple[int, ...]:
+        return self.by_type.get(req, ())
+
+
+@cache
+def _spec_cached(rtype: str, extra: tuple[tuple[str, tuple[str, ...]], ...]) -> KeySpec:
+    table: dict[str, list[str]] = {k: list(v) for k, v in record_keys().get(rtype, {}).items()}
+    for req, kws in extra:
+        table.setdefault(req, []).extend(kw for kw in kws if kw not in table.get(req, []))
+    by_type = {req: tuple(_tag(kw) for kw in kws) for req, kws in table.items()}
+    return KeySpec(rtype, by_type)
+
+
+def key_spec(rtype: str, profile: Profile) -> KeySpec:
+    extra = tuple(sorted(profile.extra_keys.get(rtype, {}).items()))
+    return _spec_cached(rtype, extra)
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"unknown keyword {keyword!r} in the record tables")
+    return tag
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+def element_header(tag: int, vr: str, length: int) -> bytes:
+    """Explicit VR Little Endian element header (PS3.5 7.1.2)."""
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
+def encode_text(tag: int, vr: str, value: bytes) -> bytes:
+    """A text element from raw bytes, padded to even length (UI with NUL, others with space)."""
+    if len(value) % 2:
+        value += b"\0" if vr == "UI" else b" "
+    return element_header(tag, vr, len(value)) + value
+
+
+def encode_value(tag: int, value: str) -> bytes:
+    """A text element from a str this program made (IDs, UIDs, dates: ASCII only)."""
+    return encode_text(tag, dictionary_VR(tag), value.encode("ascii"))
+
+
+def encode_element(ds: Dataset, tag: int) -> bytes | None:
+    """The element `tag` of ds encoded in Explicit VR LE, strings copied raw; None if absent."""
+    if tag not in ds:
+        return None
+    raw = ds.get_item(tag)
+    vr = _vr_of(raw, tag)
+    if isinstance(raw, RawDataElement) and vr in TEXT_VRS and raw.value is not None:
+        return encode_text(tag, vr, raw.value)
+    elem = ds[tag]  # converted: numbers and sequences are re-encoded by pydicom
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    encodings = ds._character_set if hasattr(ds, "_character_set") else ["iso8859"]
+    write_data_element(fp, elem, encodings)
+    return fp.getvalue()
+
+
+def _vr_of(raw: RawDataElement | DataElement, tag: int) -> str:
+    vr = raw.VR
+    if vr:
+        return str(vr)
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def text_value(ds: Dataset, tag: int) -> str:
+    """A key's value as text for sorting, hashing and reports ('' if absent or empty)."""
+    if tag not in ds:
+        return ""
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement) and raw.value is not None and _vr_of(raw, tag) in TEXT_VRS:
+        return raw.value.decode("latin-1").strip(" \0")
+    value = ds[tag].value
+    return "" if value is None else str(value).strip()
+
+
+def has_value(ds: Dataset, tag: int) -> bool:
+    if tag not in ds:
+        return False
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement):
+        return bool(raw.length) and bool((raw.value or b"").strip(b" \0"))
+    return not ds[tag].is_empty
+
+
+# -- filling missing Type 1 keys -------------------------------------------------------------
+
+
+def derived_uid(*parts: str) -> str:
+    """A 2.25 UID (PS3.5 B.2) from a hash of parts: the same input always gives the same UID."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()[:16]
+    return "2.25." + str(int.from_bytes(digest, "big"))
+
+
+def derive(keyword: str, ds: Dataset, known: dict[str, str]) -> str | None:
+    """A value for a missing Type 1 key, derived only from this instance; None if no rule.
+
+    `known` holds values already filled for this instance (a derived Study Instance UID feeds
+    the Series Instance UID and Study ID rules). "running" keys are left to the planner.
+    """
+    rule = fill_rules().get(keyword)
+    if rule is None:
+        return None
+    for source in rule.get("copy", ()):
+        value = known.get(source) or text_value(ds, _tag(source))
+        if value:
+            return value[: rule.get("max_length", 64)]
+    kind = rule.get("derive")
+    if kind == "running":
+        return ""  # the planner numbers these in File-set order
+    if kind in ("id", "uid"):
+        parts = [known.get(src) or text_value(ds, _tag(src)) for src in rule["from"]]
+        if kind == "uid":
+            return derived_uid(keyword, *parts)
+        digest = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
+        digits = rule.get("digits", 8)
+        return f"{rule.get('prefix', '')}{digest % 10**digits:0{digits}d}"
+    return rule.get("default")
+
+
+def concatenate(elements: dict[int, bytes]) -> bytes:
+    """Encoded elements in ascending tag order, as PS3.5 7.1 requires."""
+    out = BytesIO()
+    for tag in sorted(elements):
+        out.write(elements[tag])
+    return out.getvalue()
