@@ -360,6 +360,7 @@ class Step:
 
     def run_once(self, logfile: Path, keep: bool) -> None:
         clean(self.outputs)
+        os.sync()  # no run pays for the write-back of what ran before it
         if not self.result.parts:
             self.result.parts = [Result(name, " ".join(cmd)) for name, cmd in self.commands]
         samples = []

@@ -157,6 +157,8 @@ def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -
             f"file meta Media Storage SOP Instance UID {meta_uid} differs from the data set's "
             f"SOP Instance UID {sop_uid}"
         )
+    if rtype == "IMAGE" and layout.pixel_data_offset < 0:
+        raise _Invalid("an image without Pixel Data: the file is probably truncated")
     keys, filled = _keys(ds, rtype, profile)
     values = {kw: v for kw, v in filled}
 

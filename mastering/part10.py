@@ -23,6 +23,7 @@ MAGIC = b"DICM"
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
+PIXEL_TAGS = (0x7FE00008, 0x7FE00009, PIXEL_DATA)  # float, double float, integer
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -57,7 +58,7 @@ class Layout:
     dataset_start: int  # offset of the first element after the meta group
     meta_ts: str | None  # (0002,0010) as written ("" if absent), None without a meta group
     body_ts: str  # the encoding the body really uses (VR switch detected)
-    pixel_data_offset: int  # offset of the (7FE0,0010) element header, -1 if none
+    pixel_data_offset: int  # offset of the pixel data element header, -1 if none
 
     @property
     def has_meta(self) -> bool:
@@ -125,7 +126,7 @@ class _Walker:
                 raise self.fail(pos, "sequence delimiter where an element was expected")
             if tag == ITEM:
                 raise self.fail(pos, "item tag where an element was expected")
-            if tag == PIXEL_DATA and not in_item:
+            if tag in PIXEL_TAGS and not in_item:
                 self.pixel_data_offset = pos
             pos = self.element_value(tag, vr, length, value)
         if pos > stop:
@@ -299,7 +300,9 @@ def _inspect_deflated(
     end = walker.dataset(0, len(body), in_item=False)
     if end != len(body):
         raise StructureError("inflated data set has trailing bytes")
-    return Layout(size, has_preamble, meta_start, start, DEFLATED_LE, DEFLATED_LE, -1)
+    # the pixel data offset is one in the inflated body: only its presence means anything
+    return Layout(size, has_preamble, meta_start, start, DEFLATED_LE, DEFLATED_LE,
+                  walker.pixel_data_offset)
 
 
 # -- writing ---------------------------------------------------------------------------------

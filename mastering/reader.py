@@ -1,0 +1,501 @@
+"""Read any DICOM medium: an ISO 9660 image, a folder (mounted disc, USB stick) or a DICOMDIR.
+
+The medium is read as a File-set Reader (FSR, PS3.10 8.3) sees it, and nothing on it is changed:
+
+* ISO images are read with pycdlib, without mounting, through the ISO 9660 (primary) namespace,
+  which is where PS3.12 F.1.2 puts the File IDs (``/C1/.../CN.;1``).
+* Folders are read as stored. Linux mounts ISO 9660 with lower-case names by default, so File IDs
+  are resolved exactly first and then ignoring case (:meth:`Medium.resolve`).
+
+The DICOMDIR tree is built from the record offsets (0004,1200 root, 0004,1400 next sibling,
+0004,1420 first child; PS3.3 F.3-3), not from the order of the Directory Record Sequence: the
+offsets are what viewers follow. Each offset must be the absolute byte position of a record's
+Item tag, counted from the first byte of the file (preamble included).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import pycdlib
+import pydicom
+from pycdlib.pycdlibexception import PyCdlibException
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileDataset
+
+from . import part10, records
+
+log = logging.getLogger(__name__)
+
+DICOMDIR = "DICOMDIR"
+ROOT_FIRST, ROOT_LAST = 0x00041200, 0x00041202
+NEXT, IN_USE, LOWER, RECORD_TYPE = 0x00041400, 0x00041410, 0x00041420, 0x00041430
+FILE_ID = 0x00041500
+ISO_MAGIC_OFFSET = 16 * 2048 + 1  # "CD001" in the first volume descriptor (ECMA-119 8.4)
+HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID")
+
+
+class MediaError(Exception):
+    """The medium or its DICOMDIR cannot be read (absent, not DICOM, broken offsets)."""
+
+
+def _key(name: str) -> str:
+    """Lookup key ignoring case and an empty ISO extension ('IM1.' as Linux may show it)."""
+    return name.upper().rstrip(".")
+
+
+class Medium(ABC):
+    """An ISO image (read with pycdlib, no mounting) or a folder (a mounted CD or USB stick).
+
+    Names are '/'-joined relative paths as stored, without the ISO ';1' version and without the
+    '.' of an empty extension, e.g. ``DICOM/PT000000/ST000000/SE000000/IM000000``.
+    """
+
+    kind: str
+
+    def __init__(self) -> None:
+        self._index: dict[str, list[str]] | None = None
+
+    @abstractmethod
+    def files(self) -> list[str]:
+        """Every file on the medium, sorted."""
+
+    @abstractmethod
+    def open(self, name: str) -> BinaryIO:
+        """A readable, seekable stream of one file."""
+
+    @abstractmethod
+    def size(self, name: str) -> int:
+        """Size of one file in bytes."""
+
+    @abstractmethod
+    def inspect(self, name: str) -> part10.Layout:
+        """Structural check of one file (:func:`mastering.part10.inspect`), headers only."""
+
+    @abstractmethod
+    def image_size(self) -> int:
+        """Bytes the medium occupies: the image file, or the sum of the files of a folder."""
+
+    def volume_id(self) -> str | None:
+        """ISO 9660 PVD Volume Identifier (PS3.12 F.1.1), stripped; None for folders."""
+        return None
+
+    def iso_names(self) -> list[str]:
+        """Raw ISO 9660 paths ('/DICOM/IM1.;1', directories without version); [] for folders."""
+        return []
+
+    def extensions(self) -> list[str]:
+        """Names of file-system extensions present besides ISO 9660 (Joliet, Rock Ridge, UDF)."""
+        return []
+
+    def close(self) -> None:
+        """Release the medium (subclasses free their handles too)."""
+        self._index = None
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name of `name`: exact match first, then ignoring case; None if absent."""
+        if self._index is None:
+            self._index = {}
+            for stored in self.files():
+                self._index.setdefault(_key(stored), []).append(stored)
+        candidates = self._index.get(_key(name), [])
+        if name in candidates:
+            return name
+        return candidates[0] if candidates else None
+
+    def read_header(self, name: str) -> FileDataset:
+        """File meta and SOP Class/Instance UID of one file, stopping before the pixel data."""
+        with self.open(name) as fp:
+            return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+
+    def __enter__(self) -> Medium:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FolderMedium(Medium):
+    """A directory tree: a mounted CD/DVD, a USB stick (PS3.12 Annex R) or a staging folder."""
+
+    kind = "folder"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+        self._files: list[str] | None = None
+
+    def files(self) -> list[str]:
+        if self._files is None:
+            found = []
+            for dirpath, _dirs, names in os.walk(self.root):
+                rel = Path(dirpath).relative_to(self.root)
+                found += [(rel / n).as_posix() for n in names]
+            self._files = sorted(found)
+        return list(self._files)
+
+    def _path(self, name: str) -> Path:
+        return self.root.joinpath(*name.split("/"))
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self._path(name), "rb")  # noqa: SIM115 - returned to the caller
+
+    def size(self, name: str) -> int:
+        return self._path(name).stat().st_size
+
+    def inspect(self, name: str) -> part10.Layout:
+        return part10.inspect(self._path(name))
+
+    def image_size(self) -> int:
+        return sum(self.size(n) for n in self.files())
+
+
+@dataclass(frozen=True)
+class _IsoFile:
+    iso_path: str  # raw ISO 9660 path with version, e.g. /DICOM/IM000000.;1
+    start: int  # byte offset of the data in the image
+    size: int
+
+
+class IsoMedium(Medium):
+    """An ISO 9660 image read with pycdlib (PS3.12 Annex F/P), never mounted."""
+
+    kind = "iso"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._iso = pycdlib.PyCdlib()
+        try:
+            self._iso.open(str(path))
+        except (PyCdlibException, OSError) as exc:
+            raise MediaError(f"{path.name}: not a readable ISO 9660 image: {exc}") from exc
+        self._fh = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._entries: dict[str, _IsoFile] = {}
+        self._raw: list[str] = []
+        self._scan("/", "")
+
+    def _scan(self, iso_dir: str, prefix: str) -> None:
+        """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped)."""
+        block = self._iso.logical_block_size
+        for child in self._iso.list_children(iso_path=iso_dir):
+            if child is None or child.is_dot() or child.is_dotdot():
+                continue
+            raw = child.file_identifier().decode("ascii", "replace")
+            iso_path = iso_dir.rstrip("/") + "/" + raw
+            self._raw.append(iso_path)
+            if child.is_dir():
+                self._scan(iso_path, f"{prefix}{raw}/")
+                continue
+            name = prefix + raw.split(";", 1)[0].removesuffix(".")
+            ino = child.inode
+            start = ino.extent_location() * block if ino is not None else 0
+            self._entries[name] = _IsoFile(iso_path, start, child.get_data_length())
+
+    def files(self) -> list[str]:
+        return sorted(self._entries)
+
+    def _entry(self, name: str) -> _IsoFile:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise FileNotFoundError(name) from None
+
+    def open(self, name: str) -> BinaryIO:
+        entry = self._entry(name)
+        if entry.size == 0:
+            return io.BytesIO(b"")
+        raw = self._iso.open_file_from_iso(iso_path=entry.iso_path)
+        raw.__enter__()
+        return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[arg-type]
+
+    def size(self, name: str) -> int:
+        return self._entry(name).size
+
+    def inspect(self, name: str) -> part10.Layout:
+        """part10's walk over the file's bytes inside the mapped image: nothing is copied.
+
+        pycdlib reads file data as one contiguous run from the first extent; so does this.
+        """
+        entry = self._entry(name)
+        end = min(entry.start + entry.size, len(self._map))
+        if end - entry.start < 8:
+            raise part10.StructureError(f"only {max(end - entry.start, 0)} bytes: not a DICOM file")
+        with memoryview(self._map) as whole, whole[entry.start : end] as view:
+            return part10._inspect(view, len(view))  # type: ignore[arg-type]
+
+    def image_size(self) -> int:
+        return self.path.stat().st_size
+
+    def volume_id(self) -> str | None:
+        raw = self._iso.pvd.volume_identifier
+        return raw.decode("ascii", "replace").strip(" \0")
+
+    def iso_names(self) -> list[str]:
+        return list(self._raw)
+
+    def extensions(self) -> list[str]:
+        found = [("Joliet", self._iso.has_joliet()), ("Rock Ridge", self._iso.has_rock_ridge())]
+        found.append(("UDF", self._iso.has_udf()))
+        return [name for name, present in found if present]
+
+    def close(self) -> None:
+        super().close()
+        if self._map.closed:
+            return
+        self._map.close()
+        self._fh.close()
+        self._iso.close()
+
+
+def _is_iso(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(ISO_MAGIC_OFFSET)
+            return fh.read(5) == b"CD001"
+    except OSError:
+        return False
+
+
+def open_medium(path: Path) -> Medium:
+    """A folder, a DICOMDIR file (its folder is the root) or an ISO image; MediaError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderMedium(path)
+    if path.is_file() and _key(path.name) == DICOMDIR:
+        return FolderMedium(path.parent)
+    if path.is_file() and _is_iso(path):
+        return IsoMedium(path)
+    raise MediaError(f"{path}: neither a folder, a DICOMDIR nor an ISO 9660 image")
+
+
+def dicomdir_name(medium: Medium) -> str:
+    """Stored name of the root DICOMDIR (PS3.10 8.6, PS3.12 F.1.2.2); MediaError if absent."""
+    name = medium.resolve(DICOMDIR)
+    if name is None:
+        raise MediaError("no DICOMDIR in the root of the medium")
+    return name
+
+
+def read_dicomdir(medium: Medium) -> FileDataset:
+    """The DICOMDIR parsed by pydicom from a byte copy, so item positions are file offsets."""
+    name = dicomdir_name(medium)
+    with medium.open(name) as fp:
+        data = fp.read()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if "DirectoryRecordSequence" not in ds:
+            raise MediaError(f"{name}: no Directory Record Sequence (not a Basic Directory)")
+        len(ds.DirectoryRecordSequence)  # parse the records now, inside this try
+    except MediaError:
+        raise
+    except Exception as exc:  # any parser failure means the DICOMDIR is unreadable
+        raise MediaError(f"{name}: cannot be parsed: {exc}") from exc
+    return ds
+
+
+# -- the record tree -------------------------------------------------------------------------
+
+
+def uint(record: Dataset, tag: int) -> int | None:
+    """An UL/US value of a record, None if absent, empty or not a number."""
+    elem = record.get(tag)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(value, bytes):
+        value = int.from_bytes(value, "little") if len(value) in (2, 4) else None
+    return value if isinstance(value, int) else None
+
+
+@dataclass
+class TreeNode:
+    """One directory record and the records of its lower-level entity."""
+
+    offset: int  # of the record's Item tag, from the start of the DICOMDIR file
+    record: Dataset
+    children: list[TreeNode] = field(default_factory=list)
+
+    @property
+    def rtype(self) -> str:
+        return records.text_value(self.record, RECORD_TYPE)
+
+    @property
+    def in_use(self) -> bool:
+        """Record In-use Flag: 0000H = inactive; FFFFH and reserved values read as in use."""
+        return uint(self.record, IN_USE) != 0
+
+    @property
+    def file_id(self) -> tuple[str, ...] | None:
+        """Referenced File ID (0004,1500) components as stored, None if the record has none."""
+        if FILE_ID not in self.record:
+            return None
+        value = records.text_value(self.record, FILE_ID)
+        return tuple(value.split("\\")) if value else ()
+
+    def text(self, keyword: str) -> str:
+        return records.text_value(self.record, tag_for_keyword(keyword) or 0)
+
+
+@dataclass(frozen=True)
+class LinkProblem:
+    """An offset that does not lead to a record, a cycle, or an unreachable record."""
+
+    offset: int  # the record concerned (or the bad target)
+    message: str
+
+
+@dataclass
+class RecordTree:
+    """The DICOMDIR as linked by its offsets."""
+
+    roots: list[TreeNode]
+    by_offset: dict[int, Dataset]
+    problems: list[LinkProblem]
+
+    def walk(self) -> Iterator[tuple[TreeNode, TreeNode | None]]:
+        """Every reached record with its parent (None at the root), depth first."""
+        stack: list[tuple[TreeNode, TreeNode | None]] = [(n, None) for n in reversed(self.roots)]
+        while stack:
+            node, parent = stack.pop()
+            yield node, parent
+            stack.extend((child, node) for child in reversed(node.children))
+
+
+def _chain(start: int, source: str, by_offset: dict[int, Dataset], seen: set[int],
+           problems: list[LinkProblem]) -> list[TreeNode]:
+    """Records of one directory entity: start, then (0004,1400) until 0."""
+    nodes: list[TreeNode] = []
+    offset = start
+    while offset:
+        if offset in seen:
+            problems.append(LinkProblem(offset, f"{source} leads to the record at byte {offset} "
+                                                "a second time (cycle or shared record)"))
+            break
+        item = by_offset.get(offset)
+        if item is None:
+            problems.append(LinkProblem(offset, f"{source} = {offset} is not the position of "
+                                                "a record's Item tag"))
+            break
+        seen.add(offset)
+        nodes.append(TreeNode(offset, item))
+        source = f"(0004,1400) of the record at byte {offset}"
+        offset = uint(item, NEXT) or 0
+    return nodes
+
+
+def build_tree(ds: Dataset) -> RecordTree:
+    """Link the records by their offsets (PS3.3 F.3-3); problems are collected, not raised."""
+    by_offset: dict[int, Dataset] = {}
+    for item in ds.get("DirectoryRecordSequence") or []:
+        tell = getattr(item, "seq_item_tell", None)
+        if tell is None:
+            raise MediaError("record positions unknown: the DICOMDIR was not read from a file")
+        by_offset[tell] = item
+    problems: list[LinkProblem] = []
+    seen: set[int] = set()
+    first = uint(ds, ROOT_FIRST)
+    if first is None:
+        problems.append(LinkProblem(0, "(0004,1200) root offset is missing"))
+    roots = _chain(first or 0, "(0004,1200) of the root", by_offset, seen, problems)
+    _check_last(ds, roots, problems)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        lower = uint(node.record, LOWER) if node.in_use else 0
+        if lower:
+            source = f"(0004,1420) of the record at byte {node.offset}"
+            node.children = _chain(lower, source, by_offset, seen, problems)
+            stack.extend(node.children)
+    for offset, item in sorted(by_offset.items()):
+        if offset not in seen and uint(item, IN_USE) != 0:
+            problems.append(LinkProblem(offset, f"the record at byte {offset} is not reachable "
+                                                "from the root by the offsets"))
+    return RecordTree(roots, by_offset, problems)
+
+
+def _check_last(ds: Dataset, roots: list[TreeNode], problems: list[LinkProblem]) -> None:
+    """(0004,1202) must name the last record of the root entity (0 if it is empty)."""
+    last = uint(ds, ROOT_LAST)
+    expected = roots[-1].offset if roots else 0
+    if last is None:
+        problems.append(LinkProblem(0, "(0004,1202) last root offset is missing"))
+    elif last != expected:
+        problems.append(LinkProblem(last, f"(0004,1202) = {last} but the last root record "
+                                          f"is at byte {expected}"))
+
+
+# -- summary ---------------------------------------------------------------------------------
+
+
+def _series(node: TreeNode) -> dict:
+    leaves = [c for c in node.children if c.in_use]
+    return {
+        "uid": node.text("SeriesInstanceUID"),
+        "modality": node.text("Modality"),
+        "number": node.text("SeriesNumber"),
+        "description": node.text("SeriesDescription"),
+        "instances": len(leaves),
+        "record_types": dict(Counter(c.rtype for c in leaves)),
+    }
+
+
+def _study(node: TreeNode) -> dict:
+    return {
+        "uid": node.text("StudyInstanceUID"),
+        "date": node.text("StudyDate"),
+        "description": node.text("StudyDescription"),
+        "series": [_series(c) for c in node.children if c.in_use and c.rtype == "SERIES"],
+    }
+
+
+def _patient(node: TreeNode) -> dict:
+    name = node.record.get("PatientName")  # PersonName, decoded by the record's charset
+    return {
+        "id": node.text("PatientID"),
+        "name": str(name) if name is not None else "",
+        "studies": [_study(c) for c in node.children if c.in_use and c.rtype == "STUDY"],
+    }
+
+
+def summarize(medium: Medium) -> dict:
+    """Patient -> study -> series -> instances as linked by the offsets; MediaError if broken."""
+    ds = read_dicomdir(medium)
+    tree = build_tree(ds)
+    if tree.problems:
+        raise MediaError(f"DICOMDIR offsets are broken: {tree.problems[0].message}")
+    patients = [_patient(n) for n in tree.roots if n.in_use and n.rtype == "PATIENT"]
+    studies = [s for p in patients for s in p["studies"]]
+    series = [s for st in studies for s in st["series"]]
+    others = Counter(n.rtype for n in tree.roots if n.in_use and n.rtype != "PATIENT")
+    meta = getattr(ds, "file_meta", None)
+    return {
+        "fileset_id": records.text_value(ds, 0x00041130),
+        "fileset_uid": str(meta.get("MediaStorageSOPInstanceUID", "")) if meta else "",
+        "patients": patients,
+        "other_records": dict(others),
+        "counts": {
+            "patients": len(patients),
+            "studies": len(studies),
+            "series": len(series),
+            "instances": sum(s["instances"] for s in series),
+        },
+    }

@@ -1,0 +1,107 @@
+"""The structural checker must catch what pydicom silently accepts: truncation anywhere."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from mastering import intake, part10
+from mastering.part10 import NotDicomError, StructureError
+
+from .conftest import make_ct, sample
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_bigendian.dcm", "rtplan.dcm",
+                                  "JPEG2000.dcm", "SC_rgb_rle.dcm", "test-SR.dcm",
+                                  "image_dfl.dcm", "rtstruct.dcm", "UN_sequence.dcm"])
+def test_sound_files_pass(name: str) -> None:
+    layout = part10.inspect(sample(name))
+    assert layout.size == sample(name).stat().st_size
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "JPEG2000.dcm", "MR_small_implicit.dcm",
+                                  "MR_small_bigendian.dcm", "SC_rgb_rle.dcm"])
+def test_every_truncation_is_detected(name: str, tmp_path: Path, cd_profile) -> None:
+    """Cut an image at many points past the meta header: intake must refuse each cut, although
+    pydicom reads most of them without complaint. A cut that falls exactly between two elements
+    leaves a well-formed but shorter data set; for images the missing Pixel Data gives it away."""
+    data = sample(name).read_bytes()
+    start = part10.inspect(sample(name)).dataset_start
+    silent = 0
+    cuts = sorted(set(range(start + 1, len(data), max(1, (len(data) - start) // 150))))
+    for cut in cuts:
+        path = tmp_path / "cut.dcm"
+        path.write_bytes(data[:cut])
+        found = intake.scan_file(str(path), cd_profile)
+        assert isinstance(found, intake.Problem), f"cut at {cut} of {len(data)} not detected"
+        assert found.kind == "invalid"
+        try:
+            pydicom.dcmread(path, force=True)
+            silent += 1
+        except Exception:  # noqa: BLE001
+            pass
+    assert silent > 0  # pydicom really does read some of these silently
+
+
+def test_pydicoms_truncated_files_are_refused() -> None:
+    for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
+        with pytest.raises(StructureError, match="truncated"):
+            part10.inspect(sample(name))
+
+
+def test_non_dicom_is_told_apart(tmp_path: Path) -> None:
+    for name, data in (("a.txt", b"hello world, not DICOM at all" * 10),
+                       ("b.json", b'{"00100010": {"vr": "PN"}}' * 5)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(NotDicomError):
+            part10.inspect(tmp_path / name)
+    (tmp_path / "tiny").write_bytes(b"\0\0")
+    with pytest.raises(StructureError):
+        part10.inspect(tmp_path / "tiny")
+
+
+def test_body_disagreeing_with_meta(tmp_path: Path) -> None:
+    """Meta says explicit, body is implicit: the body's encoding wins (as in pydicom)."""
+    layout = part10.inspect(sample("SC_rgb_jpeg.dcm"))
+    assert layout.meta_ts == "1.2.840.10008.1.2.4.50"
+    assert layout.body_ts == part10.IMPLICIT_LE
+    assert layout.body_disagrees and not layout.meta_complete
+
+
+def test_no_meta_and_no_preamble() -> None:
+    layout = part10.inspect(sample("rtstruct.dcm"))
+    assert not layout.has_preamble and layout.meta_ts is None
+    assert layout.body_ts == part10.IMPLICIT_LE
+    layout = part10.inspect(sample("ExplVR_BigEndNoMeta.dcm"))
+    assert layout.body_ts == part10.EXPLICIT_BE
+
+
+def test_deflated_truncation(tmp_path: Path) -> None:
+    data = sample("image_dfl.dcm").read_bytes()
+    (tmp_path / "d.dcm").write_bytes(data[:-40])
+    with pytest.raises(StructureError, match="deflate"):
+        part10.inspect(tmp_path / "d.dcm")
+    assert zlib  # the module inflates with zlib; nothing else to check here
+
+
+def test_trailing_garbage_is_refused(tmp_path: Path) -> None:
+    path = make_ct(tmp_path, "a.dcm")
+    path.write_bytes(path.read_bytes() + b"\x01\x02\x03")
+    with pytest.raises(StructureError):
+        part10.inspect(path)
+
+
+def test_build_meta_is_read_back_by_pydicom(tmp_path: Path) -> None:
+    src = make_ct(tmp_path, "a.dcm")
+    layout = part10.inspect(src)
+    ds = pydicom.dcmread(src)
+    meta = part10.build_meta(ds.SOPClassUID, ds.SOPInstanceUID, part10.EXPLICIT_LE, "1.2.3", "X")
+    out = tmp_path / "b.dcm"
+    out.write_bytes(meta + src.read_bytes()[layout.dataset_start:])
+    back = pydicom.dcmread(out)
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.FileMetaInformationGroupLength == len(meta) - 132 - 12
+    assert part10.inspect(out).meta_complete

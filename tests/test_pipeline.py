@@ -1,0 +1,277 @@
+"""End to end: inputs -> ISO or folder, judged by tools this project did not write."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from threading import Event
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.fileset import FileSet
+
+from mastering import pipeline, profiles
+from mastering.intake import Cancelled
+from mastering.pipeline import MasteringError, Options, master
+
+from .conftest import (
+    dciodvfy_errors,
+    dcmdump,
+    extract_iso,
+    isoinfo_listing,
+    make_ct,
+    need,
+    sample,
+)
+
+LEVEL1 = re.compile(r"^(/[A-Z0-9_]{1,8})*/[A-Z0-9_]{1,8}\.[A-Z0-9_]{0,3};1$")
+PYDICOM_FILES = ["CT_small.dcm", "test-SR.dcm", "waveform_ecg.dcm", "MR_small_bigendian.dcm",
+                 "rtstruct.dcm", "SC_rgb_rle.dcm", "JPEG2000.dcm", "image_dfl.dcm",
+                 "examples_palette.dcm"]
+
+
+def _inputs(tmp: Path) -> list[Path]:
+    gen = tmp / "in"
+    for i in range(1, 4):
+        make_ct(gen / "a", f"ct{i}.dcm", instance=i, value=i)
+        make_ct(gen / "b", f"ct{i}.dcm", instance=i, series_uid="1.2.3.4.1.2", implicit=True,
+                value=10 + i, SeriesNumber=2)
+    return [gen, *(sample(n) for n in PYDICOM_FILES)]
+
+
+def _uids(paths: list[Path]) -> set[str]:
+    return {pydicom.dcmread(p, stop_before_pixels=True, force=True).SOPInstanceUID for p in paths}
+
+
+@pytest.fixture(scope="module")
+def cd_image(tmp_path_factory) -> tuple[Path, Path, pipeline.Report, list[Path]]:
+    tmp = tmp_path_factory.mktemp("cd")
+    inputs = _inputs(tmp)
+    report = master(inputs, tmp / "out.iso", Options(profiles.load("STD-GEN-CD"),
+                                                      fileset_id="TEST_CD", workers=1))
+    return tmp / "out.iso", extract_iso(tmp / "out.iso", tmp / "x"), report, inputs
+
+
+@pytest.mark.oracle
+def test_iso_names_are_level1_and_volume_id(cd_image) -> None:
+    iso, _root, _report, _ = cd_image
+    names = [name for name, _ in isoinfo_listing(iso)]
+    assert "/DICOMDIR.;1" in names
+    assert all(LEVEL1.match(n) for n in names), [n for n in names if not LEVEL1.match(n)]
+    info = subprocess.run([need("isoinfo"), "-d", "-i", str(iso)], capture_output=True,
+                          text=True, check=True).stdout
+    assert re.search(r"^Volume id: TEST_CD$", info, re.M)
+    assert "NO Joliet present" in info and "NO Rock Ridge present" in info
+
+
+@pytest.mark.oracle
+def test_dicomdir_passes_dciodvfy_and_dcmdump(cd_image) -> None:
+    _iso, root, _report, _ = cd_image
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    dump = dcmdump(root / "DICOMDIR")
+    assert "MediaStorageDirectoryStorage" in dump or "1.2.840.10008.1.3.10" in dump
+
+
+@pytest.mark.oracle
+def test_every_instance_exactly_once_and_intact(cd_image) -> None:
+    _iso, root, report, inputs = cd_image
+    fs = FileSet(root / "DICOMDIR")
+    by_uid = {}
+    for inst in fs:
+        ds = inst.load()
+        assert ds.SOPInstanceUID == inst.SOPInstanceUID
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert inst.ReferencedTransferSyntaxUIDInFile == ds.file_meta.TransferSyntaxUID
+        by_uid[ds.SOPInstanceUID] = Path(inst.path)
+    sources = [p for i in inputs for p in ([i] if i.is_file() else sorted(i.rglob("*.dcm")))]
+    assert set(by_uid) == _uids(sources)
+    assert report.instances == len(sources)
+    for src in sources:
+        a = pydicom.dcmread(src, force=True)
+        b = pydicom.dcmread(by_uid[a.SOPInstanceUID])
+        if a.file_meta.get("TransferSyntaxUID") == "1.2.840.10008.1.2.1" and src.read_bytes()[
+                128:132] == b"DICM":
+            assert by_uid[a.SOPInstanceUID].read_bytes() == src.read_bytes()  # copied as is
+        for elem in a:
+            if elem.tag in (0x7FE00010, 0x00280004, 0x00280006, 0x00282110, 0x00282114):
+                continue
+            assert b[elem.tag].value == elem.value, (src.name, elem)
+        if "PixelData" in a:
+            assert np.array_equal(a.pixel_array, b.pixel_array), src.name
+
+
+@pytest.mark.oracle
+def test_data_placed_in_dicomdir_order(cd_image) -> None:
+    iso, root, _report, _ = cd_image
+    extents = dict(isoinfo_listing(iso))
+    assert extents["/DICOMDIR.;1"] == min(extents.values())
+    order = [inst.path for inst in FileSet(root / "DICOMDIR")]
+    files = ["/" + str(Path(p).relative_to(root)) + ".;1" for p in order]
+    placed = [extents[f] for f in files]
+    assert placed == sorted(placed)
+
+
+def test_report_counts_conversions_and_fills(cd_image) -> None:
+    _iso, _root, report, _ = cd_image
+    assert report.ok and report.patients >= 5 and len(report.volumes) == 1
+    assert report.conversions["transcode"] >= 5  # implicit, big endian, deflate, RLE, J2K
+    assert any(f["key"] == "PatientID" for f in report.filled)
+
+
+def test_reproducible_with_source_date_epoch(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path)
+    opts = Options(profiles.load("STD-GEN-CD"), source_date_epoch=1700000000, workers=1)
+    master(inputs, tmp_path / "a.iso", opts)
+    master(inputs, tmp_path / "b.iso", opts)
+    assert (tmp_path / "a.iso").read_bytes() == (tmp_path / "b.iso").read_bytes()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial")
+                  or p.suffix == ".iso")
+
+
+def test_invalid_input_refuses_whole_run(tmp_path: Path) -> None:
+    good = make_ct(tmp_path / "in", "good.dcm")
+    bad = tmp_path / "in" / "cut.dcm"
+    bad.write_bytes(make_ct(tmp_path / "src", "x.dcm").read_bytes()[:-100])
+    make_ct(tmp_path / "in", "clash1.dcm", sop_uid="1.2.3.99", value=1)
+    make_ct(tmp_path / "in", "clash2.dcm", sop_uid="1.2.3.99", value=2)
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MasteringError) as err:
+        master([tmp_path / "in"], out / "x.iso", Options(profiles.load("STD-GEN-CD")))
+    assert err.value.exit_code == 3
+    reasons = {Path(i["path"]).name: i["reason"] for i in err.value.report.invalid}
+    assert "truncated" in reasons["cut.dcm"]
+    assert "1.2.3.99" in reasons["clash1.dcm"] and "clash2.dcm" in reasons["clash1.dcm"]
+    assert [Path(i["path"]).name for i in err.value.report.ignored] == ["notes.txt"]
+    assert _leftovers(out) == []
+    report = master([tmp_path / "in"], out / "x.iso",
+                    Options(profiles.load("STD-GEN-CD"), skip_invalid=True))
+    assert report.instances == 1 and len(report.invalid) == 3
+    assert _uids([good]) == {i.SOPInstanceUID for i in FileSet(
+        extract_iso(out / "x.iso", tmp_path / "x") / "DICOMDIR")}
+
+
+def test_identical_copies_merge(tmp_path: Path) -> None:
+    a = make_ct(tmp_path / "in", "a.dcm", sop_uid="1.2.3.77")
+    (tmp_path / "in" / "copy").mkdir()
+    (tmp_path / "in" / "copy" / "a.dcm").write_bytes(a.read_bytes())
+    report = master([tmp_path / "in"], tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD")))
+    assert report.instances == 1 and len(report.duplicates) == 1
+
+
+@pytest.mark.oracle
+def test_spanning_makes_self_contained_volumes(tmp_path: Path) -> None:
+    for s in range(3):
+        for i in range(1, 5):
+            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", rows=64, instance=i,
+                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1)
+    prof = profiles.load("STD-GEN-CD").with_capacity(200_000)
+    with pytest.raises(MasteringError) as err:
+        master([tmp_path / "in"], tmp_path / "o.iso", Options(prof, span=False))
+    assert err.value.exit_code == 4 and not list(tmp_path.glob("o*.iso"))
+    report = master([tmp_path / "in"], tmp_path / "o.iso", Options(prof))
+    isos = sorted(tmp_path.glob("o-*.iso"))
+    assert len(isos) == len(report.volumes) >= 2
+    seen: list[str] = []
+    for n, iso in enumerate(isos):
+        assert iso.stat().st_size <= 200_000
+        root = extract_iso(iso, tmp_path / f"x{n}")
+        assert dciodvfy_errors(root / "DICOMDIR") == []
+        series = {}
+        for inst in FileSet(root / "DICOMDIR"):
+            seen.append(inst.SOPInstanceUID)
+            series.setdefault(inst.SeriesInstanceUID, 0)
+            series[inst.SeriesInstanceUID] += 1
+        assert all(v == 4 for v in series.values())  # a series stays whole where it fits
+    assert len(seen) == len(set(seen)) == 12
+
+
+@pytest.mark.oracle
+def test_fileset_folder(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path)
+    out = tmp_path / "stick"
+    master(inputs, out, Options(profiles.load("STD-GEN-USB-JPEG"), workers=1), kind="folder")
+    assert dciodvfy_errors(out / "DICOMDIR") == []
+    assert len(list(FileSet(out / "DICOMDIR"))) == 15
+    with pytest.raises(FileExistsError):
+        master(inputs, out, Options(profiles.load("STD-GEN-USB-JPEG"), workers=1), kind="folder")
+
+
+def test_usb_profile_refuses_iso(tmp_path: Path) -> None:
+    with pytest.raises(MasteringError) as err:
+        master([make_ct(tmp_path, "a.dcm")], tmp_path / "a.iso",
+               Options(profiles.load("STD-GEN-USB-J2K")))
+    assert err.value.exit_code == 2
+
+
+def test_cancel_leaves_nothing(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path)
+    cancel = Event()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write"):
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        master(inputs, tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD"), workers=1),
+               progress=progress, cancel=cancel)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.oracle
+def test_remastering_an_existing_fileset(cd_image, tmp_path: Path) -> None:
+    """A DICOMDIR among the inputs is an index: its files come in, it does not."""
+    _iso, root, first, _ = cd_image
+    report = master([root / "DICOMDIR"], tmp_path / "again.iso",
+                    Options(profiles.load("STD-GEN-CD"), workers=1))
+    assert report.instances == first.instances
+    assert report.conversions == {"copy": first.instances}
+
+
+@pytest.mark.oracle
+def test_filled_keys_leave_the_file_untouched(tmp_path: Path) -> None:
+    src = make_ct(tmp_path / "in", "a.dcm", patient_id="", instance=None, StudyDate=None,
+                  StudyID=None)
+    opts = Options(profiles.load("STD-GEN-CD"))
+    r1 = master([src], tmp_path / "a.iso", opts)
+    r2 = master([src], tmp_path / "b.iso", opts)
+    assert r1.filled == r2.filled
+    assert {f["key"] for f in r1.filled} == {"PatientID", "StudyDate", "StudyID",
+                                             "InstanceNumber"}
+    root = extract_iso(tmp_path / "a.iso", tmp_path / "x")
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    (inst,) = list(FileSet(root / "DICOMDIR"))
+    assert Path(inst.path).read_bytes() == src.read_bytes()
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["chrH31.dcm", "chrRuss.dcm", "chrGreek.dcm", "chrX1.dcm",
+                                  "chrH32.dcm", "chrArab.dcm"])
+def test_names_keep_their_character_set(tmp_path: Path, name: str) -> None:
+    src = Path(pydicom.data.get_charset_files(name)[0])
+    ds = pydicom.dcmread(src)
+    report = master([src], tmp_path / "c.iso", Options(profiles.load("STD-GEN-CD")),)
+    assert report.ok
+    root = extract_iso(tmp_path / "c.iso", tmp_path / "x")
+    dd = pydicom.dcmread(root / "DICOMDIR")
+    patient = next(r for r in dd.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT")
+    assert patient.SpecificCharacterSet == ds.SpecificCharacterSet
+    assert patient.PatientName == ds.PatientName
+    assert patient.get_item(0x00100010).value == ds.get_item(0x00100010).value  # raw bytes
+
+
+@pytest.mark.oracle
+def test_dvd_profile_keys_and_jpeg_copied(tmp_path: Path) -> None:
+    src = sample("SC_rgb_jpeg_dcmtk.dcm")
+    master([src], tmp_path / "d.iso", Options(profiles.load("STD-GEN-DVD-JPEG")))
+    root = extract_iso(tmp_path / "d.iso", tmp_path / "x")
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    (inst,) = list(FileSet(root / "DICOMDIR"))
+    assert Path(inst.path).read_bytes() == src.read_bytes()  # allowed: byte for byte
+    assert inst.Rows == 100 and inst.Columns == 100
