@@ -249,7 +249,7 @@ def warm_cache(corpus: Path) -> float:
 def is_implicit(path: Path) -> bool:
     try:
         return read_file_meta_info(path).get("TransferSyntaxUID") == ImplicitVRLittleEndian
-    except Exception:  # noqa: BLE001 - a non-DICOM file is simply copied
+    except Exception:  # a non-DICOM file is simply linked or copied
         return False
 
 
@@ -363,7 +363,7 @@ class Step:
         os.sync()  # no run pays for the write-back of what ran before it
         if not self.result.parts:
             self.result.parts = [Result(name, " ".join(cmd)) for name, cmd in self.commands]
-        samples = []
+        samples: list[Sample] = []
         for part, (_, cmd) in zip(self.result.parts, self.commands, strict=True):
             sample = measure(part, cmd, logfile)
             if sample is None:

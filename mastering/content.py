@@ -35,6 +35,9 @@ def segments(entry: FileEntry) -> list[Segment]:
     inst = entry.instance
     if entry.action == "copy":
         return [Range(inst.path, 0, inst.size)]
+    if entry.action == "reencode":
+        offset, length = entry.pixel_range
+        return [entry.head, Range(inst.path, offset, length)]
     if entry.action == "transcode":
         if entry.staged is None:
             raise ValueError(f"{inst.path}: transcoded copy missing")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from threading import Event
 
@@ -34,6 +36,8 @@ UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 LEAF = "LEAF"
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 RUNNING = ("SeriesNumber", "InstanceNumber")
+#: record types whose keys need pydicom (nested SR content)
+NEEDS_PYDICOM = frozenset({"SR DOCUMENT", "KEY OBJECT DOC"})
 
 
 class Cancelled(Exception):
@@ -61,6 +65,7 @@ class Instance:
     keys: dict[str, dict[int, bytes]]
     filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
+    pixel_data_offset: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,7 @@ def expand(inputs: Iterable[Path]) -> Iterator[Path]:
 
 def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryIndex:
     try:
-        layout = part10.inspect(Path(path))
+        layout = part10.inspect(Path(path), collect=_wanted(profile))
     except part10.NotDicomError as exc:
         return Problem(path, "not-dicom", str(exc))
     except part10.StructureError as exc:
@@ -123,15 +128,13 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
     except OSError as exc:
         return Problem(path, "invalid", f"cannot read: {exc.strerror or exc}")
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
-        return Problem(path, "invalid", f"pydicom cannot parse the header: {exc}")
-    sop_class = records.text_value(ds, SOP_CLASS_UID)
-    meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if ds.file_meta else ""
-    if MEDIA_STORAGE_DIRECTORY in (sop_class, meta_class):
-        return _directory_index(path, ds)
-    try:
-        return _instance(path, layout, ds, profile)
+        hdr = _header(path, layout)
+        sop_class = hdr.text(SOP_CLASS_UID)
+        if sop_class == MEDIA_STORAGE_DIRECTORY or (
+            sop_class == "" and _meta_class(path) == MEDIA_STORAGE_DIRECTORY
+        ):
+            return _directory_index(path, _read(path))
+        return _instance(path, layout, hdr, profile)
     except _Invalid as exc:
         return Problem(path, "invalid", str(exc))
 
@@ -140,9 +143,54 @@ class _Invalid(Exception):
     pass
 
 
-def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -> Instance:
-    sop_class = records.text_value(ds, SOP_CLASS_UID)
-    sop_uid = records.text_value(ds, SOP_INSTANCE_UID)
+def _read(path: str) -> Dataset:
+    """The header through pydicom, for what the raw walk does not cover."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # VR switches etc. are handled, not news
+            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise _Invalid(f"pydicom cannot parse the header: {exc}") from exc
+
+
+def _meta_class(path: str) -> str:
+    ds = _read(path)
+    return str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if ds.file_meta else ""
+
+
+def _header(path: str, layout: part10.Layout) -> records.Header:
+    """Raw keys from the walk for little endian bodies; pydicom for everything else."""
+    if layout.elements is not None and layout.body_ts in (part10.EXPLICIT_LE, part10.IMPLICIT_LE):
+        explicit = layout.body_ts == part10.EXPLICIT_LE
+        hdr = records.RawHeader(layout.elements, explicit, lambda: _read(path))
+        if records.record_type(hdr.text(SOP_CLASS_UID)) not in NEEDS_PYDICOM:
+            return hdr
+    return records.PydicomHeader(_read(path))
+
+
+@cache
+def _wanted_cached(extra: tuple) -> frozenset[int]:
+    tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET}
+    for table in records.record_keys().values():
+        if isinstance(table, dict):
+            tags.update(records._tag(kw) for kws in table.values() for kw in kws)
+    for _rtype, table in extra:
+        tags.update(records._tag(kw) for _req, kws in table for kw in kws)
+    for keyword, rule in records.fill_rules().items():
+        tags.add(records._tag(keyword))
+        tags.update(records._tag(kw) for kw in (*rule.get("copy", ()), *rule.get("from", ())))
+    return frozenset(tags)
+
+
+def _wanted(profile: Profile) -> frozenset[int]:
+    extra = tuple(sorted((r, tuple(sorted(t.items()))) for r, t in profile.extra_keys.items()))
+    return _wanted_cached(extra)
+
+
+def _instance(path: str, layout: part10.Layout, hdr: records.Header,
+              profile: Profile) -> Instance:
+    sop_class = hdr.text(SOP_CLASS_UID)
+    sop_uid = hdr.text(SOP_INSTANCE_UID)
     if not sop_class or not sop_uid:
         raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID")
     if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
@@ -150,8 +198,7 @@ def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -
     rtype = records.record_type(sop_class)
     if rtype is None:
         raise _Invalid(f"not a storable instance: SOP Class {sop_class} is not a storage class")
-    meta = ds.file_meta or Dataset()
-    meta_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    meta_uid = layout.meta_sop_instance_uid
     if meta_uid and meta_uid != sop_uid:
         raise _Invalid(
             f"file meta Media Storage SOP Instance UID {meta_uid} differs from the data set's "
@@ -159,11 +206,11 @@ def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -
         )
     if rtype == "IMAGE" and layout.pixel_data_offset < 0:
         raise _Invalid("an image without Pixel Data: the file is probably truncated")
-    keys, filled = _keys(ds, rtype, profile)
-    values = {kw: v for kw, v in filled}
+    keys, filled = _keys(hdr, rtype, profile)
+    values = dict(filled)
 
     def value(kw: str) -> str:
-        return values.get(kw) or records.text_value(ds, records._tag(kw))
+        return values.get(kw) or hdr.text(records._tag(kw))
 
     return Instance(
         path=path,
@@ -181,11 +228,12 @@ def _instance(path: str, layout: part10.Layout, ds: Dataset, profile: Profile) -
         instance_number=value("InstanceNumber"),
         keys=keys,
         filled=filled,
+        pixel_data_offset=layout.pixel_data_offset,
     )
 
 
 def _keys(
-    ds: Dataset, rtype: str, profile: Profile
+    hdr: records.Header, rtype: str, profile: Profile
 ) -> tuple[dict[str, dict[int, bytes]], list[tuple[str, str]]]:
     """Encoded keys per level, filling Type 1 keys the instance lacks (reported, never written
     into the file)."""
@@ -193,30 +241,29 @@ def _keys(
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
-    charset = records.encode_element(ds, records.SPECIFIC_CHARACTER_SET)
+    charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
-        found: dict[int, bytes] = {}
-        if charset and records.has_value(ds, records.SPECIFIC_CHARACTER_SET):
+        found: dict[int, bytes | None] = {}
+        if charset and hdr.has(records.SPECIFIC_CHARACTER_SET):
             found[records.SPECIFIC_CHARACTER_SET] = charset
         for tag in spec.of("1"):
-            found[tag] = _type1(ds, tag, known, filled)
+            found[tag] = _type1(hdr, tag, known, filled)
         for tag in spec.of("2"):
-            found[tag] = records.encode_element(ds, tag) or records.encode_text(
+            found[tag] = hdr.encoded(tag) or records.encode_text(
                 tag, records.dictionary_VR(tag), b""
             )
         for tag in (*spec.of("1C"), *spec.of("3")):
-            found[tag] = _conditional(ds, tag, rtype)
-        found = {t: v for t, v in found.items() if v is not None}
-        keys[level] = found
+            found[tag] = _conditional(hdr, tag, rtype)
+        keys[level] = {t: v for t, v in found.items() if v is not None}
     return keys, filled
 
 
-def _type1(ds: Dataset, tag: int, known: dict[str, str], filled: list) -> bytes | None:
-    if records.has_value(ds, tag):
-        return records.encode_element(ds, tag)
+def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list) -> bytes | None:
+    if hdr.has(tag):
+        return hdr.encoded(tag)
     keyword = pydicom.datadict.keyword_for_tag(tag)
-    value = records.derive(keyword, ds, known)
+    value = records.derive(keyword, hdr, known)
     if value is None:
         raise _Invalid(f"lacks the Type 1 directory key {keyword} and it cannot be derived")
     known[keyword] = value
@@ -226,24 +273,30 @@ def _type1(ds: Dataset, tag: int, known: dict[str, str], filled: list) -> bytes 
     return records.encode_value(tag, value)
 
 
-def _conditional(ds: Dataset, tag: int, rtype: str) -> bytes | None:
+def _conditional(hdr: records.Header, tag: int, rtype: str) -> bytes | None:
     """1C/3 keys; SR Content Sequence keeps only the HAS CONCEPT MOD items (F.5.24, F.5.25)."""
-    if tag == 0x0040A730 and rtype in ("SR DOCUMENT", "KEY OBJECT DOC"):
-        items = [i for i in ds.get("ContentSequence", []) if i.get("RelationshipType") == "HAS CONCEPT MOD"]
+    if rtype in NEEDS_PYDICOM and tag in (0x0040A730, 0x0040A030):
+        assert isinstance(hdr, records.PydicomHeader)
+        return _sr_key(hdr.ds, tag, rtype)
+    return hdr.encoded(tag) if hdr.has(tag) else None
+
+
+def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
+    if tag == 0x0040A730:
+        items = [i for i in ds.get("ContentSequence", [])
+                 if i.get("RelationshipType") == "HAS CONCEPT MOD"]
         if not items:
             return None
         sub = Dataset()
         sub.SpecificCharacterSet = ds.get("SpecificCharacterSet", "ISO_IR 6")
         sub.ContentSequence = Sequence(items)
         return records.encode_element(sub, tag)
-    if tag == 0x0040A030 and rtype == "SR DOCUMENT":  # Verification DateTime, if VERIFIED
-        observers = ds.get("VerifyingObserverSequence")
-        if ds.get("VerificationFlag") == "VERIFIED" and observers:
-            last = observers[-1]
-            if "VerificationDateTime" in last:
-                return records.encode_element(last, tag)
-        return None
-    return records.encode_element(ds, tag) if records.has_value(ds, tag) else None
+    observers = ds.get("VerifyingObserverSequence")  # Verification DateTime, if VERIFIED
+    if rtype == "SR DOCUMENT" and ds.get("VerificationFlag") == "VERIFIED" and observers:
+        last = observers[-1]
+        if "VerificationDateTime" in last:
+            return records.encode_element(last, tag)
+    return None
 
 
 def _directory_index(path: str, ds: Dataset) -> DirectoryIndex:

@@ -94,13 +94,13 @@ def set_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
 
 
 def _walk(iso: pycdlib.PyCdlib):
+    """Every directory record, the '.' and '..' entries included (they carry dates too)."""
     stack = [iso.pvd.root_directory_record()]
     while stack:
         rec = stack.pop()
         yield None, rec
-        if rec.is_dir():
-            stack.extend(c for c in rec.children if c is not None and not c.is_dot()
-                         and not c.is_dotdot())
+        if rec.is_dir() and not rec.is_dot() and not rec.is_dotdot():
+            stack.extend(c for c in rec.children if c is not None)
 
 
 def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write",

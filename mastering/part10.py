@@ -21,6 +21,7 @@ from pydicom.datadict import dictionary_VR
 PREAMBLE_LEN = 128
 MAGIC = b"DICM"
 UNDEFINED = 0xFFFFFFFF
+COLLECT_LIMIT = 1 << 16  # larger key elements are left to pydicom
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, PIXEL_DATA)  # float, double float, integer
@@ -59,6 +60,9 @@ class Layout:
     meta_ts: str | None  # (0002,0010) as written ("" if absent), None without a meta group
     body_ts: str  # the encoding the body really uses (VR switch detected)
     pixel_data_offset: int  # offset of the pixel data element header, -1 if none
+    #: top-level elements asked for with `collect`: tag -> (VR as read or b"", element bytes)
+    elements: dict[int, tuple[bytes, bytes]] | None = None
+    meta_sop_instance_uid: str = ""
 
     @property
     def has_meta(self) -> bool:
@@ -77,8 +81,11 @@ class Layout:
 class _Walker:
     """Walks element headers of one encoding over a buffer."""
 
-    def __init__(self, buf: bytes | mmap.mmap, explicit: bool, little: bool, origin: str):
+    def __init__(self, buf: bytes | mmap.mmap, explicit: bool, little: bool, origin: str,
+                 collect: frozenset[int] = frozenset()):
         self.buf, self.explicit, self.little, self.origin = buf, explicit, little, origin
+        self.collect = collect
+        self.collected: dict[int, tuple[bytes, bytes]] = {}
         self.end = len(buf)
         self._u16 = struct.Struct("<H" if little else ">H").unpack_from
         self._u32 = struct.Struct("<I" if little else ">I").unpack_from
@@ -128,7 +135,9 @@ class _Walker:
                 raise self.fail(pos, "item tag where an element was expected")
             if tag in PIXEL_TAGS and not in_item:
                 self.pixel_data_offset = pos
-            pos = self.element_value(tag, vr, length, value)
+            start, pos = pos, self.element_value(tag, vr, length, value)
+            if tag in self.collect and not in_item and pos - start <= COLLECT_LIMIT:
+                self.collected[tag] = (vr if self.explicit else b"", bytes(self.buf[start:pos]))
         if pos > stop:
             raise self.fail(stop, "element runs past the end of its container")
         if in_item and stop == self.end:
@@ -207,18 +216,20 @@ def _looks_explicit(buf: bytes | mmap.mmap, pos: int) -> bool:
     return bytes(buf[pos + 4 : pos + 6]) in VALID_VRS
 
 
-def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> tuple[int, str]:
-    """Walk the group 0002 elements (always explicit VR LE); returns (end offset, TS UID)."""
+def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> tuple[int, str, str]:
+    """Walk the group 0002 elements (always explicit VR LE); returns (end offset, TS UID,
+    Media Storage SOP Instance UID)."""
     walker = _Walker(buf, explicit=True, little=True, origin=origin)
-    ts = None
+    ts, sop_uid = None, ""
     while pos + 4 <= len(buf) and walker.tag_at(pos) >> 16 == 0x0002:
         tag, vr, length, value = walker.header(pos, False)
         if length == UNDEFINED or value + length > len(buf):
             raise walker.fail(pos, "file meta information runs past the end of the file")
-        if tag == 0x00020010:
-            ts = bytes(buf[value : value + length]).rstrip(b"\0 ").decode("ascii", "replace")
+        if tag in (0x00020003, 0x00020010):
+            text = bytes(buf[value : value + length]).rstrip(b"\0 ").decode("ascii", "replace")
+            ts, sop_uid = (text, sop_uid) if tag == 0x00020010 else (ts, text)
         pos = value + length
-    return pos, ts or ""  # "" = meta present without (0002,0010): the body decides
+    return pos, ts or "", sop_uid  # "" = meta present without (0002,0010): the body decides
 
 
 def _encoding(ts: str) -> tuple[bool, bool]:
@@ -230,20 +241,21 @@ def _encoding(ts: str) -> tuple[bool, bool]:
     return True, True
 
 
-def inspect(path: Path) -> Layout:
-    """Check the structure of the file at path and return its layout; raise StructureError."""
+def inspect(path: Path, collect: frozenset[int] = frozenset()) -> Layout:
+    """Check the structure of the file at path and return its layout; raise StructureError.
+    The top-level elements whose tags are in `collect` come back raw in Layout.elements."""
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size < 8:
             raise StructureError(f"only {size} bytes: not a DICOM file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _inspect(buf, size)
+            return _inspect(buf, size, collect)
 
 
-def _inspect(buf: mmap.mmap, size: int) -> Layout:
+def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -> Layout:
     has_preamble = size >= PREAMBLE_LEN + 4 and buf[PREAMBLE_LEN : PREAMBLE_LEN + 4] == MAGIC
     meta_start = PREAMBLE_LEN + 4 if has_preamble else 0
-    meta_ts = None
+    meta_ts, meta_uid = None, ""
     start = meta_start
     first_group = struct.unpack_from("<H", buf, meta_start)[0]
     if not has_preamble and first_group not in _FIRST_GROUPS and (
@@ -251,20 +263,21 @@ def _inspect(buf: mmap.mmap, size: int) -> Layout:
     ):
         raise NotDicomError("no DICM preamble and no plausible first data element")
     if first_group == 0x0002:
-        start, meta_ts = _read_meta(buf, meta_start, "file meta information")
+        start, meta_ts, meta_uid = _read_meta(buf, meta_start, "file meta information")
     elif has_preamble:
         raise StructureError("'DICM' prefix but no file meta information group")
     if start >= size:
         raise StructureError("file meta information but no data set (empty body)")
     if meta_ts == DEFLATED_LE:
-        return _inspect_deflated(buf, size, has_preamble, meta_start, start)
+        return _inspect_deflated(buf, size, has_preamble, meta_start, start, meta_uid)
     body_ts = _body_ts(buf, start, meta_ts)
     explicit, little = _encoding(body_ts)
-    walker = _Walker(buf, explicit, little, origin="file")
+    walker = _Walker(buf, explicit, little, origin="file", collect=collect if little else frozenset())
     end = walker.dataset(start, size, in_item=False)
     if end != size:
         raise StructureError(f"data set ends at byte {end} but the file has {size} bytes")
-    return Layout(size, has_preamble, meta_start, start, meta_ts, body_ts, walker.pixel_data_offset)
+    return Layout(size, has_preamble, meta_start, start, meta_ts, body_ts,
+                  walker.pixel_data_offset, walker.collected, meta_uid)
 
 
 def _body_ts(buf: mmap.mmap, start: int, meta_ts: str | None) -> str:
@@ -286,7 +299,7 @@ def _body_ts(buf: mmap.mmap, start: int, meta_ts: str | None) -> str:
 
 
 def _inspect_deflated(
-    buf: mmap.mmap, size: int, has_preamble: bool, meta_start: int, start: int
+    buf: mmap.mmap, size: int, has_preamble: bool, meta_start: int, start: int, meta_uid: str
 ) -> Layout:
     """Deflated bodies (PS3.5 A.5) cannot be walked in place: inflate and walk the result."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -302,7 +315,7 @@ def _inspect_deflated(
         raise StructureError("inflated data set has trailing bytes")
     # the pixel data offset is one in the inflated body: only its presence means anything
     return Layout(size, has_preamble, meta_start, start, DEFLATED_LE, DEFLATED_LE,
-                  walker.pixel_data_offset)
+                  walker.pixel_data_offset, None, meta_uid)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -18,11 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, dicomdir, folderwriter
+from . import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    dicomdir,
+    folderwriter,
+    isowriter,
+    plan,
+    reencode,
+)
 from . import intake as intake_mod
-from . import isowriter, plan
 from .content import output_size
 from .intake import Cancelled, IntakeResult, Problem
+from .part10 import EXPLICIT_LE, IMPLICIT_LE
 from .profiles import Profile
 
 ProgressFn = Callable[[str, int, int], None]
@@ -161,7 +169,7 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         raise MasteringError(report.error, report, 3)
     tree, roots = _drop_failed(tree, roots)
     for entry in entries:
-        if entry.action != "transcode":
+        if entry.action in ("copy", "remeta"):
             entry.out_size = output_size(entry)
             entry.out_ts = entry.instance.transfer_syntax
         report.conversions[entry.action] = report.conversions.get(entry.action, 0) + 1
@@ -256,7 +264,10 @@ def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: 
         return
     staging = work / "staged"
     staging.mkdir()
-    jobs = [(e.instance.path, str(staging / f"{i:07d}"), profile.transfer_syntaxes)
+    jobs = [(e.instance.path, str(staging / f"{i:07d}"), profile.transfer_syntaxes,
+             e.instance.sop_class_uid, e.instance.sop_instance_uid,
+             e.instance.pixel_data_offset if reencode.applicable(
+                 e.instance.transfer_syntax, e.instance.pixel_data_offset) else -1)
             for i, e in enumerate(todo)]
     workers = min(options.workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
@@ -278,15 +289,28 @@ def _collect(todo, jobs, results, report: Report, progress, cancel) -> None:
             report.invalid.append({"path": entry.instance.path, "kind": "invalid",
                                    "reason": f"cannot convert: {res}"})
             continue
+        if isinstance(res, reencode.Reencoded):
+            entry.action, entry.head = "reencode", res.head
+            entry.pixel_range = (res.pixel_offset, res.pixel_length)
+            entry.out_ts, entry.out_size = EXPLICIT_LE, res.size
+            report.converted.append({"path": entry.instance.path, "source_ts": IMPLICIT_LE,
+                                     "target_ts": EXPLICIT_LE, "action": "reencode",
+                                     "decoder": None, "bytes": res.size})
+            continue
         entry.staged, entry.out_ts, entry.out_size = job[1], res["target_ts"], res["bytes"]
         report.converted.append({"path": entry.instance.path, **res})
 
 
-def _transcode_job(job: tuple[str, str, tuple[str, ...]]) -> dict | str:
+def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
+    """One conversion: the streamed re-encoding where it applies, else a staged transcode."""
     from . import transcode
 
-    src, dst, allowed = job
+    src, dst, allowed, sop_class, sop_uid, pixel_offset = job
     try:
+        if pixel_offset >= 0 and EXPLICIT_LE in allowed:
+            done = reencode.reencode(src, sop_class, sop_uid, pixel_offset)
+            if done is not None:
+                return done
         with open(dst, "xb") as out:
             res = transcode.transcode(Path(src), out, list(allowed),
                                       implementation_class_uid=IMPLEMENTATION_CLASS_UID,

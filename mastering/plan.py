@@ -36,11 +36,13 @@ class FileEntry:
     """One instance on the medium."""
 
     instance: Instance
-    action: str  # "copy" | "remeta" | "transcode"
+    action: str  # "copy" | "remeta" | "reencode" | "transcode"
     out_size: int  # bytes on the medium (known after staging for transcoded files)
     file_id: tuple[str, ...] = ()
     staged: str | None = None  # path of the transcoded copy
     out_ts: str = ""
+    head: bytes = b""  # "reencode": new meta and header, then the source's pixel data
+    pixel_range: tuple[int, int] = (0, 0)  # "reencode": (offset, length) in the source
 
 
 @dataclass

@@ -21,7 +21,7 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -113,10 +113,11 @@ class Medium(ABC):
             return name
         return candidates[0] if candidates else None
 
-    def read_header(self, name: str) -> FileDataset:
-        """File meta and SOP Class/Instance UID of one file, stopping before the pixel data."""
+    def read_header(self, name: str, tags: Iterable[int] = ()) -> FileDataset:
+        """File meta, SOP Class/Instance UID and `tags` of one file; pixel data is not read."""
+        wanted: list[int | str] = [*HEADER_TAGS, *tags]
         with self.open(name) as fp:
-            return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+            return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=wanted, force=True)
 
     def __enter__(self) -> Medium:
         return self
@@ -163,6 +164,43 @@ class FolderMedium(Medium):
 
     def image_size(self) -> int:
         return sum(self.size(n) for n in self.files())
+
+
+class _MappedFile(io.RawIOBase):
+    """A read-only, seekable stream over a memoryview (an ISO member inside the mapped image)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._data = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        chunk = self._data[self._pos : self._pos + len(buffer)]
+        size = len(chunk)
+        memoryview(buffer).cast("B")[:size] = chunk
+        self._pos += size
+        return size
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._data.release()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -217,27 +255,24 @@ class IsoMedium(Medium):
         except KeyError:
             raise FileNotFoundError(name) from None
 
-    def open(self, name: str) -> BinaryIO:
+    def _view(self, name: str) -> memoryview:
+        """The file's bytes inside the mapped image, as pycdlib reads them: one contiguous run
+        from the first extent (cut short if the image itself is truncated)."""
         entry = self._entry(name)
-        if entry.size == 0:
-            return io.BytesIO(b"")
-        raw = self._iso.open_file_from_iso(iso_path=entry.iso_path)
-        raw.__enter__()
-        return io.BufferedReader(raw, buffer_size=64 * 1024)  # type: ignore[arg-type]
+        end = min(entry.start + entry.size, len(self._map))
+        return memoryview(self._map)[entry.start : max(end, entry.start)]
+
+    def open(self, name: str) -> BinaryIO:
+        return _MappedFile(self._view(name))  # type: ignore[return-value]
 
     def size(self, name: str) -> int:
         return self._entry(name).size
 
     def inspect(self, name: str) -> part10.Layout:
-        """part10's walk over the file's bytes inside the mapped image: nothing is copied.
-
-        pycdlib reads file data as one contiguous run from the first extent; so does this.
-        """
-        entry = self._entry(name)
-        end = min(entry.start + entry.size, len(self._map))
-        if end - entry.start < 8:
-            raise part10.StructureError(f"only {max(end - entry.start, 0)} bytes: not a DICOM file")
-        with memoryview(self._map) as whole, whole[entry.start : end] as view:
+        """part10's header walk over the file's bytes inside the mapped image: nothing is copied."""
+        with self._view(name) as view:
+            if len(view) < 8:
+                raise part10.StructureError(f"only {len(view)} bytes: not a DICOM file")
             return part10._inspect(view, len(view))  # type: ignore[arg-type]
 
     def image_size(self) -> int:
@@ -259,7 +294,10 @@ class IsoMedium(Medium):
         super().close()
         if self._map.closed:
             return
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a stream from open() is still open: the map goes with it
+            log.debug("ISO map still in use at close; left to the garbage collector")
         self._fh.close()
         self._iso.close()
 
@@ -371,13 +409,13 @@ class RecordTree:
     by_offset: dict[int, Dataset]
     problems: list[LinkProblem]
 
-    def walk(self) -> Iterator[tuple[TreeNode, TreeNode | None]]:
-        """Every reached record with its parent (None at the root), depth first."""
-        stack: list[tuple[TreeNode, TreeNode | None]] = [(n, None) for n in reversed(self.roots)]
+    def walk(self) -> Iterator[tuple[TreeNode, tuple[TreeNode, ...]]]:
+        """Every reached record with its ancestors (root first; () at the root), depth first."""
+        stack: list[tuple[TreeNode, tuple[TreeNode, ...]]] = [(n, ()) for n in reversed(self.roots)]
         while stack:
-            node, parent = stack.pop()
-            yield node, parent
-            stack.extend((child, node) for child in reversed(node.children))
+            node, ancestors = stack.pop()
+            yield node, ancestors
+            stack.extend((child, (*ancestors, node)) for child in reversed(node.children))
 
 
 def _chain(start: int, source: str, by_offset: dict[int, Dataset], seen: set[int],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -166,6 +167,88 @@ def has_value(ds: Dataset, tag: int) -> bool:
     return not ds[tag].is_empty
 
 
+# -- header views ----------------------------------------------------------------------------
+
+
+class PydicomHeader:
+    """Key access over a pydicom data set (big endian, deflated, SR content, fallbacks)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def has(self, tag: int) -> bool:
+        return has_value(self.ds, tag)
+
+    def text(self, tag: int) -> str:
+        return text_value(self.ds, tag)
+
+    def encoded(self, tag: int) -> bytes | None:
+        return encode_element(self.ds, tag)
+
+
+class RawHeader:
+    """Key access over raw top-level elements collected by :func:`part10.inspect` during its
+    structural walk: no second parse of the file. Explicit VR LE elements are already in the
+    DICOMDIR's encoding and are copied; implicit VR LE ones get an explicit header from the
+    dictionary. Anything else (implicit sequences, ambiguous VRs) asks the fallback."""
+
+    def __init__(self, elements: dict[int, tuple[bytes, bytes]], explicit: bool,
+                 fallback: Callable[[], Dataset]):
+        self.elements, self.explicit, self._fallback = elements, explicit, fallback
+        self._pydicom: PydicomHeader | None = None
+
+    def _value(self, tag: int) -> bytes | None:
+        item = self.elements.get(tag)
+        if item is None:
+            return None
+        vr, elem = item
+        if self.explicit:
+            return elem[12:] if vr.decode() in LONG_VRS else elem[8:]
+        return elem[8:]
+
+    def _vr(self, tag: int) -> str:
+        vr = self.elements[tag][0]
+        if vr:
+            return vr.decode()
+        try:
+            return dictionary_VR(tag)
+        except KeyError:
+            return "UN"
+
+    def has(self, tag: int) -> bool:
+        value = self._value(tag)
+        return bool(value) and bool(value.strip(b" \0"))
+
+    def text(self, tag: int) -> str:
+        value = self._value(tag)
+        if value is None:
+            return ""
+        if self._vr(tag) in TEXT_VRS:
+            return value.decode("latin-1").strip(" \0")
+        return self.pydicom().text(tag)
+
+    def encoded(self, tag: int) -> bytes | None:
+        if tag not in self.elements:
+            return None
+        vr = self._vr(tag)
+        if self.explicit and len(vr) == 2:
+            return self.elements[tag][1]
+        if vr in TEXT_VRS:
+            return encode_text(tag, vr, self._value(tag) or b"")
+        if len(vr) == 2 and vr not in ("SQ", "UN"):  # numbers: little endian either way
+            value = self._value(tag) or b""
+            return element_header(tag, vr, len(value)) + value
+        return self.pydicom().encoded(tag)
+
+    def pydicom(self) -> PydicomHeader:
+        if self._pydicom is None:
+            self._pydicom = PydicomHeader(self._fallback())
+        return self._pydicom
+
+
+Header = PydicomHeader | RawHeader
+
+
 # -- filling missing Type 1 keys -------------------------------------------------------------
 
 
@@ -175,7 +258,7 @@ def derived_uid(*parts: str) -> str:
     return "2.25." + str(int.from_bytes(digest, "big"))
 
 
-def derive(keyword: str, ds: Dataset, known: dict[str, str]) -> str | None:
+def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
     """A value for a missing Type 1 key, derived only from this instance; None if no rule.
 
     `known` holds values already filled for this instance (a derived Study Instance UID feeds
@@ -185,14 +268,14 @@ def derive(keyword: str, ds: Dataset, known: dict[str, str]) -> str | None:
     if rule is None:
         return None
     for source in rule.get("copy", ()):
-        value = known.get(source) or text_value(ds, _tag(source))
+        value = known.get(source) or hdr.text(_tag(source))
         if value:
             return value[: rule.get("max_length", 64)]
     kind = rule.get("derive")
     if kind == "running":
         return ""  # the planner numbers these in File-set order
     if kind in ("id", "uid"):
-        parts = [known.get(src) or text_value(ds, _tag(src)) for src in rule["from"]]
+        parts = [known.get(src) or hdr.text(_tag(src)) for src in rule["from"]]
         if kind == "uid":
             return derived_uid(keyword, *parts)
         digest = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")

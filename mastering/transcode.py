@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.filebase import DicomBytesIO
@@ -151,15 +151,23 @@ def transcode(
     start = _tell_or_none(dst)
     out = _CountingWriter(dst)
     try:
-        result = _transcode(src, out, allowed_set, implementation_class_uid,
-                            implementation_version_name)
+        result = _transcode(
+            src, out, allowed_set, implementation_class_uid, implementation_version_name
+        )
     except Exception as exc:
         _rollback(dst, start)
         if isinstance(exc, TranscodeError):
             raise
         raise TranscodeError(f"{src}: {_reason(exc)}") from exc
-    LOGGER.debug("%s: %s %s -> %s (%s), %d bytes", src, result.action, result.source_ts,
-                 result.target_ts, result.decoder, result.bytes_written)
+    LOGGER.debug(
+        "%s: %s %s -> %s (%s), %d bytes",
+        src,
+        result.action,
+        result.source_ts,
+        result.target_ts,
+        result.decoder,
+        result.bytes_written,
+    )
     return result
 
 
@@ -168,6 +176,7 @@ def _transcode(
 ) -> TranscodeResult:
     """Read, convert and write one file; raise on any problem."""
     ds = dcmread(src, force=True)
+    _sync_body_encoding(ds)
     sop_instance_uid = _required_uid(ds, "SOPInstanceUID")
     _required_uid(ds, "SOPClassUID")
     plan = _plan(ds, allowed)
@@ -195,15 +204,15 @@ def _plan(ds: Dataset, allowed: frozenset[str]) -> _Plan:
     body_ts = _body_ts(ds)
     meta_ts = _clean_uid(ds.file_meta.get("TransferSyntaxUID", "") or "")
     if not meta_ts:
-        return _plan_native(body_ts, body_ts, allowed)
+        return _plan_native(body_ts, allowed)
     uid = UID(meta_ts)
     if not uid.is_transfer_syntax:
         raise ValueError(f"unsupported transfer syntax {meta_ts}")
     if uid.is_deflated:
         deflated_ok = body_ts == EXPLICIT_VR_LITTLE_ENDIAN
-        return _plan_native(meta_ts if deflated_ok else body_ts, body_ts, allowed)
+        return _plan_native(meta_ts if deflated_ok else body_ts, allowed)
     if not uid.is_encapsulated:
-        return _plan_native(body_ts, body_ts, allowed)
+        return _plan_native(body_ts, allowed)
     if meta_ts in allowed:
         if body_ts != EXPLICIT_VR_LITTLE_ENDIAN:
             LOGGER.debug("encapsulated data set body is %s; rewriting it explicit VR", body_ts)
@@ -215,7 +224,7 @@ def _plan(ds: Dataset, allowed: frozenset[str]) -> _Plan:
     return _Plan(meta_ts, meta_ts, _ele_target(allowed))
 
 
-def _plan_native(source_ts: str, body_ts: str, allowed: frozenset[str]) -> _Plan:
+def _plan_native(source_ts: str, allowed: frozenset[str]) -> _Plan:
     """Plan for a data set without encapsulated pixel data."""
     if source_ts in allowed:
         return _Plan(source_ts, None, source_ts)
@@ -226,10 +235,26 @@ def _ele_target(allowed: frozenset[str]) -> str:
     """Explicit VR Little Endian, the only target (PS3.11 profiles; never lossy)."""
     if EXPLICIT_VR_LITTLE_ENDIAN not in allowed:
         raise ValueError(
-            "the profile does not allow Explicit VR Little Endian and files are never "
-            "re-compressed"
+            "the profile does not allow Explicit VR Little Endian (never re-compressed)"
         )
     return EXPLICIT_VR_LITTLE_ENDIAN
+
+
+def _sync_body_encoding(ds: Dataset) -> None:
+    """Make ``original_encoding`` tell how the body was really read.
+
+    pydicom detects a VR switch (meta says explicit, body is implicit or the reverse) when it
+    parses the elements, but the top-level data set keeps the meta header's encoding. The
+    still-raw elements know the truth; the writer needs it to convert them.
+    """
+    for tag in ds.keys():  # noqa: SIM118 - Dataset iteration would decode every element
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            found = (bool(elem.is_implicit_VR), bool(elem.is_little_endian))
+            if found != ds.original_encoding:
+                LOGGER.debug("body encoding %s differs from the meta header", found)
+                ds.set_original_encoding(*found)
+            return
 
 
 def _body_ts(ds: Dataset) -> str:
@@ -310,14 +335,14 @@ def _decompress(ds: Dataset, src: Path, ts: str) -> tuple[Dataset, str]:
     tool = _dcmtk_tool(ts)
     if tool is None:
         raise RuntimeError(f"no decoder for {UID(ts).name}: " + "; ".join(errors))
-    del ds  # free the compressed data before DCMTK's output is read
+    del ds["PixelData"]  # free the compressed data before DCMTK's output is read
     decoded = _decode_dcmtk(src, tool, errors)
     _record_lossy(decoded, lossy)
     return decoded, tool[0]
 
 
 def _decode_python(ds: Dataset, ts: str, errors: list[str]) -> str | None:
-    """Decode the top-level Pixel Data with the first pydicom plugin that succeeds."""
+    """Decode the Pixel Data of `ds` with the first pydicom plugin that succeeds, or None."""
     try:
         decoder = get_decoder(UID(ts))
     except NotImplementedError as exc:
@@ -333,6 +358,23 @@ def _decode_python(ds: Dataset, ts: str, errors: list[str]) -> str | None:
     if not errors:
         errors.append("no pydicom decoding plugin is installed")
     return None
+
+
+def _decode_nested(ds: Dataset, ts: str) -> None:
+    """Decode encapsulated pixel data inside sequences (e.g. Icon Image Sequence)."""
+    for item in _nested_items(ds):
+        errors: list[str] = []
+        if _has_encapsulated_pixels(item) and _decode_python(item, ts, errors) is None:
+            raise RuntimeError("cannot decode nested pixel data: " + "; ".join(errors))
+
+
+def _nested_items(ds: Dataset) -> Iterator[Dataset]:
+    """Every sequence item below `ds`, depth first."""
+    for elem in ds:
+        if elem.VR == VR.SQ:
+            for item in elem.value:
+                yield item
+                yield from _nested_items(item)
 
 
 def _plugin_order(decoder: Any) -> list[str]:
@@ -374,31 +416,6 @@ def _update_image_pixel(ds: Dataset, pixel: dict[str, Any], frames: int) -> None
         ds.NumberOfFrames = frames
 
 
-def _decode_nested(ds: Dataset, ts: str) -> None:
-    """Decode encapsulated pixel data inside sequences (e.g. Icon Image Sequence)."""
-    decoder = get_decoder(UID(ts))
-    for item in _nested_items(ds):
-        if _has_encapsulated_pixels(item):
-            errors: list[str] = []
-            for name in _plugin_order(decoder):
-                try:
-                    _decode_into(item, ts, decoder, name)
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    errors.append(f"{name}: {_reason(exc)}")
-            else:
-                raise RuntimeError("cannot decode nested pixel data: " + "; ".join(errors))
-
-
-def _nested_items(ds: Dataset) -> Iterator[Dataset]:
-    """Every sequence item below `ds`, depth first."""
-    for elem in ds:
-        if elem.VR == VR.SQ:
-            for item in elem.value:
-                yield item
-                yield from _nested_items(item)
-
-
 def _dcmtk_tool(ts: str) -> tuple[str, ...] | None:
     """The DCMTK decoder command for `ts`, or None."""
     if ts in _JPEG_ALL:
@@ -419,10 +436,16 @@ def _decode_dcmtk(src: Path, tool: tuple[str, ...], errors: list[str]) -> Datase
         out = Path(tmp) / "decoded.dcm"
         proc = subprocess.run(  # noqa: S603 - fixed argument list, no shell
             [exe, *tool[1:], str(src), str(out)],
-            capture_output=True, timeout=_DCMTK_TIMEOUT_S, check=False,
+            capture_output=True,
+            timeout=_DCMTK_TIMEOUT_S,
+            check=False,
         )
-        LOGGER.debug("%s exit %d: %s", tool[0], proc.returncode,
-                     proc.stderr.decode("utf-8", "replace").strip())
+        LOGGER.debug(
+            "%s exit %d: %s",
+            tool[0],
+            proc.returncode,
+            proc.stderr.decode("utf-8", "replace").strip(),
+        )
         if proc.returncode != 0 or not out.is_file():
             message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             detail = message[-1] if message else f"exit status {proc.returncode}"
@@ -521,7 +544,7 @@ def _jpeg_ls_near(stream: bytes) -> int | None:
         if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
             pos += 2
             continue
-        (length,) = struct.unpack(">H", stream[pos + 2:pos + 4])
+        (length,) = struct.unpack(">H", stream[pos + 2 : pos + 4])
         if marker == 0xDA:
             count = stream[pos + 4] if pos + 4 < len(stream) else 0
             near_at = pos + 5 + 2 * count
@@ -540,7 +563,7 @@ def _j2k_reversible(stream: bytes) -> bool | None:
         return None
     pos += 2
     while pos + 4 <= len(stream):
-        marker, length = struct.unpack(">HH", stream[pos:pos + 4])
+        marker, length = struct.unpack(">HH", stream[pos : pos + 4])
         if marker == 0xFF52:  # COD: Scod, SGcod (4), SPcod: levels, xcb, ycb, style, transform
             transform_at = pos + 4 + 9
             return stream[transform_at] == 1 if transform_at < len(stream) else None

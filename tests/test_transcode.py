@@ -20,6 +20,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import RLELossless
 
 from mastering import transcode as tc
@@ -83,8 +85,11 @@ def run(
 ) -> tuple[TranscodeResult, bytes]:
     buffer = io.BytesIO()
     result = transcode(
-        source, buffer, allowed,
-        implementation_class_uid=IMPL_UID, implementation_version_name=IMPL_VERSION,
+        source,
+        buffer,
+        allowed,
+        implementation_class_uid=IMPL_UID,
+        implementation_version_name=IMPL_VERSION,
     )
     payload = buffer.getvalue()
     assert result.bytes_written == len(payload)
@@ -93,11 +98,9 @@ def run(
     return result, payload
 
 
-def pixels(ds: Dataset, **options: object) -> np.ndarray:
+def pixels(ds: Dataset) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if options:
-            return ds.pixel_array_options(**options) or ds.pixel_array
         return ds.pixel_array
 
 
@@ -121,7 +124,8 @@ def assert_same_elements(src: Dataset, out: Dataset, ignore: set[int] = frozense
     """Every source element is in `out` with the same value; nothing was added."""
     big_endian = src.original_encoding[1] is False
     src_elems = {
-        key: e for key, e in walk(src)
+        key: e
+        for key, e in walk(src)
         if key[-1] >> 16 not in (0, 2) and key[-1] & 0xFFFF and key[-1] not in ignore
     }
     out_elems = {key: e for key, e in walk(out) if key[-1] not in ignore}
@@ -145,8 +149,17 @@ def assert_part10(payload: bytes, ts: str, src: Dataset) -> Dataset:
     assert meta.ImplementationVersionName == IMPL_VERSION
     assert meta.FileMetaInformationVersion == b"\x00\x01"
     assert out.SOPInstanceUID == src.SOPInstanceUID
-    assert out.original_encoding == (False, True)
+    assert body_encoding(out) == (False, True)
     return out
+
+
+def body_encoding(ds: Dataset) -> tuple[bool, bool]:
+    """(implicit VR, little endian) the body was really read in (raw elements know it)."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if isinstance(elem, pydicom.dataelem.RawDataElement):
+            return elem.is_implicit_VR, elem.is_little_endian
+    raise AssertionError("no raw element left")
 
 
 def assert_native_pixel_vr(out: Dataset) -> None:
@@ -231,7 +244,7 @@ def test_big_endian_other_vrs_are_swapped(tmp_path: Path) -> None:
     ds.ModalityLUTSequence = [item]
     ds.add_new(0x00660016, "OF", floats.astype(">f4").tobytes())
     ds.add_new(0x00660040, "OL", longs.astype(">u4").tobytes())
-    ds.add_new(0x00660043, "OD", doubles.astype(">f8").tobytes())
+    ds.add_new(0x00660022, "OD", doubles.astype(">f8").tobytes())
     source = tmp_path / "be.dcm"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = EBE
@@ -240,10 +253,12 @@ def test_big_endian_other_vrs_are_swapped(tmp_path: Path) -> None:
     result, payload = run(source)
     assert result.source_ts == EBE
     out = read(io.BytesIO(payload))
-    assert np.array_equal(np.frombuffer(out.ModalityLUTSequence[0].LUTData_raw, "<u2"), words)
+    lut = out.ModalityLUTSequence[0][0x00283006]
+    assert lut.VR == "OW"
+    assert np.array_equal(np.frombuffer(lut.value, "<u2"), words)
     assert np.array_equal(np.frombuffer(out[0x00660016].value, "<f4"), floats)
     assert np.array_equal(np.frombuffer(out[0x00660040].value, "<u4"), longs)
-    assert np.array_equal(np.frombuffer(out[0x00660043].value, "<f8"), doubles)
+    assert np.array_equal(np.frombuffer(out[0x00660022].value, "<f8"), doubles)
     assert pixels(out).ravel().tolist() == [1, 2, 3, 0xABCD]
     assert out.ModalityLUTSequence[0].LUTDescriptor == [8, 0, 16]
 
@@ -283,7 +298,7 @@ def test_no_meta_implicit_image(tmp_path: Path) -> None:
 def test_vr_switch_jpeg_decompressed_for_general_profile() -> None:
     """SC_rgb_jpeg.dcm: meta says JPEG Baseline (explicit VR), the body is implicit VR."""
     src = read(data("SC_rgb_jpeg.dcm"))
-    assert src.original_encoding == (True, True)
+    assert body_encoding(src) == (True, True)
     result, payload = run(data("SC_rgb_jpeg.dcm"))
     assert (result.source_ts, result.action) == (JPEG_BASELINE, "decompress")
     out = assert_part10(payload, ELE, src)
@@ -308,11 +323,10 @@ def test_vr_switch_meta_explicit_body_implicit(tmp_path: Path) -> None:
     offset = 132 + 12 + src.file_meta.FileMetaInformationGroupLength
     meta = FileMetaDataset(src.file_meta)
     meta.TransferSyntaxUID = ELE
+    header = DicomBytesIO()
+    write_file_meta_info(header, meta)
     lying = tmp_path / "lying.dcm"
-    with lying.open("wb") as fp:
-        fp.write(b"\x00" * 128 + b"DICM")
-        pydicom.filewriter.write_file_meta_info(pydicom.filebase.DicomFileLike(fp), meta)
-        fp.write(raw[offset:])
+    lying.write_bytes(b"\x00" * 128 + b"DICM" + header.getvalue() + raw[offset:])
     result, payload = run(lying)
     assert (result.source_ts, result.target_ts) == (ILE, ELE)
     out = assert_part10(payload, ELE, src)
@@ -411,6 +425,37 @@ def test_lossless_ybr_full_is_kept_bit_exact(tmp_path: Path) -> None:
     assert "LossyImageCompression" not in out
 
 
+def test_nested_icon_pixel_data_is_decoded(tmp_path: Path) -> None:
+    """An RLE Icon Image Sequence inside an RLE image is decoded too (PS3.5 A.4)."""
+    ds = read(data("MR_small_RLE.dcm"))
+    rgb = read(data("SC_rgb_rle.dcm"))
+    icon = Dataset()
+    for keyword in (
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "PlanarConfiguration",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    ):
+        icon[keyword] = rgb[keyword]
+    ds.IconImageSequence = [icon]
+    source = tmp_path / "with_icon.dcm"
+    ds.save_as(source)
+    _, payload = run(source)
+    out = read(io.BytesIO(payload))
+    out_icon = out.IconImageSequence[0]
+    assert not out_icon["PixelData"].is_undefined_length
+    icon_pixels = np.frombuffer(out_icon.PixelData, np.uint8).reshape(100, 100, 3)
+    assert np.array_equal(icon_pixels, pixels(rgb))
+    assert out_icon["PixelData"].VR == "OB"
+    assert np.array_equal(pixels(out), pixels(read(data("MR_small.dcm"))))
+
+
 @pytest.mark.parametrize(
     ("name", "method"),
     [
@@ -421,8 +466,11 @@ def test_lossless_ybr_full_is_kept_bit_exact(tmp_path: Path) -> None:
 )
 def test_lossy_source_without_history_is_flagged(name: str, method: str, tmp_path: Path) -> None:
     ds = read(data(name))
-    for keyword in ("LossyImageCompression", "LossyImageCompressionRatio",
-                    "LossyImageCompressionMethod"):
+    for keyword in (
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+    ):
         if keyword in ds:
             del ds[keyword]
     source = tmp_path / "nohistory.dcm"
@@ -444,8 +492,10 @@ def test_lossy_ratio_is_kept_and_method_added() -> None:
 
 
 def test_allowed_compressed_syntax_is_kept() -> None:
-    for name, profile, ts in [("SC_rgb_jpeg_dcmtk.dcm", JPEG_PROFILE, JPEG_BASELINE),
-                              ("MR_small_jp2klossless.dcm", J2K_PROFILE, J2K_LOSSLESS)]:
+    for name, profile, ts in [
+        ("SC_rgb_jpeg_dcmtk.dcm", JPEG_PROFILE, JPEG_BASELINE),
+        ("MR_small_jp2klossless.dcm", J2K_PROFILE, J2K_LOSSLESS),
+    ]:
         src = read(data(name))
         result, payload = run(data(name), profile)
         assert (result.action, result.target_ts, result.decoder) == ("reencode", ts, None)
@@ -522,8 +572,13 @@ def test_undecodable_pixel_data_raises() -> None:
     buffer = io.BytesIO(b"keep")
     buffer.seek(4)
     with pytest.raises(TranscodeError) as info:
-        transcode(name, buffer, GENERAL, implementation_class_uid=IMPL_UID,
-                  implementation_version_name=IMPL_VERSION)
+        transcode(
+            name,
+            buffer,
+            GENERAL,
+            implementation_class_uid=IMPL_UID,
+            implementation_version_name=IMPL_VERSION,
+        )
     assert str(info.value).startswith(f"{name}: ")
     assert buffer.getvalue() == b"keep"
 
@@ -546,14 +601,23 @@ def test_no_sop_instance_uid_raises() -> None:
         run(data("meta_missing_tsyntax.dcm"))
 
 
+def test_unknown_transfer_syntax_raises(tmp_path: Path) -> None:
+    ds = read(data("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+    source = tmp_path / "private_ts.dcm"
+    ds.save_as(source, implicit_vr=False, little_endian=True)
+    with pytest.raises(TranscodeError, match="unsupported transfer syntax 1.2.3.4.5"):
+        run(source)
+
+
 def test_ele_not_allowed_raises() -> None:
-    with pytest.raises(TranscodeError, match="never"):
+    with pytest.raises(TranscodeError, match="never re-compressed"):
         run(data("MR_small_implicit.dcm"), (JPEG_BASELINE,))
 
 
 def test_partial_output_is_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: object) -> None:
-        args[0].write(b"partial")
+    def broken(fp: object, *args: object, **kwargs: object) -> None:
+        fp.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(tc, "dcmwrite", broken)
@@ -564,14 +628,24 @@ def test_partial_output_is_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_into(source: Path, dst: object) -> TranscodeResult:
-    return transcode(source, dst, GENERAL, implementation_class_uid=IMPL_UID,
-                     implementation_version_name=IMPL_VERSION)
+    return transcode(
+        source,
+        dst,
+        GENERAL,
+        implementation_class_uid=IMPL_UID,
+        implementation_version_name=IMPL_VERSION,
+    )
 
 
 def test_bad_implementation_values() -> None:
     with pytest.raises(ValueError):
-        transcode(data("CT_small.dcm"), io.BytesIO(), GENERAL,
-                  implementation_class_uid=IMPL_UID, implementation_version_name="X" * 17)
+        transcode(
+            data("CT_small.dcm"),
+            io.BytesIO(),
+            GENERAL,
+            implementation_class_uid=IMPL_UID,
+            implementation_version_name="X" * 17,
+        )
 
 
 def test_non_seekable_destination() -> None:
@@ -593,11 +667,23 @@ def test_non_seekable_destination() -> None:
 # --- independent oracles ---------------------------------------------------------------------
 
 ORACLE_FILES = [
-    "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "rtdose_expb.dcm", "image_dfl.dcm",
-    "SC_rgb_jpeg.dcm", "SC_rgb_jpeg_dcmtk.dcm", "examples_ybr_color.dcm", "JPEG-lossy.dcm",
-    "JPGExtended.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_jpeg_ls_lossless.dcm",
-    "JPEGLSNearLossless_08.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm",
-    "MR_small_RLE.dcm", "rtdose_rle.dcm", "rtstruct.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "rtdose_expb.dcm",
+    "image_dfl.dcm",
+    "SC_rgb_jpeg.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "examples_ybr_color.dcm",
+    "JPEG-lossy.dcm",
+    "JPGExtended.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPEGLSNearLossless_08.dcm",
+    "MR_small_jp2klossless.dcm",
+    "JPEG2000.dcm",
+    "MR_small_RLE.dcm",
+    "rtdose_rle.dcm",
+    "rtstruct.dcm",
 ]
 
 
@@ -606,13 +692,24 @@ ORACLE_FILES = [
 @pytest.mark.parametrize("name", ORACLE_FILES)
 def test_dcmdump_parses_output(name: str, tmp_path: Path) -> None:
     result, _ = run(data(name), tmp_path=tmp_path)
-    proc = subprocess.run(["dcmdump", "+E", "-q", str(tmp_path / "out.dcm")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(["dcmdump", str(tmp_path / "out.dcm")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ""
-    header = subprocess.run(["dcmdump", "-M", "+P", "0002,0010", str(tmp_path / "out.dcm")],
-                            capture_output=True, text=True, check=True).stdout
-    assert result.target_ts in header
+    assert result.target_ts == ELE
+    assert "(0002,0010) UI =LittleEndianExplicit" in proc.stdout
+    assert "# Used TransferSyntax: Little Endian Explicit" in proc.stdout
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(shutil.which("dcmdump") is None, reason="dcmdump not installed")
+def test_dcmdump_parses_rewrapped_jpeg(tmp_path: Path) -> None:
+    """The implicit-VR body of SC_rgb_jpeg.dcm rewritten as real JPEG Baseline (explicit VR)."""
+    run(data("SC_rgb_jpeg.dcm"), JPEG_PROFILE, tmp_path=tmp_path)
+    proc = subprocess.run(["dcmdump", str(tmp_path / "out.dcm")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
+    assert "=JPEGBaseline" in proc.stdout
+    assert "(0028,0010) US 256" in proc.stdout
 
 
 def dciodvfy_errors(path: Path) -> set[str]:
@@ -624,9 +721,16 @@ def dciodvfy_errors(path: Path) -> set[str]:
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
 @pytest.mark.parametrize(
     "name",
-    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-     "SC_rgb_dcmtk_+eb+cy+np.dcm", "examples_ybr_color.dcm", "JPEG-lossy.dcm",
-     "JPEGLSNearLossless_08.dcm", "MR_small_RLE.dcm"],
+    [
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",
+        "examples_ybr_color.dcm",
+        "JPEG-lossy.dcm",
+        "JPEGLSNearLossless_08.dcm",
+        "MR_small_RLE.dcm",
+    ],
 )
 def test_dciodvfy_finds_no_new_errors(name: str, tmp_path: Path) -> None:
     run(data(name), tmp_path=tmp_path)

@@ -1,0 +1,52 @@
+"""The streamed implicit -> explicit re-encoding equals the full transcode, element by element."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from mastering import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, part10, reencode
+from mastering.transcode import transcode
+
+from .conftest import make_ct, sample
+
+
+def _streamed(src: Path) -> bytes:
+    layout = part10.inspect(src)
+    ds = pydicom.dcmread(src, stop_before_pixels=True, force=True)
+    done = reencode.reencode(str(src), ds.SOPClassUID, ds.SOPInstanceUID,
+                             layout.pixel_data_offset)
+    assert done is not None
+    data = src.read_bytes()
+    return done.head + data[done.pixel_offset:done.pixel_offset + done.pixel_length]
+
+
+@pytest.mark.parametrize("maker", ["generated", "MR_small_implicit.dcm", "rtdose.dcm"])
+def test_streamed_equals_transcoded(tmp_path: Path, maker: str) -> None:
+    src = make_ct(tmp_path, "i.dcm", implicit=True, rows=32, value=7) if maker == "generated" \
+        else sample(maker)
+    streamed = tmp_path / "s.dcm"
+    streamed.write_bytes(_streamed(src))
+    full = io.BytesIO()
+    transcode(src, full, ["1.2.840.10008.1.2.1"], implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+              implementation_version_name=IMPLEMENTATION_VERSION_NAME)
+    a, b = pydicom.dcmread(streamed), pydicom.dcmread(io.BytesIO(full.getvalue()))
+    assert a.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert not a.original_encoding[0]  # explicit VR
+    assert part10.inspect(streamed).meta_complete
+    assert [e.tag for e in a] == [e.tag for e in b]
+    for elem in b:
+        assert a[elem.tag].value == elem.value, elem
+    assert np.array_equal(a.pixel_array, pydicom.dcmread(src, force=True).pixel_array)
+
+
+def test_not_applicable_to_encapsulated(tmp_path: Path) -> None:
+    src = sample("SC_rgb_jpeg.dcm")  # implicit VR body with JPEG fragments
+    layout = part10.inspect(src)
+    ds = pydicom.dcmread(src, stop_before_pixels=True, force=True)
+    assert reencode.reencode(str(src), ds.SOPClassUID, ds.SOPInstanceUID,
+                             layout.pixel_data_offset) is None
