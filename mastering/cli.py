@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--skip-invalid", action="store_true",
                        help="leave invalid files out (listed) instead of refusing the run")
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
+        c.add_argument("--no-sync", action="store_true", help="do not fsync the output before "
+                       "renaming it into place (faster; a crash may then leave a damaged file)")
         c.add_argument("--report", type=Path, help="write the full report as JSON to this file")
         c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
         c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -102,7 +104,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.capacity is not None:
         profile = profile.with_capacity(args.capacity)
     options = Options.from_env(profile, fileset_id=args.fileset_id, skip_invalid=args.skip_invalid,
-                               span=not args.no_span, workers=args.workers)
+                               span=not args.no_span, workers=args.workers,
+                               sync=not args.no_sync)
     cancel = Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     show = not args.quiet and not args.json and err.is_terminal

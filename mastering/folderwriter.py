@@ -22,7 +22,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 def write(volume: Volume, dicomdir: bytes, tmp: Path,
           extra_files: list[tuple[tuple[str, ...], bytes]] = (), *, label: str = "write",
-          progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
+          sync: bool = True, progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
     """Write the volume below tmp (which must not exist yet); returns the bytes written."""
     tmp.mkdir(parents=False)
     total = len(dicomdir)
@@ -45,7 +45,8 @@ def write(volume: Volume, dicomdir: bytes, tmp: Path,
         total += entry.out_size
         if progress:
             progress(label, done, len(entries))
-    _sync_tree(tmp)
+    if sync:
+        _sync_tree(tmp)
     return total
 
 

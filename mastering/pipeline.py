@@ -55,6 +55,7 @@ class Options:
     span: bool = True
     workers: int | None = None
     source_date_epoch: int | None = None  # reproducible output when set
+    sync: bool = True  # fsync every output before it is renamed into place
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -195,14 +196,15 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
             image = isowriter.build(vol, dd, profile)
             if options.source_date_epoch is not None:
                 isowriter.set_dates(image, options.source_date_epoch)
-            size = isowriter.write(image, tmp, label=label, progress=progress, cancel=cancel)
+            size = isowriter.write(image, tmp, label=label, sync=options.sync,
+                                   progress=progress, cancel=cancel)
             image.close()
             if profile.capacity_bytes and size > profile.capacity_bytes:
                 raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
                                      f"{profile.capacity_bytes}", report, 4)
         else:
-            size = folderwriter.write(vol, dd, tmp, label=label, progress=progress,
-                                      cancel=cancel)
+            size = folderwriter.write(vol, dd, tmp, label=label, sync=options.sync,
+                                      progress=progress, cancel=cancel)
         report.volumes.append(_volume_report(vol, final, size))
     _publish(temps, finals, kind)
     report.seconds["write"] = round(time.monotonic() - t0, 3)

@@ -1,0 +1,110 @@
+"""Intake: what is an instance, what is not, and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from mastering import intake, profiles
+from mastering.intake import Instance, Problem
+
+from .conftest import make_ct, sample
+
+CD = profiles.load("STD-GEN-CD")
+
+
+def _scan(*paths: Path) -> intake.IntakeResult:
+    return intake.scan(list(paths), CD, workers=1)
+
+
+def test_every_pydicom_file_is_classified() -> None:
+    """pydicom's test files: every one ends up an instance, ignored or invalid, with a reason."""
+    folder = sample("CT_small.dcm").parent
+    res = intake.scan([folder], CD, workers=2)
+    assert res.files_seen >= 80
+    assert len(res.instances) > 30
+    reasons = {Path(p.path).name: p.reason for p in res.invalid}
+    assert "truncated" in reasons["MR_truncated.dcm"]
+    assert "truncated" in reasons["rtplan_truncated.dcm"]
+    assert {Path(p.path).name for p in res.ignored} >= {"README.txt", "zipMR.gz"}
+    for p in res.invalid + res.ignored:
+        assert p.reason
+
+
+def test_dicomdir_is_an_index(tmp_path: Path) -> None:
+    ddir = sample("CT_small.dcm").parent / "dicomdirtests" / "DICOMDIR"
+    res = intake.scan([ddir], CD, workers=1)
+    assert len(res.indexes) == 1 and res.indexes[0].referenced
+    assert all(not i.path.endswith("DICOMDIR") for i in res.instances)
+    assert len(res.instances) + len(res.invalid) == len(res.indexes[0].referenced)
+
+
+def test_missing_file_referenced_by_dicomdir(tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    fs.add(make_ct(tmp_path / "src", "a.dcm"))
+    fs.add(make_ct(tmp_path / "src", "b.dcm", instance=2))
+    fs.write(tmp_path / "fs")
+    victim = next(p for p in (tmp_path / "fs").rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    victim.unlink()
+    res = _scan(tmp_path / "fs" / "DICOMDIR")
+    assert len(res.instances) == 1
+    assert [p.kind for p in res.invalid] == ["missing"]
+
+
+def test_raw_and_pydicom_paths_agree(tmp_path: Path) -> None:
+    """Explicit and implicit copies of one data set give the same encoded record keys."""
+    a = make_ct(tmp_path, "e.dcm", sop_uid="1.2.3.5", PatientName="Müller^Jürgen")
+    b = make_ct(tmp_path / "i", "i.dcm", sop_uid="1.2.3.5", implicit=True,
+                PatientName="Müller^Jürgen")
+    ea, eb = intake.scan_file(str(a), CD), intake.scan_file(str(b), CD)
+    assert isinstance(ea, Instance) and isinstance(eb, Instance)
+    assert ea.keys == eb.keys
+    hdr = intake.records.PydicomHeader(pydicom.dcmread(a, stop_before_pixels=True))
+    for level, keys in ea.keys.items():
+        for tag, enc in keys.items():
+            expected = hdr.encoded(tag)
+            if expected is not None:  # absent Type 2 keys are written empty
+                assert expected == enc
+
+
+def test_not_storable_and_bad_uids(tmp_path: Path) -> None:
+    p = make_ct(tmp_path, "a.dcm", SOPClassUID="1.2.840.10008.5.1.4.31")  # worklist: no storage
+    res = intake.scan_file(str(p), CD)
+    assert isinstance(res, Problem) and "not a storage class" in res.reason
+    p = make_ct(tmp_path, "b.dcm", sop_uid="1.2.03.4")
+    res = intake.scan_file(str(p), CD)
+    assert isinstance(res, Problem) and "not a valid SOP Instance UID" in res.reason
+
+
+def test_fills_are_derived_from_the_file(tmp_path: Path) -> None:
+    a = make_ct(tmp_path, "a.dcm", patient_id="", StudyID=None, StudyDate=None,
+                SeriesDate="20230304")
+    one, two = intake.scan_file(str(a), CD), intake.scan_file(str(a), CD)
+    assert isinstance(one, Instance)
+    filled = dict(one.filled)
+    assert filled["PatientID"].startswith("NOID") and filled == dict(two.filled)
+    assert filled["StudyDate"] == "20230304"  # from the series date, as dcmtk does
+    assert filled["StudyID"].startswith("ST")
+
+
+def test_pixel_data_missing_means_truncated(tmp_path: Path) -> None:
+    p = make_ct(tmp_path, "a.dcm", PixelData=None)
+    res = intake.scan_file(str(p), CD)
+    assert isinstance(res, Problem) and "Pixel Data" in res.reason
+
+
+def test_lower_case_cd_mount_resolves(tmp_path: Path) -> None:
+    """A CD mounted on Linux shows lower-case names; the DICOMDIR still says upper case."""
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    fs.add(make_ct(tmp_path / "src", "a.dcm"))
+    fs.write(tmp_path / "cd")
+    for path in sorted((tmp_path / "cd").rglob("*"), key=lambda p: -len(p.parts)):
+        if path.name != "DICOMDIR":
+            path.rename(path.with_name(path.name.lower()))
+    res = _scan(tmp_path / "cd" / "DICOMDIR")
+    assert len(res.instances) == 1 and not res.invalid
