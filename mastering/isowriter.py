@@ -17,6 +17,7 @@ from threading import Event, Thread
 
 import pycdlib
 
+from . import __version__
 from .content import SegmentReader, segments
 from .intake import Cancelled
 from .plan import FileEntry, Volume
@@ -41,7 +42,8 @@ def build(volume: Volume, dicomdir: bytes, profile: Profile,
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=profile.interchange_level, vol_ident=volume.fileset_id,
             sys_ident="", joliet=3 if profile.joliet else None,
-            rock_ridge="1.09" if profile.rock_ridge else None, udf=profile.udf or None)
+            rock_ridge="1.09" if profile.rock_ridge else None, udf=profile.udf or None,
+            app_ident_str=f"DICOM MASTERING {__version__}")
     udf = bool(profile.udf)
     _add_bytes(iso, ("DICOMDIR",), dicomdir, udf)
     made: set[tuple[str, ...]] = set()

@@ -32,6 +32,7 @@ import pydicom
 from pycdlib.pycdlibexception import PyCdlibException
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.filereader import read_partial
 
 from . import part10, records
 
@@ -42,7 +43,7 @@ ROOT_FIRST, ROOT_LAST = 0x00041200, 0x00041202
 NEXT, IN_USE, LOWER, RECORD_TYPE = 0x00041400, 0x00041410, 0x00041420, 0x00041430
 FILE_ID = 0x00041500
 ISO_MAGIC_OFFSET = 16 * 2048 + 1  # "CD001" in the first volume descriptor (ECMA-119 8.4)
-HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID")
+HEADER_TAGS = (0x00080016, 0x00080018)  # SOP Class UID, SOP Instance UID
 
 
 class MediaError(Exception):
@@ -114,10 +115,19 @@ class Medium(ABC):
         return candidates[0] if candidates else None
 
     def read_header(self, name: str, tags: Iterable[int] = ()) -> FileDataset:
-        """File meta, SOP Class/Instance UID and `tags` of one file; pixel data is not read."""
-        wanted: list[int | str] = [*HEADER_TAGS, *tags]
+        """File meta, SOP Class/Instance UID and `tags` of one file.
+
+        Parsing stops after the highest wanted tag, so neither pixel data nor most of the
+        header is read (a CT header holds a few hundred elements; these sit in group 0008).
+        """
+        wanted = [*HEADER_TAGS, *tags]
+        last = max(wanted)
+
+        def past(tag: int, _vr: str | None, _length: int) -> bool:
+            return tag > last
+
         with self.open(name) as fp:
-            return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=wanted, force=True)
+            return read_partial(fp, stop_when=past, specific_tags=wanted, force=True)
 
     def __enter__(self) -> Medium:
         return self
