@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="application profile ID or TOML file (see 'mastering profiles')")
         c.add_argument("--fileset-id", default="DICOM_MEDIA", type=_fileset_id,
                        help="File-set ID, 0-16 of A-Z 0-9 _ (also the ISO volume identifier)")
+        c.add_argument("--volume-id", type=_volume_id, help="ISO 9660 Volume Identifier, up to "
+                       "32 of A-Z 0-9 _ (default: the File-set ID, as PS3.12 F.1.1 asks)")
         c.add_argument("--capacity", type=int, help="medium capacity in bytes (overrides the "
                        "profile; 0 = unlimited)")
         c.add_argument("--no-span", action="store_true",
@@ -79,6 +81,12 @@ def _fileset_id(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _volume_id(value: str) -> str:
+    if len(value) > 32 or not set(value) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"):
+        raise argparse.ArgumentTypeError(f"volume ID {value!r}: at most 32 of A-Z, 0-9 and _")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     err = Console(stderr=True)
@@ -105,7 +113,7 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
         profile = profile.with_capacity(args.capacity)
     options = Options.from_env(profile, fileset_id=args.fileset_id, skip_invalid=args.skip_invalid,
                                span=not args.no_span, workers=args.workers,
-                               sync=not args.no_sync)
+                               sync=not args.no_sync, volume_id=args.volume_id)
     cancel = Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     show = not args.quiet and not args.json and err.is_terminal

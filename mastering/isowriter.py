@@ -37,10 +37,13 @@ def dir_path(components: tuple[str, ...]) -> str:
 
 
 def build(volume: Volume, dicomdir: bytes, profile: Profile,
-          extra_files: list[tuple[tuple[str, ...], bytes]] = ()) -> pycdlib.PyCdlib:
-    """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files."""
+          extra_files: list[tuple[tuple[str, ...], bytes]] = (),
+          volume_id: str | None = None) -> pycdlib.PyCdlib:
+    """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
+    The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise."""
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=profile.interchange_level, vol_ident=volume.fileset_id,
+    vol_ident = volume.fileset_id if volume_id is None else volume_id
+    iso.new(interchange_level=profile.interchange_level, vol_ident=vol_ident,
             sys_ident="", joliet=3 if profile.joliet else None,
             rock_ridge="1.09" if profile.rock_ridge else None, udf=profile.udf or None,
             app_ident_str=f"DICOM MASTERING {__version__}")

@@ -193,7 +193,7 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         label = f"write {final.name}"
         dd = dicomdir.encode(vol)
         if kind == "iso":
-            image = isowriter.build(vol, dd, profile)
+            image = isowriter.build(vol, dd, profile, volume_id=_volume_id(options, vol))
             if options.source_date_epoch is not None:
                 isowriter.set_dates(image, options.source_date_epoch)
             size = isowriter.write(image, tmp, label=label, sync=options.sync,
@@ -210,6 +210,12 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
     report.seconds["write"] = round(time.monotonic() - t0, 3)
     report.ok = True
     return report
+
+
+def _volume_id(options: Options, vol: plan.Volume) -> str | None:
+    if options.volume_id is None:
+        return None
+    return plan.volume_fileset_id(options.volume_id, vol.index, vol.count, limit=32)
 
 
 def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:

@@ -326,9 +326,9 @@ def fileset_uid(volume_entries: list[FileEntry], fileset_id: str, index: int,
     return "2.25." + str(int.from_bytes(h.digest()[:16], "big"))
 
 
-def volume_fileset_id(base: str, index: int, count: int) -> str:
+def volume_fileset_id(base: str, index: int, count: int, limit: int = 16) -> str:
     """The File-set ID of volume index (1-based): base, or base_n when spanning and it fits."""
     if count == 1:
         return base
     suffix = f"_{index}"
-    return (base + suffix) if len(base + suffix) <= 16 else base
+    return (base + suffix) if len(base + suffix) <= limit else base

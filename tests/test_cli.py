@@ -37,6 +37,18 @@ def test_iso_json_and_report(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text()) == out
 
 
+def test_volume_id_option(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "a.iso"), "--fileset-id", "FS",
+              "--volume-id", "HOSPITAL_DISC_0042")
+    assert res.returncode == 0, res.stderr
+    info = subprocess.run(["isoinfo", "-d", "-i", str(tmp_path / "a.iso")], capture_output=True,
+                          text=True, check=True).stdout
+    assert "Volume id: HOSPITAL_DISC_0042" in info
+    assert run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "b.iso"), "--volume-id",
+               "lower").returncode == 2
+
+
 def test_human_summary(tmp_path: Path) -> None:
     make_ct(tmp_path / "in", "a.dcm")
     res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "a.iso"))
