@@ -13,7 +13,6 @@ import struct
 from dataclasses import dataclass, field
 
 from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, records
-from .intake import LEAF
 from .part10 import EXPLICIT_LE, build_meta
 from .plan import FileEntry, Volume
 
@@ -25,7 +24,7 @@ IN_USE = 0xFFFF
 @dataclass
 class _Record:
     rtype: str
-    keys: dict[int, bytes]
+    keys: dict[int, bytes] | bytes  # bytes: already concatenated (leaf records)
     entry: FileEntry | None = None
     children: list[_Record] = field(default_factory=list)
     offset: int = 0  # of the Item tag, from the start of the file
@@ -46,7 +45,8 @@ class _Record:
                 records.encode_text(0x00041511, "UI", inst.sop_instance_uid.encode()),
                 records.encode_text(0x00041512, "UI", self.entry.out_ts.encode()),
             ]
-        return b"".join(head) + records.concatenate(self.keys)
+        keys = self.keys if isinstance(self.keys, bytes) else records.concatenate(self.keys)
+        return b"".join(head) + keys
 
 
 def _ul(tag: int, value: int) -> bytes:
@@ -74,7 +74,7 @@ def _tree(volume: Volume) -> list[_Record]:
 
 
 def _leaf(entry: FileEntry) -> _Record:
-    return _Record(entry.instance.record_type, entry.instance.keys[LEAF], entry)
+    return _Record(entry.instance.record_type, entry.instance.leaf, entry)
 
 
 def _preorder(recs: list[_Record]) -> list[tuple[_Record, int]]:

@@ -61,8 +61,11 @@ class Instance:
     series_uid: str
     series_number: str
     instance_number: str
-    #: encoded record keys by level ("PATIENT", "STUDY", "SERIES", "LEAF"), ELE, tag -> bytes
+    #: encoded keys of the upper records by level ("PATIENT", "STUDY", "SERIES"), tag -> bytes;
+    #: kept for the first instance of each series only
     keys: dict[str, dict[int, bytes]]
+    #: the leaf record's keys, encoded in Explicit VR LE and concatenated in tag order
+    leaf: bytes = b""
     filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
     pixel_data_offset: int = -1
@@ -207,6 +210,7 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
     if rtype == "IMAGE" and layout.pixel_data_offset < 0:
         raise _Invalid("an image without Pixel Data: the file is probably truncated")
     keys, filled = _keys(hdr, rtype, profile)
+    leaf = records.concatenate(keys.pop(LEAF))
     values = dict(filled)
 
     def value(kw: str) -> str:
@@ -227,6 +231,7 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         series_number=value("SeriesNumber"),
         instance_number=value("InstanceNumber"),
         keys=keys,
+        leaf=leaf,
         filled=filled,
         pixel_data_offset=layout.pixel_data_offset,
     )

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import records
-from .intake import LEAF, Instance
+from .intake import Instance
 from .profiles import Profile
 
 SECTOR = 2048
@@ -169,11 +169,11 @@ def _number_instances(series: Series) -> None:
     numbers = [_num(e.instance.instance_number) for e in series.entries]
     nxt = int(max((n for n in numbers if n != float("inf")), default=0)) + 1
     for entry in series.entries:
-        leaf = entry.instance.keys[LEAF]
-        spec_needs = any(k == "InstanceNumber" for k, _ in entry.instance.filled)
-        if 0x00200013 in leaf or not spec_needs:
+        if not any(k == "InstanceNumber" and not v for k, v in entry.instance.filled):
             continue
+        leaf = records.split(entry.instance.leaf)
         leaf[0x00200013] = records.encode_value(0x00200013, str(nxt))
+        entry.instance.leaf = records.concatenate(leaf)
         _report_fill(entry.instance, "InstanceNumber", str(nxt))
         nxt += 1
 
@@ -212,7 +212,7 @@ def _sectors(size: int) -> int:
 
 def _entry_cost(entry: FileEntry) -> int:
     """Bytes an instance costs on the medium: its sectors, its record, its directory entry."""
-    keys = sum(len(v) for v in entry.instance.keys.get(LEAF, {}).values())
+    keys = len(entry.instance.leaf)
     return _sectors(entry.out_size) * SECTOR + keys + RECORD_OVERHEAD + DIR_RECORD_BYTES
 
 

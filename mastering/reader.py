@@ -50,7 +50,7 @@ class MediaError(Exception):
     """The medium or its DICOMDIR cannot be read (absent, not DICOM, broken offsets)."""
 
 
-def _key(name: str) -> str:
+def name_key(name: str) -> str:
     """Lookup key ignoring case and an empty ISO extension ('IM1.' as Linux may show it)."""
     return name.upper().rstrip(".")
 
@@ -108,8 +108,8 @@ class Medium(ABC):
         if self._index is None:
             self._index = {}
             for stored in self.files():
-                self._index.setdefault(_key(stored), []).append(stored)
-        candidates = self._index.get(_key(name), [])
+                self._index.setdefault(name_key(stored), []).append(stored)
+        candidates = self._index.get(name_key(name), [])
         if name in candidates:
             return name
         return candidates[0] if candidates else None
@@ -237,7 +237,11 @@ class IsoMedium(Medium):
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._entries: dict[str, _IsoFile] = {}
         self._raw: list[str] = []
-        self._scan("/", "")
+        try:
+            self._scan("/", "")
+        except PyCdlibException as exc:
+            self.close()
+            raise MediaError(f"{path.name}: unreadable ISO 9660 directory: {exc}") from exc
 
     def _scan(self, iso_dir: str, prefix: str) -> None:
         """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped)."""
@@ -283,6 +287,7 @@ class IsoMedium(Medium):
         with self._view(name) as view:
             if len(view) < 8:
                 raise part10.StructureError(f"only {len(view)} bytes: not a DICOM file")
+            # part10.inspect() takes a path; its buffer walk takes any buffer, this view too
             return part10._inspect(view, len(view))  # type: ignore[arg-type]
 
     def image_size(self) -> int:
@@ -326,7 +331,7 @@ def open_medium(path: Path) -> Medium:
     path = Path(path)
     if path.is_dir():
         return FolderMedium(path)
-    if path.is_file() and _key(path.name) == DICOMDIR:
+    if path.is_file() and name_key(path.name) == DICOMDIR:
         return FolderMedium(path.parent)
     if path.is_file() and _is_iso(path):
         return IsoMedium(path)

@@ -284,6 +284,19 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
     return rule.get("default")
 
 
+def split(blob: bytes) -> dict[int, bytes]:
+    """The elements of an Explicit VR LE blob made by :func:`concatenate`, by tag."""
+    from .part10 import _Walker
+
+    walker = _Walker(blob, explicit=True, little=True, origin="record keys")
+    out, pos = {}, 0
+    while pos < len(blob):
+        tag, vr, length, value = walker.header(pos, False)
+        end = walker.element_value(tag, vr, length, value)
+        out[tag], pos = blob[pos:end], end
+    return out
+
+
 def concatenate(elements: dict[int, bytes]) -> bytes:
     """Encoded elements in ascending tag order, as PS3.5 7.1 requires."""
     out = BytesIO()

@@ -65,6 +65,7 @@ from .reader import (
     TreeNode,
     build_tree,
     dicomdir_name,
+    name_key,
     open_medium,
     read_dicomdir,
     uint,
@@ -83,6 +84,7 @@ LEVEL1_DIR_RE = re.compile(r"[A-Z0-9_]{1,8}")
 DICOM_MAX_COMPONENTS = 8  # PS3.10 8.2
 ISO_MAX_LEVELS = 8  # PS3.12 F.1.2.1, root = level 1
 NOTE_LIST = 10  # file names quoted in a note
+MEDIUM = "(medium)"  # Violation.path of rules about the whole medium
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ class _Run:
         used = self.medium.image_size()
         if limit and used > limit:
             what = "image" if self.medium.kind == "iso" else "files"
-            self.add("capacity", "", f"{what} take {used} bytes; {self.profile.id} media hold "
+            self.add("capacity", MEDIUM, f"{what} take {used} bytes; {self.profile.id} media hold "
                                      f"{limit} bytes (PS3.12)")
 
     # -- 1. the DICOMDIR itself (PS3.10 8.6, PS3.3 F.3) --------------------------------------
@@ -286,7 +288,7 @@ class _Run:
 
     def check_dicomdir_count(self) -> bool:
         """Exactly one DICOMDIR, in the root: one File-set per medium (PS3.12 F.1.1, R.1)."""
-        found = [n for n in self.medium.files() if n.rsplit("/", 1)[-1].upper() == DICOMDIR]
+        found = [n for n in self.medium.files() if name_key(n.rsplit("/", 1)[-1]) == DICOMDIR]
         in_root = [n for n in found if "/" not in n]
         for other in found:
             if "/" in other:
@@ -310,6 +312,9 @@ class _Run:
         except part10.StructureError as exc:
             self.add("dicomdir", name, f"structurally broken: {exc}")
             return True
+        except OSError as exc:
+            self.add("dicomdir", name, f"cannot be read: {exc}")
+            return False
         if not layout.has_preamble or not layout.has_meta:
             self.add("dicomdir", name, "not a Part 10 file (preamble, 'DICM' and meta group)")
         if layout.meta_ts != part10.EXPLICIT_LE or layout.body_disagrees:
@@ -339,7 +344,7 @@ class _Run:
         if volume is None or volume == fsid:
             return
         if self.profile.media_kind in ("cd", "dvd"):
-            self.add("volume-id", "", f"ISO Volume Identifier {volume!r} differs from the "
+            self.add("volume-id", MEDIUM, f"ISO Volume Identifier {volume!r} differs from the "
                                       f"File-set ID {fsid!r} (PS3.12 F.1.1)")
         else:
             self.note(f"ISO Volume Identifier {volume!r} differs from the File-set ID {fsid!r}")
@@ -425,7 +430,7 @@ class _Run:
             elif node.rtype not in records.LEVELS and node.rtype != "PRIVATE":
                 self.add("record-key", _record_path(node), f"{node.rtype} record references no "
                                                            "file (0004,1500 absent)")
-        self.total = len(refs) + len(self.medium.files())
+        self.total = max(len(refs), len(self.medium.files()) - 1)  # refined in check_orphans
         seen: dict[str, int] = {}
         for node, ancestors in refs:
             if not self.step():
@@ -481,7 +486,7 @@ class _Run:
         self.result.files_checked += 1
         try:
             layout = self.medium.inspect(name)
-        except (part10.StructureError, part10.NotDicomError) as exc:
+        except (part10.StructureError, part10.NotDicomError, OSError) as exc:
             self.add("corrupt", name, str(exc))
             return
         if not layout.has_preamble or not layout.has_meta:
@@ -567,9 +572,13 @@ class _Run:
 
     def check_orphans(self, referenced: set[str]) -> None:
         others: list[str] = []
+        candidates: list[str] = []
         for name in self.medium.files():
-            if name in referenced or name.rsplit("/", 1)[-1].upper() == DICOMDIR:
+            if name in referenced or name_key(name.rsplit("/", 1)[-1]) == DICOMDIR:
                 continue
+            candidates.append(name)
+        self.total = self.done + len(candidates)
+        for name in candidates:
             if not self.step():
                 return
             self.result.files_checked += 1
@@ -586,7 +595,7 @@ class _Run:
         """part10 accepts it, or it is broken but carries the 'DICM' prefix."""
         try:
             self.medium.inspect(name)
-        except part10.NotDicomError:
+        except (part10.NotDicomError, OSError):
             return False
         except part10.StructureError:
             with self.medium.open(name) as fp:

@@ -61,7 +61,7 @@ def test_raw_and_pydicom_paths_agree(tmp_path: Path) -> None:
                 PatientName="Müller^Jürgen")
     ea, eb = intake.scan_file(str(a), CD), intake.scan_file(str(b), CD)
     assert isinstance(ea, Instance) and isinstance(eb, Instance)
-    assert ea.keys == eb.keys
+    assert ea.keys == eb.keys and ea.leaf == eb.leaf
     hdr = intake.records.PydicomHeader(pydicom.dcmread(a, stop_before_pixels=True))
     for level, keys in ea.keys.items():
         for tag, enc in keys.items():

@@ -182,6 +182,17 @@ def test_broken_offset(folder: Path) -> None:
             summarize(medium)
 
 
+def test_undefined_length_record_sequence(folder: Path) -> None:
+    """Re-encoded with an undefined-length sequence: only a delimiter is added at the end."""
+    dicomdir = folder / "DICOMDIR"
+    ds = pydicom.dcmread(dicomdir)
+    ds["DirectoryRecordSequence"].is_undefined_length = True
+    ds.save_as(dicomdir)
+    assert dicomdir.read_bytes().endswith(b"\xfe\xff\xdd\xe0\0\0\0\0")
+    with open_medium(folder) as medium:
+        assert summarize(medium)["counts"]["instances"] == 2
+
+
 def test_cycle_is_reported_not_followed(folder: Path) -> None:
     dicomdir = folder / "DICOMDIR"
     first = patients(dicomdir)[0]

@@ -452,7 +452,7 @@ def test_lower_case_mount_is_only_a_note(medium: Path, tmp_path: Path) -> None:
 def test_progress_and_cancel(medium: Path) -> None:
     calls: list[tuple[int, int]] = []
     assert verify(medium, CD, progress=lambda d, t: calls.append((d, t))).ok
-    assert calls and calls[-1][0] == len(calls)
+    assert calls and calls[-1][0] == calls[-1][1] == len(calls)
     cancel = threading.Event()
     cancel.set()
     result = verify(medium, CD, cancel=cancel)
