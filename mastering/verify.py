@@ -24,6 +24,8 @@ missing-file         every Referenced File ID exists on the medium (PS3.10 8.6)
 duplicate-reference  no file is referenced by two records (F.3-3, 0004,1500)
 sop-mismatch         the file's SOP Class/Instance/Transfer Syntax equal 0004,1510/1511/1512
 record-type          the record type fits the file's SOP class (F.4, PS3.4 B.5)
+record-mismatch      Patient ID, Study and Series Instance UID of the PATIENT/STUDY/SERIES
+                     records equal those of the files below them (F.5: keys are copies)
 transfer-syntax      the file's transfer syntax is allowed by the profile (PS3.11 tables) and
                      is the one its body really uses
 part10               the referenced file has a preamble, 'DICM' and a meta group (PS3.10 7.1)
@@ -78,6 +80,8 @@ Progress = Callable[[int, int], None]
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 FILESET_ID, CONSISTENCY_FLAG, PRIVATE_RECORD_UID = 0x00041130, 0x00041212, 0x00041432
 REF_SOP_CLASS, REF_SOP_INSTANCE, REF_TS = 0x00041510, 0x00041511, 0x00041512
+#: the key that identifies each upper-level record; it must match every file below it
+IDENTITY = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E}
 FILESET_ID_RE = re.compile(r"[A-Z0-9_]{0,16}")
 LEVEL1_FILE_RE = re.compile(r"(?=[^.;]|\.[^;])[A-Z0-9_]{0,8}\.[A-Z0-9_]{0,3};1")
 LEVEL1_DIR_RE = re.compile(r"[A-Z0-9_]{1,8}")
@@ -182,7 +186,7 @@ class _Run:
         self.progress, self.cancel = progress, cancel
         self.done = self.total = 0
         self.case_only: list[str] = []
-        self.reported_1c: set[tuple[int, str]] = set()
+        self.reported: set[tuple[int, int]] = set()  # (record offset, tag) already reported
 
     def add(self, code: str, path: str, message: str) -> None:
         self.result.add(code, path, message)
@@ -492,7 +496,7 @@ class _Run:
         if not layout.has_preamble or not layout.has_meta:
             self.add("part10", name, "no preamble, 'DICM' or meta group (PS3.10 7.1)")
         self.check_transfer_syntax(name, layout)
-        extra = self.conditional_tags(node, ancestors)
+        extra = [*self.conditional_tags(node, ancestors), *IDENTITY.values()]
         try:
             header = self.medium.read_header(name, extra)
         except Exception as exc:  # pydicom failed although the structure walk passed
@@ -500,6 +504,27 @@ class _Run:
             return
         self.check_identity(name, node, header, layout)
         self.check_conditional(node, ancestors, header)
+        self.check_upper_keys(name, ancestors, header)
+
+    def first_time(self, rec: TreeNode, tag: int) -> bool:
+        """True the first time a (record, key) problem is seen: one report per record."""
+        if (rec.offset, tag) in self.reported:
+            return False
+        self.reported.add((rec.offset, tag))
+        return True
+
+    def check_upper_keys(self, name: str, ancestors: tuple[TreeNode, ...],
+                         header: Dataset) -> None:
+        """The PATIENT/STUDY/SERIES keys above a file are the file's own (values not quoted)."""
+        for rec in ancestors:
+            tag = IDENTITY.get(rec.rtype)
+            if tag is None or tag not in header:
+                continue
+            in_file = records.text_value(header, tag)
+            in_record = records.text_value(rec.record, tag)
+            if in_file and in_record and in_file != in_record and self.first_time(rec, tag):
+                self.add("record-mismatch", _record_path(rec),
+                         f"{rec.rtype} record's {_name(tag)} differs from that of {name}")
 
     def check_transfer_syntax(self, name: str, layout: part10.Layout) -> None:
         if layout.body_disagrees:
@@ -560,9 +585,8 @@ class _Run:
                 tag = tag_for_keyword(kw)
                 if tag is None or not _filled(header, tag) or _filled(rec.record, tag):
                     continue
-                if (rec.offset, kw) in self.reported_1c:
+                if not self.first_time(rec, tag):
                     continue
-                self.reported_1c.add((rec.offset, kw))
                 self.add("record-key", _record_path(rec), f"{rec.rtype} key {kw} is 1C in "
                                                           f"{self.profile.id}: a referenced "
                                                           "instance has a value, the record "
