@@ -22,7 +22,8 @@ ProgressFn = Callable[[str, int, int], None]
 
 def write(volume: Volume, dicomdir: bytes, tmp: Path,
           extra_files: list[tuple[tuple[str, ...], bytes]] = (), *, label: str = "write",
-          sync: bool = True, progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
+          sync: bool = True, progress: ProgressFn | None = None,
+          cancel: Event | None = None) -> int:
     """Write the volume below tmp (which must not exist yet); returns the bytes written."""
     tmp.mkdir(parents=False)
     total = len(dicomdir)

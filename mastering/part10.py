@@ -196,7 +196,8 @@ class _Walker:
             if tag != ITEM or length == UNDEFINED:
                 raise self.fail(pos, "malformed encapsulated pixel data fragment")
             if value + length > self.end:
-                raise self.fail(pos, "pixel data fragment runs past the end of the file (truncated)")
+                raise self.fail(pos, "pixel data fragment runs past the end of the file "
+                                "(truncated)")
             pos = value + length
 
 
@@ -272,7 +273,8 @@ def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -
         return _inspect_deflated(buf, size, has_preamble, meta_start, start, meta_uid)
     body_ts = _body_ts(buf, start, meta_ts)
     explicit, little = _encoding(body_ts)
-    walker = _Walker(buf, explicit, little, origin="file", collect=collect if little else frozenset())
+    walker = _Walker(buf, explicit, little, origin="file",
+                     collect=collect if little else frozenset())
     end = walker.dataset(start, size, in_item=False)
     if end != size:
         raise StructureError(f"data set ends at byte {end} but the file has {size} bytes")

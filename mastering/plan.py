@@ -103,7 +103,9 @@ def _num(value: str) -> float:
         return float("inf")
 
 
-def build_tree(instances: Iterable[Instance], profile: Profile) -> tuple[list[Patient], list[FileEntry]]:
+def build_tree(
+    instances: Iterable[Instance], profile: Profile
+) -> tuple[list[Patient], list[FileEntry]]:
     """Group instances into a sorted patient tree; root-level instances come back apart."""
     patients: dict[str, Patient] = {}
     studies: dict[tuple[str, str], Study] = {}
@@ -289,7 +291,8 @@ class _Packer:
             self.used += cost
 
     def _place(self, patient: Patient, study: Study, se: Series) -> Series:
-        self._path_cost_used = self._path_cost(patient, study) + sum(len(v) for v in se.keys.values())
+        keys = sum(len(v) for v in se.keys.values())
+        self._path_cost_used = self._path_cost(patient, study) + keys
         if not self.patients or self.patients[-1].id != patient.id:
             self.patients.append(Patient(patient.id, patient.keys))
         cur = self.patients[-1]
@@ -304,7 +307,8 @@ class _Packer:
         if not self._fits(cost) and not self._empty():
             self._new()
         if not self._fits(cost):
-            raise PlanError(f"{entry.instance.path}: {entry.out_size} bytes do not fit on one medium")
+            raise PlanError(
+                f"{entry.instance.path}: {entry.out_size} bytes do not fit on one medium")
         self.roots.append(entry)
         self.used += cost
 

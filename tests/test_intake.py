@@ -63,7 +63,7 @@ def test_raw_and_pydicom_paths_agree(tmp_path: Path) -> None:
     assert isinstance(ea, Instance) and isinstance(eb, Instance)
     assert ea.keys == eb.keys and ea.leaf == eb.leaf
     hdr = intake.records.PydicomHeader(pydicom.dcmread(a, stop_before_pixels=True))
-    for level, keys in ea.keys.items():
+    for keys in ea.keys.values():
         for tag, enc in keys.items():
             expected = hdr.encoded(tag)
             if expected is not None:  # absent Type 2 keys are written empty
