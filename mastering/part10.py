@@ -14,6 +14,7 @@ import mmap
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from pydicom.datadict import dictionary_VR
@@ -89,6 +90,8 @@ class _Walker:
         self.end = len(buf)
         self._u16 = struct.Struct("<H" if little else ">H").unpack_from
         self._u32 = struct.Struct("<I" if little else ">I").unpack_from
+        self._explicit = struct.Struct("<HH2sH" if little else ">HH2sH").unpack_from
+        self._implicit = struct.Struct("<HHI" if little else ">HHI").unpack_from
         self.pixel_data_offset = -1
 
     def fail(self, pos: int, why: str) -> StructureError:
@@ -100,26 +103,24 @@ class _Walker:
         return (self._u16(self.buf, pos)[0] << 16) | self._u16(self.buf, pos + 2)[0]
 
     def header(self, pos: int, in_sequence: bool) -> tuple[int, bytes, int, int]:
-        """(tag, vr, length, value offset) of the element at pos."""
-        tag = self.tag_at(pos)
-        if tag >> 16 == 0xFFFE:  # item / delimiter tags never carry a VR
-            if pos + 8 > self.end:
-                raise self.fail(pos, "truncated item header")
-            return tag, b"", self._u32(self.buf, pos + 4)[0], pos + 8
-        if self.explicit:
-            if pos + 8 > self.end:
-                raise self.fail(pos, f"truncated header of ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-            vr = bytes(self.buf[pos + 4 : pos + 6])
-            if vr not in VALID_VRS:
-                raise self.fail(pos, f"invalid VR {vr!r} for ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-            if vr in LONG_VRS:
-                if pos + 12 > self.end:
-                    raise self.fail(pos, "truncated element header")
-                return tag, vr, self._u32(self.buf, pos + 8)[0], pos + 12
-            return tag, vr, self._u16(self.buf, pos + 6)[0], pos + 8
+        """(tag, vr, length, value offset) of the element at pos: one unpack per header."""
         if pos + 8 > self.end:
             raise self.fail(pos, "truncated element header")
-        return tag, _implicit_vr(tag), self._u32(self.buf, pos + 4)[0], pos + 8
+        if not self.explicit:
+            group, elem, length = self._implicit(self.buf, pos)
+            tag = group << 16 | elem
+            return tag, b"" if group == 0xFFFE else _implicit_vr(tag), length, pos + 8
+        group, elem, vr, short = self._explicit(self.buf, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:  # item / delimiter tags never carry a VR
+            return tag, b"", self._u32(self.buf, pos + 4)[0], pos + 8
+        if vr in LONG_VRS:
+            if pos + 12 > self.end:
+                raise self.fail(pos, "truncated element header")
+            return tag, vr, self._u32(self.buf, pos + 8)[0], pos + 12
+        if vr not in VALID_VRS:
+            raise self.fail(pos, f"invalid VR {vr!r} for ({group:04X},{elem:04X})")
+        return tag, vr, short, pos + 8
 
     def dataset(self, pos: int, stop: int, in_item: bool) -> int:
         """Walk elements from pos; returns the offset after the data set (or its item end)."""
@@ -201,6 +202,7 @@ class _Walker:
             pos = value + length
 
 
+@cache
 def _implicit_vr(tag: int) -> bytes:
     """VR from the data dictionary; private and unknown tags count as UN (PS3.5 6.2.2)."""
     if tag & 0xFFFF == 0 or (tag >> 16) & 1:

@@ -291,7 +291,17 @@ def test_pydicom_default_records_lack_image_type(tmp_path: Path) -> None:
 
 def test_duplicate_patient_id(medium: Path) -> None:
     patch(medium / "DICOMDIR", b"LO\x04\x004MR1", b"LO\x04\x001CT1")
-    assert codes(verify(medium, CD)) == {"duplicate-key"}
+    result = verify(medium, CD)  # the MR file's own Patient ID now differs from its record
+    assert codes(result) == {"duplicate-key", "record-mismatch"}
+    assert "4MR1" not in str(result) and "1CT1" not in str(result)  # no patient data quoted
+
+
+def test_series_record_differs_from_its_file(medium: Path) -> None:
+    uid = dataset("CT_small.dcm").SeriesInstanceUID.encode()
+    patch(medium / "DICOMDIR", uid, uid[:-1] + b"9")
+    result = verify(medium, CD)
+    assert codes(result) == {"record-mismatch"}
+    assert result.violations[0].message.startswith("SERIES record's SeriesInstanceUID")
 
 
 def test_duplicate_series_uid(tmp_path: Path) -> None:
