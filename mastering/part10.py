@@ -122,8 +122,11 @@ class _Walker:
             raise self.fail(pos, f"invalid VR {vr!r} for ({group:04X},{elem:04X})")
         return tag, vr, short, pos + 8
 
-    def dataset(self, pos: int, stop: int, in_item: bool) -> int:
-        """Walk elements from pos; returns the offset after the data set (or its item end)."""
+    def dataset(self, pos: int, stop: int, in_item: bool, nested: bool = False) -> int:
+        """Walk elements from pos; returns the offset after the data set (or its item end).
+        in_item: an undefined-length item, closed by an item delimiter; nested: inside any
+        sequence item (only top-level elements are collected or taken as the Pixel Data)."""
+        top = not (in_item or nested)
         while pos < stop:
             tag, vr, length, value = self.header(pos, in_item)
             if tag == ITEM_END:
@@ -134,10 +137,10 @@ class _Walker:
                 raise self.fail(pos, "sequence delimiter where an element was expected")
             if tag == ITEM:
                 raise self.fail(pos, "item tag where an element was expected")
-            if tag in PIXEL_TAGS and not in_item:
+            if tag in PIXEL_TAGS and top:
                 self.pixel_data_offset = pos
             start, pos = pos, self.element_value(tag, vr, length, value)
-            if tag in self.collect and not in_item and pos - start <= COLLECT_LIMIT:
+            if top and tag in self.collect and pos - start <= COLLECT_LIMIT:
                 self.collected[tag] = (vr if self.explicit else b"", bytes(self.buf[start:pos]))
         if pos > stop:
             raise self.fail(stop, "element runs past the end of its container")
@@ -180,7 +183,7 @@ class _Walker:
             else:
                 if value + length > stop:
                     raise self.fail(pos, "item runs past the end of its sequence (truncated)")
-                self.dataset(value, value + length, in_item=False)
+                self.dataset(value, value + length, in_item=False, nested=True)
                 pos = value + length
         if undefined:
             raise self.fail(pos, "undefined-length sequence is not closed (truncated)")

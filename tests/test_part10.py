@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mastering import intake, part10
+from mastering import intake, part10, profiles
 from mastering.part10 import NotDicomError, StructureError
 
 from .conftest import make_ct, sample
@@ -105,3 +105,29 @@ def test_build_meta_is_read_back_by_pydicom(tmp_path: Path) -> None:
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert back.file_meta.FileMetaInformationGroupLength == len(meta) - 132 - 12
     assert part10.inspect(out).meta_complete
+
+
+def test_nested_elements_are_not_top_level(tmp_path: Path) -> None:
+    """A Patient ID inside a defined-length item (Other Patient IDs Sequence) and an icon's
+    Pixel Data must not be taken for the data set's own."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    src = sample("CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    other, icon = Dataset(), Dataset()
+    other.PatientID = "NESTED-ID"
+    icon.Rows = icon.Columns = 2
+    icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+    icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+    icon.PixelData = b"\0" * 4
+    ds.OtherPatientIDsSequence = Sequence([other])
+    ds.IconImageSequence = Sequence([icon])
+    ds.save_as(tmp_path / "n.dcm")
+    layout = part10.inspect(tmp_path / "n.dcm", collect=frozenset({0x00100020}))
+    assert layout.elements[0x00100020][1].endswith(b"1CT1")
+    data = (tmp_path / "n.dcm").read_bytes()
+    assert data[layout.pixel_data_offset:layout.pixel_data_offset + 4] == b"\xe0\x7f\x10\x00"
+    assert layout.pixel_data_offset > data.index(b"NESTED-ID")
+    found = intake.scan_file(str(tmp_path / "n.dcm"), profiles.load("STD-GEN-CD"))
+    assert found.patient_id == "1CT1"

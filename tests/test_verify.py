@@ -33,7 +33,8 @@ CD = profiles.load("STD-GEN-CD")
 CT_FILE = "PT000000/ST000000/SE000000/IM000000"
 MR_FILE = "PT000001/ST000000/SE000000/IM000000"
 CT_ID = b"PT000000\\ST000000\\SE000000\\IM000000 "  # as stored: odd length, space padded
-NEXT_AT, LOWER_AT = 16, 38  # value of (0004,1400) / (0004,1420) after a record's Item tag
+# values of (0004,1400), (0004,1410), (0004,1420), counted from a record's Item tag
+NEXT_AT, IN_USE_AT, LOWER_AT = 16, 28, 38
 
 
 # -- building media ------------------------------------------------------------------------
@@ -259,6 +260,18 @@ def test_record_under_the_wrong_parent(medium: Path) -> None:
 def test_unknown_record_type(medium: Path) -> None:
     patch(medium / "DICOMDIR", b"CS\x06\x00IMAGE ", b"CS\x06\x00VISIT ")
     assert "hierarchy" in codes(verify(medium, CD))
+
+
+def test_inactive_record_is_ignored(medium: Path) -> None:
+    """Record In-use Flag 0000H: the record does not count, so its file is an orphan."""
+    dicomdir = medium / "DICOMDIR"
+    image = offsets(dicomdir)["IMAGE"][0]
+    data = bytearray(dicomdir.read_bytes())
+    data[image + IN_USE_AT : image + IN_USE_AT + 2] = b"\0\0"
+    dicomdir.write_bytes(bytes(data))
+    result = verify(medium, CD)
+    assert codes(result) == {"orphan"}
+    assert any("inactive" in n for n in result.notes)
 
 
 def test_empty_directory(tmp_path: Path) -> None:
