@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--skip-invalid", action="store_true",
                        help="leave invalid files out (listed) instead of refusing the run")
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
+        c.add_argument("--verify", action="store_true", help="read every volume back and check "
+                       "it against the profile before it gets its final name")
         c.add_argument("--no-sync", action="store_true", help="do not fsync the output before "
                        "renaming it into place (faster; a crash may then leave a damaged file)")
         c.add_argument("--report", type=Path, help="write the full report as JSON to this file")
@@ -113,7 +115,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
         profile = profile.with_capacity(args.capacity)
     options = Options.from_env(profile, fileset_id=args.fileset_id, skip_invalid=args.skip_invalid,
                                span=not args.no_span, workers=args.workers,
-                               sync=not args.no_sync, volume_id=args.volume_id)
+                               sync=not args.no_sync, volume_id=args.volume_id,
+                               verify=args.verify)
     cancel = Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     show = not args.quiet and not args.json and err.is_terminal
@@ -183,6 +186,8 @@ def _summary(r: Report, con: Console) -> None:
         for item in r.invalid:
             table.add_row(item["path"], item["reason"])
         con.print(table)
+    for v in r.violations:
+        con.print(f"[red]{v['code']}[/] {v['path']}: {v['message']}", highlight=False)
     if not r.ok:
         con.print(f"[red]error:[/] {r.error}")
         if r.invalid:

@@ -56,6 +56,7 @@ class Options:
     workers: int | None = None
     source_date_epoch: int | None = None  # reproducible output when set
     sync: bool = True  # fsync every output before it is renamed into place
+    verify: bool = False  # read every volume back and check it against the profile first
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -97,6 +98,7 @@ class Report:
     skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
     duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
     volumes: list[VolumeReport] = field(default_factory=list)
+    violations: list[dict] = field(default_factory=list)  # from --verify
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -206,6 +208,8 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
             size = folderwriter.write(vol, dd, tmp, label=label, sync=options.sync,
                                       progress=progress, cancel=cancel)
         report.volumes.append(_volume_report(vol, final, size))
+        if options.verify:
+            _verify(tmp, final, profile, report, progress, cancel)
     _publish(temps, finals, kind)
     report.seconds["write"] = round(time.monotonic() - t0, 3)
     report.ok = True
@@ -216,6 +220,25 @@ def _volume_id(options: Options, vol: plan.Volume) -> str | None:
     if options.volume_id is None:
         return None
     return plan.volume_fileset_id(options.volume_id, vol.index, vol.count, limit=32)
+
+
+def _verify(tmp: Path, final: Path, profile: Profile, report: Report,
+            progress: ProgressFn | None, cancel: Event | None) -> None:
+    """Read the finished volume back, as any reader would, before it gets its final name."""
+    from .verify import verify
+
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress(f"verify {final.name}", done, total)
+
+    result = verify(tmp, profile, progress=tick, cancel=cancel)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled during verification")
+    if not result.ok:
+        report.violations = [{"volume": str(final), "code": v.code, "path": v.path,
+                              "message": v.message} for v in result.violations]
+        report.error = f"{final.name}: {len(result.violations)} violation(s); nothing was written"
+        raise MasteringError(report.error, report, 5)
 
 
 def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:

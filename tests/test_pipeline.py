@@ -203,6 +203,15 @@ def test_fileset_folder(tmp_path: Path) -> None:
         master(inputs, out, Options(profiles.load("STD-GEN-USB-JPEG"), workers=1), kind="folder")
 
 
+def test_verify_option_checks_each_volume(tmp_path: Path) -> None:
+    inputs = _inputs(tmp_path)
+    report = master(inputs, tmp_path / "v.iso", Options(profiles.load("STD-GEN-CD"), verify=True))
+    assert report.ok and not report.violations
+    from mastering.verify import verify
+
+    assert verify(tmp_path / "v.iso", profiles.load("STD-GEN-CD")).ok
+
+
 def test_usb_profile_refuses_iso(tmp_path: Path) -> None:
     with pytest.raises(MasteringError) as err:
         master([make_ct(tmp_path, "a.dcm")], tmp_path / "a.iso",
@@ -275,3 +284,24 @@ def test_dvd_profile_keys_and_jpeg_copied(tmp_path: Path) -> None:
     (inst,) = list(FileSet(root / "DICOMDIR"))
     assert Path(inst.path).read_bytes() == src.read_bytes()  # allowed: byte for byte
     assert inst.Rows == 100 and inst.Columns == 100
+
+
+def test_verify_failure_publishes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A DICOMDIR that lost its last record leaves an orphan: --verify must refuse the volume."""
+    from mastering import dicomdir
+
+    real = dicomdir.encode
+
+    def broken(volume):
+        volume.patients[0].studies[0].series[0].entries.pop()
+        return real(volume)
+
+    monkeypatch.setattr(dicomdir, "encode", broken)
+    make_ct(tmp_path / "in", "a.dcm", instance=1)
+    make_ct(tmp_path / "in", "b.dcm", instance=2)
+    with pytest.raises(MasteringError) as err:
+        master([tmp_path / "in"], tmp_path / "o.iso",
+               Options(profiles.load("STD-GEN-CD"), verify=True))
+    assert err.value.exit_code == 5
+    assert {v["code"] for v in err.value.report.violations} == {"orphan"}
+    assert _leftovers(tmp_path) == []
