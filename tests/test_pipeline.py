@@ -293,8 +293,11 @@ def test_verify_failure_publishes_nothing(tmp_path: Path, monkeypatch) -> None:
     real = dicomdir.encode
 
     def broken(volume):
-        volume.patients[0].studies[0].series[0].entries.pop()
-        return real(volume)
+        import copy
+
+        shown = copy.deepcopy(volume)
+        shown.patients[0].studies[0].series[0].entries.pop()
+        return real(shown)
 
     monkeypatch.setattr(dicomdir, "encode", broken)
     make_ct(tmp_path / "in", "a.dcm", instance=1)
