@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import signal
 import sys
+import warnings
 from pathlib import Path
 from threading import Event
 
@@ -89,8 +91,16 @@ def _volume_id(value: str) -> str:
     return value
 
 
+def _quiet_libraries() -> None:
+    """pydicom warns and logs with element values (patient data) at warning level: keep that
+    to debug logging, which a user turns on deliberately."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     err = Console(stderr=True)
     out = Console()
     try:

@@ -93,3 +93,15 @@ def test_fileset_command(tmp_path: Path) -> None:
     res = run("fileset", str(tmp_path / "in"), "-o", str(tmp_path / "usb"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "usb" / "DICOMDIR").is_file()
+
+
+def test_no_patient_data_in_output_or_logs(tmp_path: Path) -> None:
+    """Names never reach the terminal: not in the summary, not through pydicom's warnings."""
+    make_ct(tmp_path / "in", "a.dcm", patient_name="SECRET^PATIENTNAME", patient_id="SECRETID")
+    make_ct(tmp_path / "in", "b.dcm", patient_name="SECRET^PATIENTNAME", implicit=True,
+            instance=2, PatientID="SECRETID")
+    bad = tmp_path / "in" / "c.dcm"
+    bad.write_bytes((tmp_path / "in" / "a.dcm").read_bytes()[:-10])
+    res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "a.iso"), "--skip-invalid")
+    assert res.returncode == 0, res.stderr
+    assert "SECRET" not in res.stdout + res.stderr
