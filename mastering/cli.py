@@ -217,6 +217,8 @@ def _summary(r: Report, con: Console) -> None:
         con.print(f"  identical copies merged: {len(r.duplicates)}")
     if r.ignored:
         con.print(f"  non-DICOM files ignored: {len(r.ignored)}")
+    for w in r.warnings:
+        con.print(f"  [yellow]warning:[/] {w}", highlight=False)
     if r.invalid:
         con.print(f"  [yellow]invalid files left out: {len(r.invalid)}[/]")
         for item in r.invalid:

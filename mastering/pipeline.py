@@ -99,6 +99,7 @@ class Report:
     duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
     volumes: list[VolumeReport] = field(default_factory=list)
     violations: list[dict] = field(default_factory=list)  # from --verify
+    warnings: list[str] = field(default_factory=list)  # inconsistent input, no values quoted
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -164,7 +165,7 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
                     cancel: Event | None) -> Report:
     profile = options.profile
     t0 = time.monotonic()
-    tree, roots = plan.build_tree(scanned.instances, profile)
+    tree, roots = plan.build_tree(scanned.instances, profile, report.warnings)
     entries = [e for p in tree for st in p.studies for se in st.series for e in se.entries] + roots
     _stage(entries, profile, work, report, options, progress, cancel)
     if report.invalid and not options.skip_invalid:

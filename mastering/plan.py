@@ -104,9 +104,13 @@ def _num(value: str) -> float:
 
 
 def build_tree(
-    instances: Iterable[Instance], profile: Profile
+    instances: Iterable[Instance], profile: Profile, warnings: list[str] | None = None
 ) -> tuple[list[Patient], list[FileEntry]]:
-    """Group instances into a sorted patient tree; root-level instances come back apart."""
+    """Group instances into a sorted patient tree; root-level instances come back apart.
+    Files that disagree on a patient's name or birth date under one Patient ID are reported in
+    warnings (without the values): the record takes the first file's."""
+    warnings = [] if warnings is None else warnings
+    first_file: dict[str, str] = {}
     patients: dict[str, Patient] = {}
     studies: dict[tuple[str, str], Study] = {}
     series: dict[tuple[str, str, str], Series] = {}
@@ -126,6 +130,8 @@ def build_tree(
         if ek not in series:
             series[ek] = Series(inst.series_uid, {})
             studies[sk].series.append(series[ek])
+        first_file.setdefault(pk, inst.path)
+        _check_patient(patients[pk], inst, first_file[pk], warnings)
         for level, node in (("PATIENT", patients[pk]), ("STUDY", studies[sk]),
                             ("SERIES", series[ek])):
             for tag, enc in inst.keys.pop(level, {}).items():
@@ -141,6 +147,20 @@ def build_tree(
                 _number_instances(se)
     roots.sort(key=lambda e: e.instance.sop_instance_uid)
     return tree, roots
+
+
+#: PATIENT keys that must agree between files with one Patient ID (dcmtk warns likewise)
+_PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth Date",
+                       0x00100040: "Patient's Sex"}
+
+
+def _check_patient(patient: Patient, inst: Instance, first: str, warnings: list[str]) -> None:
+    mine = inst.keys.get("PATIENT", {})
+    for tag, name in _PATIENT_CONSISTENT.items():
+        a, b = patient.keys.get(tag), mine.get(tag)
+        if a is not None and b is not None and a[8:].rstrip(b" ") != b[8:].rstrip(b" "):
+            warnings.append(f"{inst.path}: {name} differs from {first} under the same Patient "
+                            "ID; the directory record keeps the first")
 
 
 def _text(keys: dict[int, bytes], tag: int) -> str:

@@ -111,3 +111,13 @@ def test_fileset_uid_reproducible_only_when_asked(tmp_path: Path) -> None:
     assert plan.fileset_uid(vol.entries(), "X", 1, False) != plan.fileset_uid(
         vol.entries(), "X", 1, False)
     assert len(a) <= 64
+
+
+def test_inconsistent_patient_is_reported(tmp_path: Path) -> None:
+    make_ct(tmp_path, "a.dcm", patient_name="DOE^JANE")
+    make_ct(tmp_path, "b.dcm", patient_name="DOE^JOAN", series_uid="1.2.6", instance=2)
+    res = intake.scan([tmp_path], CD, workers=1)
+    warnings: list[str] = []
+    tree, _ = plan.build_tree(res.instances, CD, warnings)
+    assert len(tree) == 1 and len(warnings) == 1
+    assert "Patient's Name differs" in warnings[0] and "JOAN" not in warnings[0]
