@@ -84,10 +84,15 @@ def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:
         iso.add_fp(reader, reader.length, iso_path(entry.file_id), udf_path=udf_path)
 
 
+def _stamp(epoch: int) -> bytes:
+    """An ISO 9660 volume descriptor date (ECMA-119 8.4.26.1) in UTC."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(epoch)).encode() + b"00" + b"\0"
+
+
 def set_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
     """Reproducible images (SOURCE_DATE_EPOCH): every date in UTC from the epoch."""
     utc = time.gmtime(epoch)
-    stamp = time.strftime("%Y%m%d%H%M%S", utc).encode() + b"00" + b"\0"
+    stamp = _stamp(epoch)
     for vd in [*iso.pvds, *iso.svds]:
         for attr in ("volume_creation_date", "volume_modification_date", "volume_effective_date"):
             date = getattr(vd, attr)
@@ -100,16 +105,19 @@ def set_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
 
 def _walk(iso: pycdlib.PyCdlib):
     """Every directory record, the '.' and '..' entries included (they carry dates too)."""
-    stack = [iso.pvd.root_directory_record()]
+    root = iso.pvd.root_directory_record()
+    stack = [root]
     while stack:
         rec = stack.pop()
         yield None, rec
-        if rec.is_dir() and not rec.is_dot() and not rec.is_dotdot():
+        # the root's own identifier is the one '.' uses, so it is recognised by identity
+        if rec.is_dir() and (rec is root or not (rec.is_dot() or rec.is_dotdot())):
             stack.extend(c for c in rec.children if c is not None)
 
 
 def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool = True,
-          progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
+          epoch: int | None = None, progress: ProgressFn | None = None,
+          cancel: Event | None = None) -> int:
     """Write the image to tmp (created exclusively); returns its size. With sync, the data is
     on the disk when this returns: a background flusher starts the write-back while the image
     is still being written, so the final fsync has little left to wait for."""
@@ -120,10 +128,12 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
         if progress:
             progress(label, done, total)
 
-    with open(tmp, "xb") as out:
+    with open(tmp, "xb+") as out:
         flusher = _Flusher(out.fileno()) if sync else None
         try:
             iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
+            if epoch is not None:
+                _fix_modification_dates(out, epoch)
             out.flush()
         finally:
             if flusher:
@@ -131,6 +141,25 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
         if sync:
             os.fsync(out.fileno())
         return out.tell()
+
+
+VD_START, VD_MODIFIED = 16 * 2048, 830  # ECMA-119 8.4.27: Volume Modification Date
+
+
+def _fix_modification_dates(out, epoch: int) -> None:  # noqa: ANN001 - binary file
+    """pycdlib stamps the Volume Modification Date with the clock when it writes the
+    descriptors; for a reproducible image every descriptor gets the epoch instead."""
+    pos = VD_START
+    while True:
+        out.seek(pos)
+        head = out.read(7)
+        if len(head) < 7 or head[1:6] != b"CD001" or head[0] == 255:
+            break
+        if head[0] in (1, 2):  # primary and supplementary volume descriptors
+            out.seek(pos + VD_MODIFIED)
+            out.write(_stamp(epoch))
+        pos += 2048
+    out.seek(0, 2)
 
 
 class _Flusher:

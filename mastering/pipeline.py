@@ -200,7 +200,8 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
             if options.source_date_epoch is not None:
                 isowriter.set_dates(image, options.source_date_epoch)
             size = isowriter.write(image, tmp, label=label, sync=options.sync,
-                                   progress=progress, cancel=cancel)
+                                   epoch=options.source_date_epoch, progress=progress,
+                                   cancel=cancel)
             image.close()
             if profile.capacity_bytes and size > profile.capacity_bytes:
                 raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
