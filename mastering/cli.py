@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--skip-invalid", action="store_true",
                        help="leave invalid files out (listed) instead of refusing the run")
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
+        c.add_argument("--viewer", action="store_true", help="IHE PDI web content (INDEX.HTM, "
+                       "README.TXT, IHE_PDI/ pages and JPEGs) and a disc label")
+        c.add_argument("--label", action="store_true", help="a printable disc label beside each "
+                       "output (OUT.label.svg/.png), also without --viewer")
+        c.add_argument("--site", type=Path, help="site settings for pages and labels (TOML or "
+                       "JSON: institution, address, logo, language)")
+        c.add_argument("--templates", type=Path, action="append", default=[],
+                       help="template folder searched before the bundled templates/")
         c.add_argument("--verify", action="store_true", help="read every volume back and check "
                        "it against the profile before it gets its final name")
         c.add_argument("--no-sync", action="store_true", help="do not fsync the output before "
@@ -126,7 +134,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
     options = Options.from_env(profile, fileset_id=args.fileset_id, skip_invalid=args.skip_invalid,
                                span=not args.no_span, workers=args.workers,
                                sync=not args.no_sync, volume_id=args.volume_id,
-                               verify=args.verify)
+                               verify=args.verify, viewer=args.viewer, label=args.label,
+                               site=args.site, templates=tuple(args.templates))
     cancel = Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     show = not args.quiet and not args.json and err.is_terminal
@@ -210,6 +219,13 @@ def _summary(r: Report, con: Console) -> None:
                   f"{_size(v.bytes)}[/]")
     conv = ", ".join(f"{n} {a}" for a, n in sorted(r.conversions.items()))
     con.print(f"  files: {conv}")
+    if r.web:
+        con.print(f"  web content: {r.web['images']} image(s) rendered, {r.web['objects']} "
+                  f"other object(s) listed, {_size(r.web['bytes'])}")
+        for path in r.web["unreadable"]:
+            con.print(f"  [yellow]not shown in the web pages:[/] {path}", highlight=False)
+    for path in r.labels:
+        con.print(f"  label: {path}", highlight=False)
     if r.filled:
         keys = sorted({f["key"] for f in r.filled})
         con.print(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")

@@ -9,6 +9,7 @@ looks finished.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from threading import Event
@@ -21,7 +22,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 def write(volume: Volume, dicomdir: bytes, tmp: Path,
-          extra_files: list[tuple[tuple[str, ...], bytes]] = (), *, label: str = "write",
+          extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (), *, label: str = "write",
           sync: bool = True, progress: ProgressFn | None = None,
           cancel: Event | None = None) -> int:
     """Write the volume below tmp (which must not exist yet); returns the bytes written."""
@@ -32,8 +33,11 @@ def write(volume: Volume, dicomdir: bytes, tmp: Path,
     for comps, data in extra_files:
         target = tmp.joinpath(*comps)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        total += len(data)
+        if isinstance(data, Path):
+            shutil.copyfile(data, target)
+        else:
+            target.write_bytes(data)
+        total += target.stat().st_size
     made: set[Path] = set()
     for done, entry in enumerate(entries, 1):
         if cancel is not None and cancel.is_set():

@@ -37,7 +37,7 @@ def dir_path(components: tuple[str, ...]) -> str:
 
 
 def build(volume: Volume, dicomdir: bytes, profile: Profile,
-          extra_files: list[tuple[tuple[str, ...], bytes]] = (),
+          extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (),
           volume_id: str | None = None) -> pycdlib.PyCdlib:
     """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
     The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise."""
@@ -68,10 +68,16 @@ def _mkdirs(iso: pycdlib.PyCdlib, comps: tuple[str, ...], made: set, udf: bool) 
         made.add(sub)
 
 
-def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes, udf: bool) -> None:
+def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path,
+               udf: bool) -> None:
+    """A non-DICOM file (8.3 name) or the DICOMDIR; paths stream at write time."""
     name = comps[-1]
     path = "/" + "/".join(comps) + (";1" if "." in name else ".;1")
-    iso.add_fp(io.BytesIO(data), len(data), path, udf_path=dir_path(comps) if udf else None)
+    udf_path = dir_path(comps) if udf else None
+    if isinstance(data, Path):
+        iso.add_file(str(data), path, udf_path=udf_path)
+    else:
+        iso.add_fp(io.BytesIO(data), len(data), path, udf_path=udf_path)
 
 
 def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:

@@ -24,8 +24,10 @@ from . import (
     dicomdir,
     folderwriter,
     isowriter,
+    pdi,
     plan,
     reencode,
+    webcontent,
 )
 from . import intake as intake_mod
 from .content import output_size
@@ -57,6 +59,10 @@ class Options:
     source_date_epoch: int | None = None  # reproducible output when set
     sync: bool = True  # fsync every output before it is renamed into place
     verify: bool = False  # read every volume back and check it against the profile first
+    viewer: bool = False  # IHE PDI web content (DICOM PLUS WEB) and a label
+    label: bool = False  # a disc label beside each output (DICOM ONLY unless viewer)
+    site: Path | None = None  # site settings (institution, logo, language): TOML or JSON
+    templates: tuple[Path, ...] = ()  # template folders searched before the bundled ones
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -100,6 +106,8 @@ class Report:
     volumes: list[VolumeReport] = field(default_factory=list)
     violations: list[dict] = field(default_factory=list)  # from --verify
     warnings: list[str] = field(default_factory=list)  # inconsistent input, no values quoted
+    web: dict = field(default_factory=dict)  # --viewer: images, objects, unreadable, bytes
+    labels: list[str] = field(default_factory=list)  # label files written beside the output
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -172,13 +180,69 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         report.error = "conversion failed; nothing was written"
         raise MasteringError(report.error, report, 3)
     tree, roots = _drop_failed(tree, roots)
+    entries = [e for e in entries if e.action != "failed"]
     for entry in entries:
         if entry.action in ("copy", "remeta"):
             entry.out_size = output_size(entry)
             entry.out_ts = entry.instance.transfer_syntax
         report.conversions[entry.action] = report.conversions.get(entry.action, 0) + 1
+    report.seconds["plan"] = round(time.monotonic() - t0, 3)
+    web = _web_stage(entries, work, options, report, progress, cancel)
+    volumes = _pack(tree, roots, options, report, web)
+    _fill_report(report, scanned, volumes)
+    t0 = time.monotonic()
+    finals = output_paths(output, len(volumes))
+    temps = [work / f"vol{v.index}" for v in volumes]
+    labels: list[tuple[Path, Path]] = []
+    for vol, tmp, final in zip(volumes, temps, finals, strict=True):
+        extra = _volume_web(vol, web, work, final, labels)
+        size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel)
+        report.volumes.append(_volume_report(vol, final, size))
+        if options.verify:
+            _verify(tmp, final, profile, report, progress, cancel)
+    _publish(temps, finals, kind)
+    report.labels = [str(dst) for src, dst in labels]
+    for src, dst in labels:
+        os.replace(src, dst)
+    report.seconds["write"] = round(time.monotonic() - t0, 3)
+    report.ok = True
+    return report
+
+
+@dataclass
+class _Web:
+    """The PDI stage's state between planning and writing."""
+
+    settings: pdi.Settings
+    headers: pdi.Headers
+    web: bool
+
+
+def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, report: Report,
+               progress: ProgressFn | None, cancel: Event | None) -> _Web | None:
+    """Render and summarise every instance for the web content and the label."""
+    if not (options.viewer or options.label):
+        return None
+    t0 = time.monotonic()
+    site = webcontent.load_site(options.site) if options.site else webcontent.Site()
+    settings = pdi.Settings(web=options.viewer, site=site, template_dirs=options.templates,
+                            epoch=options.source_date_epoch)
+    headers = pdi.prepare(entries, work, settings, workers=options.workers, progress=progress,
+                          cancel=cancel)
+    items = [e.web.item for e in entries if e.web is not None]
+    report.web = {"images": sum(isinstance(i, webcontent.WebImage) for i in items),
+                  "objects": sum(isinstance(i, webcontent.WebObject) for i in items),
+                  "unreadable": [e.instance.path for e in entries if e.web is None],
+                  "bytes": sum(e.web_bytes for e in entries)}
+    report.seconds["render"] = round(time.monotonic() - t0, 3)
+    return _Web(settings, headers, options.viewer)
+
+
+def _pack(tree, roots, options: Options, report: Report, web: _Web | None) -> list[plan.Volume]:
+    profile = options.profile
+    extra = pdi.base_bytes(web.settings) if web and web.web else 0
     try:
-        packed = plan.split_volumes(tree, roots, profile)
+        packed = plan.split_volumes(tree, roots, profile, extra_bytes=extra)
     except plan.PlanError as exc:
         report.error = str(exc)
         raise MasteringError(report.error, report, 4) from exc
@@ -186,36 +250,39 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         report.error = (f"the content needs {len(packed)} volumes of {profile.capacity_bytes} "
                         "bytes and --no-span was given; nothing was written")
         raise MasteringError(report.error, report, 4)
-    report.seconds["plan"] = round(time.monotonic() - t0, 3)
-    volumes = _volumes(packed, options, profile)
-    _fill_report(report, scanned, volumes)
-    t0 = time.monotonic()
-    finals = output_paths(output, len(volumes))
-    temps = [work / f"vol{v.index}" for v in volumes]
-    for vol, tmp, final in zip(volumes, temps, finals, strict=True):
-        label = f"write {final.name}"
-        dd = dicomdir.encode(vol)
-        if kind == "iso":
-            image = isowriter.build(vol, dd, profile, volume_id=_volume_id(options, vol))
-            if options.source_date_epoch is not None:
-                isowriter.set_dates(image, options.source_date_epoch)
-            size = isowriter.write(image, tmp, label=label, sync=options.sync,
-                                   epoch=options.source_date_epoch, progress=progress,
-                                   cancel=cancel)
-            image.close()
-            if profile.capacity_bytes and size > profile.capacity_bytes:
-                raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
-                                     f"{profile.capacity_bytes}", report, 4)
-        else:
-            size = folderwriter.write(vol, dd, tmp, label=label, sync=options.sync,
-                                      progress=progress, cancel=cancel)
-        report.volumes.append(_volume_report(vol, final, size))
-        if options.verify:
-            _verify(tmp, final, profile, report, progress, cancel)
-    _publish(temps, finals, kind)
-    report.seconds["write"] = round(time.monotonic() - t0, 3)
-    report.ok = True
-    return report
+    return _volumes(packed, options, profile)
+
+
+def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
+                labels: list[tuple[Path, Path]]) -> list[tuple[tuple[str, ...], bytes | Path]]:
+    """One volume's web files (each index covers its own volume) and its label."""
+    if web is None:
+        return []
+    patients = pdi.patients_of(vol, web.headers)
+    for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
+        labels.append((src, final.parent / src.name))
+    return pdi.volume_files(patients, vol, web.settings) if web.web else []
+
+
+def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
+                  options: Options, report: Report, progress: ProgressFn | None,
+                  cancel: Event | None) -> int:
+    profile = options.profile
+    label = f"write {final.name}"
+    dd = dicomdir.encode(vol)
+    if kind != "iso":
+        return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
+                                  progress=progress, cancel=cancel)
+    image = isowriter.build(vol, dd, profile, extra, volume_id=_volume_id(options, vol))
+    if options.source_date_epoch is not None:
+        isowriter.set_dates(image, options.source_date_epoch)
+    size = isowriter.write(image, tmp, label=label, sync=options.sync,
+                           epoch=options.source_date_epoch, progress=progress, cancel=cancel)
+    image.close()
+    if profile.capacity_bytes and size > profile.capacity_bytes:
+        raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
+                             f"{profile.capacity_bytes}", report, 4)
+    return size
 
 
 def _volume_id(options: Options, vol: plan.Volume) -> str | None:

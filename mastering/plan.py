@@ -41,6 +41,8 @@ class FileEntry:
     file_id: tuple[str, ...] = ()
     staged: str | None = None  # path of the transcoded copy
     out_ts: str = ""
+    web: object | None = None  # pdi.Piece: this instance's web content (with --viewer)
+    web_bytes: int = 0  # what that web content takes on the medium
     head: bytes = b""  # "reencode": new meta and header, then the source's pixel data
     pixel_range: tuple[int, int] = (0, 0)  # "reencode": (offset, length) in the source
 
@@ -235,12 +237,16 @@ def _sectors(size: int) -> int:
 def _entry_cost(entry: FileEntry) -> int:
     """Bytes an instance costs on the medium: its sectors, its record, its directory entry."""
     keys = len(entry.instance.leaf)
-    return _sectors(entry.out_size) * SECTOR + keys + RECORD_OVERHEAD + DIR_RECORD_BYTES
+    return (_sectors(entry.out_size) * SECTOR + keys + RECORD_OVERHEAD + DIR_RECORD_BYTES
+            + entry.web_bytes)
 
 
 def _node_cost(keys: dict[int, bytes]) -> int:
-    """A PATIENT/STUDY/SERIES record plus its directory (one extra sector for the listing)."""
-    return sum(len(v) for v in keys.values()) + RECORD_OVERHEAD + SECTOR + DIR_RECORD_BYTES
+    """A PATIENT/STUDY/SERIES record plus its directory (one extra sector for the listing),
+    and as much again for its twin directory under IHE_PDI/ and its page when there is web
+    content (counted for every node: a little generous without it)."""
+    return 2 * (sum(len(v) for v in keys.values()) + RECORD_OVERHEAD + 2 * SECTOR
+                + DIR_RECORD_BYTES)
 
 
 def split_volumes(

@@ -81,8 +81,9 @@ def need(tool: str) -> str:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy (dicom3tools) error lines; warnings are not errors."""
-    res = subprocess.run([need("dciodvfy"), str(path)], capture_output=True, text=True)
-    lines = (res.stdout + res.stderr).splitlines()
+    res = subprocess.run([need("dciodvfy"), str(path)], capture_output=True)
+    # dciodvfy quotes values in their own character set (ISO 8859-5 names, say): not UTF-8
+    lines = (res.stdout + res.stderr).decode("latin-1").splitlines()
     return [line for line in lines if line.startswith("Error")]
 
 

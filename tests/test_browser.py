@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageChops, ImageStat
+from playwright import sync_api
 
 from mastering import label
 from mastering.webcontent import build, write_files
 
 from .test_webcontent import CHARSET_NAMES, CREATED, HOSTILE, SITE, make_model
-
-sync_api = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.browser
 
@@ -43,8 +42,8 @@ def medium(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium")
+    if not CHROMIUM.exists():  # scripts/test installs Debian's chromium: missing is a failure
+        pytest.fail("no /usr/bin/chromium: run scripts/test, which installs it")
     with sync_api.sync_playwright() as pw:
         # playwright gives the browser a fresh temporary --user-data-dir of its own
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)

@@ -22,7 +22,13 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, apply_windowing, convert_color_space, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_windowing,
+    convert_color_space,
+    get_decoder,
+)
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
@@ -90,8 +96,6 @@ def ramp(rows: int = 64, columns: int = 256, top: int = 4095) -> np.ndarray:
 
 def windowed_reference(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """pydicom's modality LUT + apply_windowing, rescaled from its output range to 0..255."""
-    from pydicom.pixels import apply_modality_lut
-
     out = apply_windowing(apply_modality_lut(stored, ds), ds)
     if ds.PixelRepresentation == 0:
         y_min, y_max = 0.0, 2.0**ds.BitsStored - 1

@@ -1,0 +1,217 @@
+"""IHE PDI (RAD TF-2 4.47, RAD TF-3): the web content and label of each volume.
+
+A stage between planning and writing. :func:`prepare` reads every instance once more — this
+time with its pixel data — in worker processes, renders images to JPEG (:mod:`mastering.render`)
+and summarises the rest (:mod:`mastering.webcontent`), spooling the JPEGs to files in the work
+folder so memory holds paths, not pictures. The planner counts each instance's share against
+the medium's capacity; :func:`volume_files` then lays out one volume's INDEX.HTM, README.TXT,
+IHE_PDI/ and VIEWER/ for exactly what that volume holds, and :func:`write_labels` its label.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from threading import Event
+
+import pydicom
+
+from . import label, render, webcontent
+from .intake import Cancelled
+from .plan import SECTOR, FileEntry, Volume
+
+ProgressFn = Callable[[str, int, int], None]
+#: an XHTML page per frame and preset: a sector, two with a long details table
+PAGE_BYTES = 2 * SECTOR
+#: optimize=False: no extra Huffman pass, about 1 ms less per frame for files ~5 % larger
+RENDER_OPTIONS = {"max_size": 1024, "thumb_size": 128, "max_presets": 3, "optimize": False}
+
+
+@dataclass
+class Settings:
+    """What the operator chose: web content and/or a label, the site, template overrides."""
+
+    web: bool = True  # DICOM PLUS WEB; False = DICOM ONLY (README.TXT + INDEX.HTM, a label)
+    site: webcontent.Site = field(default_factory=webcontent.Site)
+    template_dirs: tuple[Path, ...] = ()
+    epoch: int | None = None  # SOURCE_DATE_EPOCH: dates on pages and labels
+
+
+@dataclass
+class Piece:
+    """One instance's share of the web content; headers only for the first of a series."""
+
+    item: webcontent.WebImage | webcontent.WebObject
+    medium_bytes: int
+    headers: tuple[webcontent.WebPatient, webcontent.WebStudy, webcontent.WebSeries] | None
+
+
+# -- per instance (worker processes) --------------------------------------------------------
+
+
+def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
+    """Read, render and spool one instance; errors come back as text."""
+    path, spool, index, web, headers = args
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            item = _item(path, ds, Path(spool), index) if web else \
+                webcontent.WebObject(kind="", title="")
+    except Exception as exc:  # noqa: BLE001 - reported per file
+        return f"{path}: {type(exc).__name__}: {exc}"
+    trio = (webcontent.patient_from_dataset(ds), webcontent.study_from_dataset(ds),
+            webcontent.series_from_dataset(ds)) if headers else None
+    return Piece(item, _bytes(item), trio)
+
+
+def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
+    if render.renderable(path):
+        result = render.render_job((path, RENDER_OPTIONS))
+        if not isinstance(result, str):
+            image = webcontent.image_from_rendering(ds, result)
+            return _spool_image(image, spool, index)
+    obj = webcontent.object_from_dataset(pydicom.dcmread(path, force=True))
+    if obj.pdf is not None and isinstance(obj.pdf, bytes):
+        obj.pdf = _keep(obj.pdf, spool / f"{index:07d}.PDF")
+    return obj
+
+
+def _spool_image(image: webcontent.WebImage, spool: Path, index: int) -> webcontent.WebImage:
+    stem = spool / f"{index:07d}"
+    image.jpegs = [_keep(j, Path(f"{stem}A{n:05d}.JPG")) for n, j in enumerate(image.jpegs)]
+    image.presets = {name: [_keep(j, Path(f"{stem}{chr(66 + p)}{n:05d}.JPG"))
+                            for n, j in enumerate(jpegs)]
+                     for p, (name, jpegs) in enumerate(image.presets.items())}
+    if isinstance(image.thumbnail, bytes):
+        image.thumbnail = _keep(image.thumbnail, Path(f"{stem}T.JPG"))
+    return image
+
+
+def _keep(content: bytes | Path, path: Path) -> Path:
+    if isinstance(content, Path):
+        return content
+    path.write_bytes(content)
+    return path
+
+
+def _rounded(content: bytes | Path | None) -> int:
+    if content is None:
+        return 0
+    return -(-webcontent.content_size(content) // SECTOR) * SECTOR + 48
+
+
+def _bytes(item: webcontent.WebImage | webcontent.WebObject) -> int:
+    """Sectors the instance's files and pages take on the medium (with directory entries)."""
+    if isinstance(item, webcontent.WebObject):
+        return _rounded(item.pdf) + (PAGE_BYTES if item.pdf is not None else 0)
+    frames = len(item.jpegs)
+    jpegs = sum(_rounded(j) for j in item.jpegs) + _rounded(item.thumbnail)
+    jpegs += sum(_rounded(j) for js in item.presets.values() for j in js)
+    return jpegs + frames * (1 + len(item.presets)) * PAGE_BYTES
+
+
+Headers = dict[tuple[str, str, str], tuple]
+
+
+def prepare(entries: list[FileEntry], work: Path, settings: Settings, *, workers: int | None,
+            progress: ProgressFn | None = None, cancel: Event | None = None) -> Headers:
+    """Attach a Piece to every entry (``entry.web``; None if the file could not be read) and
+    return the patient/study/series headers by series key."""
+    spool = work / "web"
+    spool.mkdir(exist_ok=True)
+    headers: Headers = {}
+    keys = [(e.instance.patient_id, e.instance.study_uid, e.instance.series_uid)
+            for e in entries]
+    seen: set[tuple[str, str, str]] = set()
+    jobs = []
+    for i, (e, key) in enumerate(zip(entries, keys, strict=True)):
+        jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen))
+        seen.add(key)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, result in enumerate(pool.map(_job, jobs, chunksize=8)):
+            if cancel is not None and cancel.is_set():
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise Cancelled("cancelled while rendering")
+            if progress:
+                progress("render", i + 1, len(jobs))
+            entries[i].web = result if isinstance(result, Piece) else None
+            entries[i].web_bytes = result.medium_bytes if isinstance(result, Piece) else 0
+            if isinstance(result, Piece) and result.headers is not None:
+                headers[keys[i]] = result.headers
+                result.headers = None
+    return headers
+
+
+# -- per volume ------------------------------------------------------------------------------
+
+
+def created(settings: Settings) -> dt.datetime | None:
+    if settings.epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(settings.epoch, tz=dt.UTC)
+
+
+def base_bytes(settings: Settings) -> int:
+    """What every volume carries whatever its content: README, INDEX, style, viewer, logo."""
+    return webcontent.estimate_bytes([], site=settings.site, template_dirs=settings.template_dirs,
+                                     web=settings.web)
+
+
+def patients_of(volume: Volume, headers: Headers) -> list[webcontent.WebPatient]:
+    """The web model of one volume, in DICOMDIR order (each volume's index covers its own
+    content); a series split over volumes gets its headers on each."""
+    out: list[webcontent.WebPatient] = []
+    for patient in volume.patients:
+        wp = None
+        for study in patient.studies:
+            ws = None
+            for series in study.series:
+                trio = headers.get((patient.id, study.uid, series.uid))
+                if trio is None:
+                    continue
+                if wp is None:
+                    wp = replace(trio[0], studies=[])
+                    out.append(wp)
+                if ws is None:
+                    ws = replace(trio[1], series=[], modalities=[])
+                    wp.studies.append(ws)
+                we = replace(trio[2], images=[], objects=[])
+                ws.series.append(we)
+                if we.modality and we.modality not in ws.modalities:
+                    ws.modalities.append(we.modality)
+                _add_items(we, series.entries)
+    return out
+
+
+def _add_items(we: webcontent.WebSeries, entries: list[FileEntry]) -> None:
+    for entry in entries:
+        piece = entry.web
+        if piece is None:
+            continue
+        piece.item.file_id = entry.file_id
+        if isinstance(piece.item, webcontent.WebImage):
+            we.images.append(piece.item)
+        elif piece.item.kind:
+            we.objects.append(piece.item)
+
+
+def volume_files(patients: list[webcontent.WebPatient], volume: Volume,
+                 settings: Settings) -> list[tuple[tuple[str, ...], bytes | Path]]:
+    return webcontent.build(patients, volume=volume.index, volumes=volume.count,
+                            site=settings.site, template_dirs=settings.template_dirs,
+                            web=settings.web, created=created(settings))
+
+
+def write_labels(target: Path, patients: list[webcontent.WebPatient], volume: Volume,
+                 settings: Settings) -> tuple[Path, Path]:
+    """The label of one volume, written at target (a work path renamed later)."""
+    return label.write_label(target, patients, volume=volume.index, volumes=volume.count,
+                             site=settings.site, web=settings.web,
+                             template_dirs=settings.template_dirs, created=created(settings))
