@@ -60,9 +60,12 @@ def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            item = _item(path, ds, Path(spool), index) if web else \
-                webcontent.WebObject(kind="", title="")
+            if web:  # one read of the whole file serves the pages and the pictures
+                ds = render.read(path)
+                item = _item(path, ds, Path(spool), index)
+            else:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                item = webcontent.WebObject(kind="", title="")
     except Exception as exc:  # noqa: BLE001 - reported per file
         return f"{path}: {type(exc).__name__}: {exc}"
     trio = (webcontent.patient_from_dataset(ds), webcontent.study_from_dataset(ds),
@@ -71,12 +74,15 @@ def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
 
 
 def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
-    if render.renderable(path):
-        result = render.render_job((path, RENDER_OPTIONS))
-        if not isinstance(result, str):
+    if render.renderable(ds):
+        try:
+            result = render.render_dataset(ds, source=path, **RENDER_OPTIONS)
+        except render.RenderError:
+            result = None  # listed as an object instead: the DICOM file is still there
+        if result is not None:
             image = webcontent.image_from_rendering(ds, result)
             return _spool_image(image, spool, index)
-    obj = webcontent.object_from_dataset(pydicom.dcmread(path, force=True))
+    obj = webcontent.object_from_dataset(ds)
     if obj.pdf is not None and isinstance(obj.pdf, bytes):
         obj.pdf = _keep(obj.pdf, spool / f"{index:07d}.PDF")
     return obj

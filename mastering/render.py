@@ -222,6 +222,26 @@ def render(path: Path | str, *, max_size: int = 1024, thumb_size: int = 128,
     return rendering
 
 
+def read(path: Path | str) -> pydicom.FileDataset:
+    """The whole file, as :func:`render_dataset` wants it (read once, use for everything)."""
+    try:
+        return _read(Path(path))
+    except _Unrenderable as exc:
+        raise RenderError(f"{path}: {exc}") from exc
+
+
+def render_dataset(ds: Dataset, *, source: str = "", max_size: int = 1024,
+                   thumb_size: int = 128, quality: int = 85, max_presets: int = 3,
+                   max_frames: int | None = None, optimize: bool = True) -> Rendering:
+    """:func:`render` for a data set already read with :func:`read`; source names it in
+    errors."""
+    opts = _Options(max_size, thumb_size, quality, max_presets, max_frames, optimize)
+    try:
+        return _render(ds, opts)
+    except _Unrenderable as exc:
+        raise RenderError(f"{source}: {exc}") from exc
+
+
 def render_job(args: tuple[Any, ...]) -> Rendering | str:
     """``render(*args[:1], **args[1])`` for a process pool; errors come back as the message.
 
