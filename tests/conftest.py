@@ -69,6 +69,18 @@ def make_ct(folder: Path, name: str, *, patient_id: str = "PID1", patient_name: 
     return path
 
 
+def lower_case_copy(src: Path, dst: Path) -> Path:
+    """A copy of a medium with every name in lower case, as Linux mounts ISO 9660 volumes."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src).as_posix().lower()
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    return dst
+
+
 # -- oracles --------------------------------------------------------------------------------
 
 

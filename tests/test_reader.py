@@ -19,6 +19,8 @@ from pydicom.fileset import FileSet
 from mastering import reader
 from mastering.reader import MediaError, build_tree, open_medium, read_dicomdir, summarize
 
+from .conftest import lower_case_copy
+
 FSID = "READERFS"
 CT_FILE = "PT000000/ST000000/SE000000/IM000000"
 NAMES = {"ISO_IR 100": "Müller^Jürgen", "ISO_IR 192": "山田^太郎"}
@@ -204,14 +206,7 @@ def test_cycle_is_reported_not_followed(folder: Path) -> None:
 
 def test_lower_case_folder_resolves(folder: Path, tmp_path: Path) -> None:
     """A Linux ISO 9660 mount shows lower-case names; File IDs still resolve."""
-    lower = tmp_path / "mnt"
-    for path in sorted(folder.rglob("*")):
-        target = lower / path.relative_to(folder).as_posix().lower()
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, target)
+    lower = lower_case_copy(folder, tmp_path / "mnt")
     with open_medium(lower) as medium:
         assert medium.resolve(CT_FILE) == CT_FILE.lower()
         assert medium.resolve("DICOMDIR") == "dicomdir"

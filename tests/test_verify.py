@@ -28,6 +28,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 from mastering import profiles
 from mastering.verify import VerifyResult, verify
 
+from .conftest import lower_case_copy
+
 FSID = "TESTFS"
 CD = profiles.load("STD-GEN-CD")
 CT_FILE = "PT000000/ST000000/SE000000/IM000000"
@@ -459,14 +461,7 @@ def test_capacity(medium: Path, tmp_path: Path) -> None:
 
 def test_lower_case_mount_is_only_a_note(medium: Path, tmp_path: Path) -> None:
     """Linux shows ISO 9660 names in lower case: File IDs still resolve, a note says so."""
-    lower = tmp_path / "mnt"
-    for path in sorted(medium.rglob("*")):
-        target = lower / path.relative_to(medium).as_posix().lower()
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, target)
+    lower = lower_case_copy(medium, tmp_path / "mnt")
     result = verify(lower, CD)
     assert result.ok, result.violations
     assert any("lower case" in n for n in result.notes)
