@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
-from . import part10, records
+from . import part10, records, reencode
 from .profiles import Profile
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -69,6 +69,9 @@ class Instance:
     filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
     pixel_data_offset: int = -1
+    #: implicit VR files the profile does not take: the streamed re-encoding, made while the
+    #: header is at hand (see mastering.reencode); None otherwise
+    reencoded: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +219,13 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
     def value(kw: str) -> str:
         return values.get(kw) or hdr.text(records._tag(kw))
 
+    reencoded = None
+    if (not profile.allows(layout.body_ts) and part10.EXPLICIT_LE in profile.transfer_syntaxes
+            and reencode.applicable(layout.body_ts, layout.pixel_data_offset)):
+        reencoded = reencode.reencode(path, sop_class, sop_uid, layout.pixel_data_offset,
+                                      layout.dataset_start)
     return Instance(
+        reencoded=reencoded,
         path=path,
         size=layout.size,
         sop_class_uid=sop_class,

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
+from typing import TYPE_CHECKING
 
 from . import (
     IMPLEMENTATION_CLASS_UID,
@@ -24,16 +25,17 @@ from . import (
     dicomdir,
     folderwriter,
     isowriter,
-    pdi,
     plan,
     reencode,
-    webcontent,
 )
 from . import intake as intake_mod
 from .content import output_size
 from .intake import Cancelled, IntakeResult, Problem
 from .part10 import EXPLICIT_LE, IMPLICIT_LE
 from .profiles import Profile
+
+if TYPE_CHECKING:
+    from . import pdi
 
 ProgressFn = Callable[[str, int, int], None]
 FILESET_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -223,6 +225,8 @@ def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, repo
     """Render and summarise every instance for the web content and the label."""
     if not (options.viewer or options.label):
         return None
+    from . import pdi, webcontent  # rendering and templates load only when asked for
+
     t0 = time.monotonic()
     site = webcontent.load_site(options.site) if options.site else webcontent.Site()
     settings = pdi.Settings(web=options.viewer, site=site, template_dirs=options.templates,
@@ -240,7 +244,11 @@ def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, repo
 
 def _pack(tree, roots, options: Options, report: Report, web: _Web | None) -> list[plan.Volume]:
     profile = options.profile
-    extra = pdi.base_bytes(web.settings) if web and web.web else 0
+    extra = 0
+    if web and web.web:
+        from . import pdi
+
+        extra = pdi.base_bytes(web.settings)
     try:
         packed = plan.split_volumes(tree, roots, profile, extra_bytes=extra)
     except plan.PlanError as exc:
@@ -258,6 +266,8 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
     """One volume's web files (each index covers its own volume) and its label."""
     if web is None:
         return []
+    from . import pdi
+
     patients = pdi.patients_of(vol, web.headers)
     for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
         labels.append((src, final.parent / src.name))
@@ -358,7 +368,12 @@ def _publish(temps: list[Path], finals: list[Path], kind: str) -> None:
 
 def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: Report,
            options: Options, progress: ProgressFn | None, cancel: Event | None) -> None:
-    """Transcode what the profile does not allow into the work folder, in parallel."""
+    """Transcode what the profile does not allow into the work folder, in parallel. Implicit
+    VR files that intake already re-encoded (header in memory, pixels streamed) need no job."""
+    done = [e for e in entries if e.action == "transcode" and e.instance.reencoded is not None]
+    for entry in done:
+        _use_reencoded(entry, entry.instance.reencoded, report)
+        entry.instance.reencoded = None
     todo = [e for e in entries if e.action == "transcode"]
     if not todo:
         return
@@ -390,15 +405,19 @@ def _collect(todo, jobs, results, report: Report, progress, cancel) -> None:
                                    "reason": f"cannot convert: {res}"})
             continue
         if isinstance(res, reencode.Reencoded):
-            entry.action, entry.head = "reencode", res.head
-            entry.pixel_range = (res.pixel_offset, res.pixel_length)
-            entry.out_ts, entry.out_size = EXPLICIT_LE, res.size
-            report.converted.append({"path": entry.instance.path, "source_ts": IMPLICIT_LE,
-                                     "target_ts": EXPLICIT_LE, "action": "reencode",
-                                     "decoder": None, "bytes": res.size})
+            _use_reencoded(entry, res, report)
             continue
         entry.staged, entry.out_ts, entry.out_size = job[1], res["target_ts"], res["bytes"]
         report.converted.append({"path": entry.instance.path, **res})
+
+
+def _use_reencoded(entry: plan.FileEntry, res: reencode.Reencoded, report: Report) -> None:
+    entry.action, entry.head = "reencode", res.head
+    entry.pixel_range = (res.pixel_offset, res.pixel_length)
+    entry.out_ts, entry.out_size = EXPLICIT_LE, res.size
+    report.converted.append({"path": entry.instance.path, "source_ts": IMPLICIT_LE,
+                             "target_ts": EXPLICIT_LE, "action": "reencode", "decoder": None,
+                             "bytes": res.size})
 
 
 def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
