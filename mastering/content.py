@@ -20,11 +20,25 @@ from .plan import FileEntry
 
 @dataclass(frozen=True, slots=True)
 class Range:
-    """length bytes of the file at path, from offset."""
+    """length bytes of the file at path, from offset; stamp = (device, inode, size, mtime ns)
+    the file had when it was scanned (None for our own staged files)."""
 
     path: str
     offset: int
     length: int
+    stamp: tuple[int, int, int, int] | None = None
+
+
+class SourceChanged(OSError):
+    """A source file is not the one that was scanned: its record would describe another."""
+
+
+def check_stamp(part: Range, fd: int) -> None:
+    if part.stamp is None:
+        return
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != part.stamp:
+        raise SourceChanged(f"{part.path}: changed after it was scanned; nothing was written")
 
 
 Segment = bytes | Range
@@ -34,17 +48,18 @@ def segments(entry: FileEntry) -> list[Segment]:
     """The pieces that make up the file on the medium."""
     inst = entry.instance
     if entry.action == "copy":
-        return [Range(inst.path, 0, inst.size)]
+        return [Range(inst.path, 0, inst.size, inst.stamp)]
     if entry.action == "reencode":
         offset, length = entry.pixel_range
-        return [entry.head, Range(inst.path, offset, length)]
+        return [entry.head, Range(inst.path, offset, length, inst.stamp)]
     if entry.action == "transcode":
         if entry.staged is None:
             raise ValueError(f"{inst.path}: transcoded copy missing")
         return [Range(entry.staged, 0, entry.out_size)]
     meta = build_meta(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
                       IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
-    return [meta, Range(inst.path, inst.dataset_start, inst.size - inst.dataset_start)]
+    return [meta, Range(inst.path, inst.dataset_start, inst.size - inst.dataset_start,
+                        inst.stamp)]
 
 
 def output_size(entry: FileEntry) -> int:
@@ -103,20 +118,26 @@ class SegmentReader(io.RawIOBase):
             view[: len(chunk)] = chunk
             return len(chunk)
         want = min(len(view), part.length - within)
-        fh = self._open(part.path)
+        fh = self._open(part)
         fh.seek(part.offset + within)
         return fh.readinto(view[:want]) or 0
 
-    def _open(self, path: str) -> io.BufferedReader:
-        if self._fh is None or self._fh_path != path:
+    def _open(self, part: Range) -> io.BufferedReader:
+        if self._fh is None or self._fh_path != part.path:
             self._close_fh()
-            self._fh, self._fh_path = open(path, "rb", buffering=0), path  # noqa: SIM115
+            self._fh, self._fh_path = open(part.path, "rb", buffering=0), part.path  # noqa: SIM115
+            self._part = part
+            check_stamp(part, self._fh.fileno())
         return self._fh
 
     def _close_fh(self) -> None:
+        """Close the open source, checking it did not change while it was read."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                check_stamp(self._part, fh.fileno())
+            finally:
+                fh.close()
 
     def close(self) -> None:
         self._close_fh()
@@ -136,6 +157,7 @@ def copy_to(entry: FileEntry, dst: str) -> None:
 
 def _copy_range(part: Range, out: io.FileIO) -> None:
     with open(part.path, "rb") as src:
+        check_stamp(part, src.fileno())
         left, offset = part.length, part.offset
         while left:
             n = os.copy_file_range(src.fileno(), out.fileno(), left, offset) if hasattr(
@@ -150,7 +172,8 @@ def _copy_range(part: Range, out: io.FileIO) -> None:
                 out.write(chunk)
                 left -= len(chunk)
         if left:
-            raise OSError(f"{part.path}: source changed size while being written")
+            raise SourceChanged(f"{part.path}: source changed size while being written")
+        check_stamp(part, src.fileno())
 
 
 def _chunks(fh: io.BufferedReader, left: int, size: int = 1 << 20) -> Iterator[bytes]:

@@ -72,6 +72,8 @@ class Instance:
     #: implicit VR files the profile does not take: the streamed re-encoding, made while the
     #: header is at hand (see mastering.reencode); None otherwise
     reencoded: object | None = None
+    #: (device, inode, size, mtime ns) at scan time: the writer refuses a file that changed
+    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class DirectoryIndex:
     path: str
     referenced: tuple[str, ...]
     missing: tuple[str, ...]
+    refused: tuple[str, ...] = ()  # File IDs that are not File IDs (.., absolute, odd names)
 
 
 @dataclass
@@ -124,8 +127,14 @@ def expand(inputs: Iterable[Path]) -> Iterator[Path]:
 # -- scanning one file (runs in worker processes) --------------------------------------------
 
 
+def file_stamp(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryIndex:
     try:
+        stamp = file_stamp(path)
         layout = part10.inspect(Path(path), collect=_wanted(profile))
     except part10.NotDicomError as exc:
         return Problem(path, "not-dicom", str(exc))
@@ -140,9 +149,13 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
             sop_class == "" and _meta_class(path) == MEDIA_STORAGE_DIRECTORY
         ):
             return _directory_index(path, _read(path))
-        return _instance(path, layout, hdr, profile)
+        inst = _instance(path, layout, hdr, profile)
     except _Invalid as exc:
         return Problem(path, "invalid", str(exc))
+    inst.stamp = stamp
+    if file_stamp(path) != stamp:
+        return Problem(path, "invalid", "the file changed while it was being read")
+    return inst
 
 
 class _Invalid(Exception):
@@ -313,32 +326,49 @@ def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
     return None
 
 
+FILE_ID_COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,8}$")
+
+
 def _directory_index(path: str, ds: Dataset) -> DirectoryIndex:
+    """The files a DICOMDIR references. A Referenced File ID must be a File ID (PS3.10 8.2:
+    1-8 components of A-Z 0-9 _) inside the File-set (8.6): '..', absolute paths or other
+    names could otherwise pull any file of this machine onto a patient's disc."""
     base = Path(path).parent
-    referenced, missing = [], []
+    referenced, missing, refused = [], [], []
     for rec in ds.get("DirectoryRecordSequence", []):
         if rec.get("RecordInUseFlag", 0xFFFF) == 0 or "ReferencedFileID" not in rec:
             continue
         parts = rec.ReferencedFileID
-        parts = [parts] if isinstance(parts, str) else list(parts)
+        parts = [str(parts)] if isinstance(parts, str) else [str(p) for p in parts]
+        if not 1 <= len(parts) <= 8 or not all(FILE_ID_COMPONENT.match(p) for p in parts):
+            refused.append("\\".join(parts))
+            continue
         found = _resolve(base, parts)
         (referenced if found else missing).append(str(found or base.joinpath(*parts)))
-    return DirectoryIndex(path, tuple(referenced), tuple(missing))
+    return DirectoryIndex(path, tuple(referenced), tuple(missing), tuple(refused))
 
 
 def _resolve(base: Path, parts: list[str]) -> Path | None:
-    """A File ID below base; media mounted with lower-case names resolve case-insensitively."""
+    """A File ID below base; media mounted with lower-case names (or with ';1' versions and
+    trailing dots, map=off) resolve case-insensitively. Never leaves base."""
     path = base.joinpath(*parts)
-    if path.is_file():
-        return path
-    cur = base
-    for part in parts:
-        try:
-            match = next(p for p in cur.iterdir() if p.name.upper().split(";")[0] == part.upper())
-        except (StopIteration, OSError):
-            return None
-        cur = match
-    return cur if cur.is_file() else None
+    if not path.is_file():
+        cur = base
+        for part in parts:
+            try:
+                cur = next(p for p in cur.iterdir() if _plain(p.name) == part.upper())
+            except (StopIteration, OSError):
+                return None
+        path = cur
+    real, root = os.path.realpath(path), os.path.realpath(base)
+    if not path.is_file() or os.path.commonpath([real, root]) != root:
+        return None
+    return path
+
+
+def _plain(name: str) -> str:
+    """An ISO 9660 name as a File ID component: no ';1' version, no empty extension."""
+    return name.split(";")[0].rstrip(".").upper()
 
 
 # -- the whole intake ------------------------------------------------------------------------
@@ -367,6 +397,10 @@ def scan(
                 result.invalid.extend(
                     Problem(m, "missing", f"referenced by {item.path} but not found")
                     for m in item.missing
+                )
+                result.invalid.extend(
+                    Problem(item.path, "invalid", f"references {r!r}, which is not a File ID "
+                            "inside its File-set (PS3.10 8.2, 8.6)") for r in item.refused
                 )
                 for ref in item.referenced:
                     if os.path.realpath(ref) not in seen:

@@ -81,13 +81,12 @@ def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path,
 
 
 def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:
-    parts = segments(entry)
+    """Every DICOM file streams through a SegmentReader: it opens the source only while it is
+    read, and raises where pycdlib would pad a short read silently (a file changed since the
+    scan must fail the run, not reach the disc)."""
+    reader = SegmentReader(segments(entry))
     udf_path = dir_path(entry.file_id) if udf else None
-    if len(parts) == 1 and not isinstance(parts[0], bytes) and parts[0].offset == 0:
-        iso.add_file(parts[0].path, iso_path(entry.file_id), udf_path=udf_path)
-    else:
-        reader = SegmentReader(parts)
-        iso.add_fp(reader, reader.length, iso_path(entry.file_id), udf_path=udf_path)
+    iso.add_fp(reader, reader.length, iso_path(entry.file_id), udf_path=udf_path)
 
 
 def _stamp(epoch: int) -> bytes:

@@ -382,7 +382,8 @@ def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: 
     jobs = [(e.instance.path, str(staging / f"{i:07d}"), profile.transfer_syntaxes,
              e.instance.sop_class_uid, e.instance.sop_instance_uid,
              e.instance.pixel_data_offset if reencode.applicable(
-                 e.instance.transfer_syntax, e.instance.pixel_data_offset) else -1)
+                 e.instance.transfer_syntax, e.instance.pixel_data_offset) else -1,
+             e.instance.stamp)
             for i, e in enumerate(todo)]
     workers = min(options.workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
@@ -424,8 +425,10 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
     """One conversion: the streamed re-encoding where it applies, else a staged transcode."""
     from . import transcode
 
-    src, dst, allowed, sop_class, sop_uid, pixel_offset = job
+    src, dst, allowed, sop_class, sop_uid, pixel_offset, stamp = job
     try:
+        if intake_mod.file_stamp(src) != stamp:
+            return "the file changed after it was scanned"
         if pixel_offset >= 0 and EXPLICIT_LE in allowed:
             done = reencode.reencode(src, sop_class, sop_uid, pixel_offset)
             if done is not None:
@@ -434,6 +437,8 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
             res = transcode.transcode(Path(src), out, list(allowed),
                                       implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                                       implementation_version_name=IMPLEMENTATION_VERSION_NAME)
+        if intake_mod.file_stamp(src) != stamp:
+            return "the file changed while it was being converted"
     except Exception as exc:  # noqa: BLE001 - reported per file, the run decides
         return str(exc)
     return {"source_ts": res.source_ts, "target_ts": res.target_ts, "action": res.action,

@@ -108,3 +108,20 @@ def test_lower_case_cd_mount_resolves(tmp_path: Path) -> None:
             path.rename(path.with_name(path.name.lower()))
     res = _scan(tmp_path / "cd" / "DICOMDIR")
     assert len(res.instances) == 1 and not res.invalid
+
+
+def test_dicomdir_cannot_reach_outside_its_fileset(tmp_path: Path) -> None:
+    """A Referenced File ID with '..' must not pull a file from elsewhere on the machine."""
+    from pydicom.fileset import FileSet
+
+    secret = make_ct(tmp_path / "secret", "OTHERPAT", patient_id="OTHER")
+    fs = FileSet()
+    fs.add(make_ct(tmp_path / "src", "a.dcm"))
+    fs.write(tmp_path / "cd")
+    dd = pydicom.dcmread(tmp_path / "cd" / "DICOMDIR")
+    leaf = next(r for r in dd.DirectoryRecordSequence if "ReferencedFileID" in r)
+    leaf.ReferencedFileID = ["..", "secret", "OTHERPAT"]
+    dd.save_as(tmp_path / "cd" / "DICOMDIR")
+    res = intake.scan([tmp_path / "cd" / "DICOMDIR"], CD, workers=1)
+    assert all(i.path != str(secret) for i in res.instances)
+    assert any("not a File ID" in p.reason for p in res.invalid)

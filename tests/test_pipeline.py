@@ -310,3 +310,28 @@ def test_verify_failure_publishes_nothing(tmp_path: Path, monkeypatch) -> None:
     assert err.value.exit_code == 5
     assert {v["code"] for v in err.value.report.violations} == {"orphan"}
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["iso", "folder"])
+@pytest.mark.parametrize("change", ["replace", "shrink"])
+def test_source_changed_after_scan_fails_the_run(tmp_path: Path, kind: str, change: str) -> None:
+    """A file swapped for another patient's (same size), or cut short, between the scan and
+    the write must fail the run: its directory record would describe something else."""
+    from mastering.content import SourceChanged
+
+    make_ct(tmp_path / "in", "a.dcm", instance=1)
+    a = make_ct(tmp_path / "in", "b.dcm", instance=2, patient_name="ALICE^A")  # written last
+    other = make_ct(tmp_path / "other", "b.dcm", instance=2, patient_name="BOBBY^B")
+    assert other.stat().st_size == a.stat().st_size
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and a.exists() and not hasattr(progress, "done"):
+            progress.done = True
+            data = other.read_bytes() if change == "replace" else a.read_bytes()[:-100]
+            a.write_bytes(data)
+
+    out = tmp_path / ("o.iso" if kind == "iso" else "usb")
+    prof = profiles.load("STD-GEN-CD" if kind == "iso" else "STD-GEN-USB-JPEG")
+    with pytest.raises(SourceChanged):
+        master([tmp_path / "in"], out, Options(prof, workers=1), kind=kind, progress=progress)
+    assert not out.exists() and _leftovers(tmp_path) == []
