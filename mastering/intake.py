@@ -181,7 +181,8 @@ def _header(path: str, layout: part10.Layout) -> records.Header:
     """Raw keys from the walk for little endian bodies; pydicom for everything else."""
     if layout.elements is not None and layout.body_ts in (part10.EXPLICIT_LE, part10.IMPLICIT_LE):
         explicit = layout.body_ts == part10.EXPLICIT_LE
-        hdr = records.RawHeader(layout.elements, explicit, lambda: _read(path))
+        hdr = records.RawHeader(layout.elements, explicit, lambda: _read(path),
+                                layout.oversized)
         if records.record_type(hdr.text(SOP_CLASS_UID)) not in NEEDS_PYDICOM:
             return hdr
     return records.PydicomHeader(_read(path))
@@ -244,7 +245,9 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
         transfer_syntax=layout.body_ts,
-        meta_complete=layout.meta_complete and bool(meta_uid),
+        # a meta header that lacks a Type 1 element or names another SOP Class is rebuilt
+        meta_complete=(layout.meta_complete and bool(meta_uid)
+                       and layout.meta_sop_class_uid == sop_class),
         dataset_start=layout.dataset_start,
         record_type=rtype,
         patient_id=value("PatientID"),

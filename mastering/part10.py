@@ -64,6 +64,9 @@ class Layout:
     #: top-level elements asked for with `collect`: tag -> (VR as read or b"", element bytes)
     elements: dict[int, tuple[bytes, bytes]] | None = None
     meta_sop_instance_uid: str = ""
+    meta_sop_class_uid: str = ""
+    meta_missing: bool = False  # a Type 1 meta element is absent (PS3.10 Table 7.1-1)
+    oversized: frozenset[int] = frozenset()  # asked-for elements too large to collect
 
     @property
     def has_meta(self) -> bool:
@@ -76,7 +79,8 @@ class Layout:
     @property
     def meta_complete(self) -> bool:
         """Preamble, DICM and a meta group naming the body's real transfer syntax."""
-        return self.has_preamble and bool(self.meta_ts) and not self.body_disagrees
+        return (self.has_preamble and bool(self.meta_ts) and not self.body_disagrees
+                and not self.meta_missing)
 
 
 class _Walker:
@@ -87,6 +91,7 @@ class _Walker:
         self.buf, self.explicit, self.little, self.origin = buf, explicit, little, origin
         self.collect = collect
         self.collected: dict[int, tuple[bytes, bytes]] = {}
+        self.oversized: set[int] = set()
         self.end = len(buf)
         self._u16 = struct.Struct("<H" if little else ">H").unpack_from
         self._u32 = struct.Struct("<I" if little else ">I").unpack_from
@@ -140,8 +145,12 @@ class _Walker:
             if tag in PIXEL_TAGS and top:
                 self.pixel_data_offset = pos
             start, pos = pos, self.element_value(tag, vr, length, value)
-            if top and tag in self.collect and pos - start <= COLLECT_LIMIT:
-                self.collected[tag] = (vr if self.explicit else b"", bytes(self.buf[start:pos]))
+            if top and tag in self.collect:
+                if pos - start <= COLLECT_LIMIT:
+                    self.collected[tag] = (vr if self.explicit else b"",
+                                           bytes(self.buf[start:pos]))
+                else:
+                    self.oversized.add(tag)
         if pos > stop:
             raise self.fail(stop, "element runs past the end of its container")
         if in_item and stop == self.end:
@@ -222,20 +231,36 @@ def _looks_explicit(buf: bytes | mmap.mmap, pos: int) -> bool:
     return bytes(buf[pos + 4 : pos + 6]) in VALID_VRS
 
 
-def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> tuple[int, str, str]:
-    """Walk the group 0002 elements (always explicit VR LE); returns (end offset, TS UID,
-    Media Storage SOP Instance UID)."""
+#: Type 1 elements of the File Meta Information (PS3.10 Table 7.1-1)
+META_TYPE1 = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010,
+                        0x00020012})
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    end: int
+    ts: str  # "" = a meta group without (0002,0010): the body decides
+    sop_instance_uid: str
+    sop_class_uid: str
+    missing: bool  # a Type 1 element is absent
+
+
+def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> _Meta:
+    """Walk the group 0002 elements (always explicit VR LE, PS3.10 7.1)."""
     walker = _Walker(buf, explicit=True, little=True, origin=origin)
-    ts, sop_uid = None, ""
+    texts: dict[int, str] = {}
+    seen: set[int] = set()
     while pos + 4 <= len(buf) and walker.tag_at(pos) >> 16 == 0x0002:
         tag, vr, length, value = walker.header(pos, False)
         if length == UNDEFINED or value + length > len(buf):
             raise walker.fail(pos, "file meta information runs past the end of the file")
-        if tag in (0x00020003, 0x00020010):
-            text = bytes(buf[value : value + length]).rstrip(b"\0 ").decode("ascii", "replace")
-            ts, sop_uid = (text, sop_uid) if tag == 0x00020010 else (ts, text)
+        seen.add(tag)
+        if tag in (0x00020002, 0x00020003, 0x00020010):
+            raw = bytes(buf[value : value + length]).rstrip(b"\0 ")
+            texts[tag] = raw.decode("ascii", "replace")
         pos = value + length
-    return pos, ts or "", sop_uid  # "" = meta present without (0002,0010): the body decides
+    return _Meta(pos, texts.get(0x00020010, ""), texts.get(0x00020003, ""),
+                 texts.get(0x00020002, ""), not seen >= META_TYPE1)
 
 
 def _encoding(ts: str) -> tuple[bool, bool]:
@@ -261,7 +286,7 @@ def inspect(path: Path, collect: frozenset[int] = frozenset()) -> Layout:
 def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -> Layout:
     has_preamble = size >= PREAMBLE_LEN + 4 and buf[PREAMBLE_LEN : PREAMBLE_LEN + 4] == MAGIC
     meta_start = PREAMBLE_LEN + 4 if has_preamble else 0
-    meta_ts, meta_uid = None, ""
+    meta_ts, meta = None, _Meta(meta_start, "", "", "", True)
     start = meta_start
     first_group = struct.unpack_from("<H", buf, meta_start)[0]
     if not has_preamble and first_group not in _FIRST_GROUPS and (
@@ -269,13 +294,14 @@ def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -
     ):
         raise NotDicomError("no DICM preamble and no plausible first data element")
     if first_group == 0x0002:
-        start, meta_ts, meta_uid = _read_meta(buf, meta_start, "file meta information")
+        meta = _read_meta(buf, meta_start, "file meta information")
+        start, meta_ts = meta.end, meta.ts
     elif has_preamble:
         raise StructureError("'DICM' prefix but no file meta information group")
     if start >= size:
         raise StructureError("file meta information but no data set (empty body)")
     if meta_ts == DEFLATED_LE:
-        return _inspect_deflated(buf, size, has_preamble, meta_start, start, meta_uid)
+        return _inspect_deflated(buf, size, has_preamble, meta_start, start, meta)
     body_ts = _body_ts(buf, start, meta_ts)
     explicit, little = _encoding(body_ts)
     walker = _Walker(buf, explicit, little, origin="file",
@@ -284,7 +310,8 @@ def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -
     if end != size:
         raise StructureError(f"data set ends at byte {end} but the file has {size} bytes")
     return Layout(size, has_preamble, meta_start, start, meta_ts, body_ts,
-                  walker.pixel_data_offset, walker.collected, meta_uid)
+                  walker.pixel_data_offset, walker.collected, meta.sop_instance_uid,
+                  meta.sop_class_uid, meta.missing, frozenset(walker.oversized))
 
 
 def _body_ts(buf: mmap.mmap, start: int, meta_ts: str | None) -> str:
@@ -306,7 +333,7 @@ def _body_ts(buf: mmap.mmap, start: int, meta_ts: str | None) -> str:
 
 
 def _inspect_deflated(
-    buf: mmap.mmap, size: int, has_preamble: bool, meta_start: int, start: int, meta_uid: str
+    buf: mmap.mmap, size: int, has_preamble: bool, meta_start: int, start: int, meta: _Meta
 ) -> Layout:
     """Deflated bodies (PS3.5 A.5) cannot be walked in place: inflate and walk the result."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -322,7 +349,8 @@ def _inspect_deflated(
         raise StructureError("inflated data set has trailing bytes")
     # the pixel data offset is one in the inflated body: only its presence means anything
     return Layout(size, has_preamble, meta_start, start, DEFLATED_LE, DEFLATED_LE,
-                  walker.pixel_data_offset, None, meta_uid)
+                  walker.pixel_data_offset, None, meta.sop_instance_uid, meta.sop_class_uid,
+                  meta.missing)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -193,8 +193,9 @@ class RawHeader:
     dictionary. Anything else (implicit sequences, ambiguous VRs) asks the fallback."""
 
     def __init__(self, elements: dict[int, tuple[bytes, bytes]], explicit: bool,
-                 fallback: Callable[[], Dataset]):
+                 fallback: Callable[[], Dataset], oversized: frozenset[int] = frozenset()):
         self.elements, self.explicit, self._fallback = elements, explicit, fallback
+        self.oversized = oversized  # too large to collect during the walk: pydicom reads them
         self._pydicom: PydicomHeader | None = None
 
     def _value(self, tag: int) -> bytes | None:
@@ -216,10 +217,14 @@ class RawHeader:
             return "UN"
 
     def has(self, tag: int) -> bool:
+        if tag in self.oversized:
+            return self.pydicom().has(tag)
         value = self._value(tag)
         return bool(value) and bool(value.strip(b" \0"))
 
     def text(self, tag: int) -> str:
+        if tag in self.oversized:
+            return self.pydicom().text(tag)
         value = self._value(tag)
         if value is None:
             return ""
@@ -228,11 +233,16 @@ class RawHeader:
         return self.pydicom().text(tag)
 
     def encoded(self, tag: int) -> bytes | None:
+        if tag in self.oversized:
+            return self.pydicom().encoded(tag)
         if tag not in self.elements:
             return None
         vr = self._vr(tag)
-        if self.explicit and len(vr) == 2:
-            return self.elements[tag][1]
+        odd = len(self._value(tag) or b"") % 2
+        if self.explicit and len(vr) == 2 and vr != "UN" and not odd:
+            return self.elements[tag][1]  # already the DICOMDIR's encoding, byte for byte
+        if vr == "UN" and self.explicit:
+            return self.pydicom().encoded(tag)  # a known key sent as UN: dictionary VR
         if vr in TEXT_VRS:
             return encode_text(tag, vr, self._value(tag) or b"")
         if len(vr) == 2 and vr not in ("SQ", "UN"):  # numbers: little endian either way
@@ -269,7 +279,7 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
         return None
     for source in rule.get("copy", ()):
         value = known.get(source) or hdr.text(_tag(source))
-        if value:
+        if value and value.isascii():  # a copied value is re-encoded as ASCII
             return value[: rule.get("max_length", 64)]
     kind = rule.get("derive")
     if kind == "running":

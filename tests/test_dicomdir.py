@@ -164,3 +164,20 @@ def test_the_oracle_can_fail(mixed, tmp_path: Path) -> None:
     errors = dciodvfy_errors(tmp_path / "DICOMDIR")
     assert any("Patient ID" in e or "PatientID" in e for e in errors), errors
     assert any("StudyDate" in e or "Study Date" in e for e in errors), errors
+
+
+@pytest.mark.oracle
+def test_odd_length_value_is_padded_in_the_record(tmp_path: Path) -> None:
+    """A modality that wrote an odd-length Study Description (not allowed, but seen) must not
+    make our DICOMDIR unreadable: the record's copy is padded to even length."""
+    src = make_ct(tmp_path / "in", "a.dcm", StudyDescription="ABCD")
+    data = src.read_bytes()
+    odd = data.replace(b"\x08\x00\x30\x10LO\x04\x00ABCD", b"\x08\x00\x30\x10LO\x03\x00ABC")
+    assert odd != data
+    src.write_bytes(odd)
+    master([tmp_path / "in"], tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD")))
+    root = extract_iso(tmp_path / "o.iso", tmp_path / "x")
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    study = next(r for r in pydicom.dcmread(root / "DICOMDIR").DirectoryRecordSequence
+                 if r.DirectoryRecordType == "STUDY")
+    assert study.StudyDescription == "ABC"

@@ -125,3 +125,44 @@ def test_dicomdir_cannot_reach_outside_its_fileset(tmp_path: Path) -> None:
     res = intake.scan([tmp_path / "cd" / "DICOMDIR"], CD, workers=1)
     assert all(i.path != str(secret) for i in res.instances)
     assert any("not a File ID" in p.reason for p in res.invalid)
+
+
+def test_incomplete_meta_is_rebuilt(tmp_path: Path) -> None:
+    """A meta group missing Type 1 elements, or naming another SOP Class, gets a new one."""
+    p = make_ct(tmp_path, "a.dcm")
+    ds = pydicom.dcmread(p)
+    del ds.file_meta.ImplementationClassUID
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=False)
+    inst = intake.scan_file(str(tmp_path / "b.dcm"), CD)
+    assert isinstance(inst, Instance) and not inst.meta_complete
+    ds = pydicom.dcmread(p)
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR, data set is CT
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=False)
+    inst = intake.scan_file(str(tmp_path / "c.dcm"), CD)
+    assert isinstance(inst, Instance) and not inst.meta_complete
+    assert intake.scan_file(str(p), CD).meta_complete
+
+
+def test_oversized_keys(tmp_path: Path) -> None:
+    """A key too large for the walk's collection (a 100 KB Referenced Image Sequence) is
+    still taken, through pydicom."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    refs = []
+    for i in range(1200):
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        item.ReferencedSOPInstanceUID = f"1.2.3.4.5.6.7.{i}"
+        refs.append(item)
+    p = make_ct(tmp_path, "a.dcm", ReferencedImageSequence=Sequence(refs))
+    inst = intake.scan_file(str(p), CD)
+    assert isinstance(inst, Instance)
+    assert 0x00081140 in intake.records.split(inst.leaf)
+
+
+def test_non_ascii_accession_is_not_copied_into_study_id(tmp_path: Path) -> None:
+    p = make_ct(tmp_path, "a.dcm", StudyID=None, AccessionNumber="ÄB12")
+    inst = intake.scan_file(str(p), CD)
+    assert isinstance(inst, Instance)
+    assert dict(inst.filled)["StudyID"].startswith("ST")
