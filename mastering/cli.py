@@ -137,7 +137,9 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
                                verify=args.verify, viewer=args.viewer, label=args.label,
                                site=args.site, templates=tuple(args.templates))
     cancel = Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind
+    previous = {sig: signal.signal(sig, lambda *_: cancel.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     show = not args.quiet and not args.json and err.is_terminal
     code, report = EXIT_OK, None
     try:
@@ -155,7 +157,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[red]error:[/] {exc}")
         return EXIT_IO
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _emit(report, args, out, err)
     return code
 

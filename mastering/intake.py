@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -110,18 +111,41 @@ ProgressFn = Callable[[str, int, int], None]
 # -- finding files ---------------------------------------------------------------------------
 
 
-def expand(inputs: Iterable[Path]) -> Iterator[Path]:
-    """Files below the inputs, depth first in sorted order (deterministic)."""
+def expand(inputs: Iterable[Path]) -> tuple[list[str], list[Problem]]:
+    """Regular files below the inputs, depth first in sorted order (deterministic), following
+    folder links once (a link loop is walked once); anything else (FIFOs, devices, broken
+    links) is listed, never opened: reading a FIFO would block the run for ever."""
+    files: list[str] = []
+    skipped: list[Problem] = []
+    seen_dirs: set[tuple[int, int]] = set()
     for item in inputs:
         if item.is_dir():
-            for root, dirs, files in os.walk(item):
+            for root, dirs, names in os.walk(item, followlinks=True):
+                st = os.stat(root)
+                if (st.st_dev, st.st_ino) in seen_dirs:
+                    dirs[:] = []
+                    continue
+                seen_dirs.add((st.st_dev, st.st_ino))
                 dirs.sort()
-                for name in sorted(files):
-                    yield Path(root, name)
-        elif item.exists():
-            yield item
+                for name in sorted(names):
+                    _classify(os.path.join(root, name), files, skipped)
+        elif item.exists() or item.is_symlink():
+            _classify(str(item), files, skipped)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
+    return files, skipped
+
+
+def _classify(path: str, files: list[str], skipped: list[Problem]) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        skipped.append(Problem(path, "not-dicom", f"cannot be read: {exc.strerror or exc}"))
+        return
+    if stat.S_ISREG(mode):
+        files.append(path)
+    else:
+        skipped.append(Problem(path, "not-dicom", "not a regular file"))
 
 
 # -- scanning one file (runs in worker processes) --------------------------------------------
@@ -386,8 +410,8 @@ def scan(
     workers: int | None = None,
 ) -> IntakeResult:
     """Scan inputs (files and folders, recursively) and return instances and problems."""
-    paths = [str(p) for p in expand(inputs)]
-    result = IntakeResult([], [], [], [], 0)
+    paths, skipped = expand(inputs)
+    result = IntakeResult([], skipped, [], [], 0)
     seen = {os.path.realpath(p) for p in paths}
     merger = _Merger(result)
     queue = paths

@@ -9,6 +9,7 @@ its final place and renamed only when all volumes are complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -175,7 +176,12 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
                     cancel: Event | None) -> Report:
     profile = options.profile
     t0 = time.monotonic()
-    tree, roots = plan.build_tree(scanned.instances, profile, report.warnings)
+    conflicts: list[tuple[str, str]] = []
+    tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
+    report.invalid += [{"path": p, "kind": "conflict", "reason": r} for p, r in conflicts]
+    if conflicts and not options.skip_invalid:
+        report.error = f"{len(report.invalid)} invalid input file(s); nothing was written"
+        raise MasteringError(report.error, report, 3)
     entries = [e for p in tree for st in p.studies for se in st.series for e in se.entries] + roots
     _stage(entries, profile, work, report, options, progress, cancel)
     if report.invalid and not options.skip_invalid:
@@ -202,7 +208,7 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         report.volumes.append(_volume_report(vol, final, size))
         if options.verify:
             _verify(tmp, final, profile, report, progress, cancel)
-    _publish(temps, finals, kind)
+    _publish(temps, finals, kind, labels)
     report.labels = [str(dst) for src, dst in labels]
     for src, dst in labels:
         os.replace(src, dst)
@@ -325,7 +331,10 @@ def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:
     for i, (patients, roots) in enumerate(packed, 1):
         fsid = plan.volume_fileset_id(options.fileset_id, i, len(packed))
         vol = plan.Volume(i, len(packed), fsid, "", patients, roots)
-        plan.assign_file_ids(vol, profile)
+        try:
+            plan.assign_file_ids(vol, profile)
+        except plan.PlanError as exc:  # a profile whose naming rules our layout cannot meet
+            raise MasteringError(str(exc), Report(profile.id, ""), 2) from exc
         vol.fileset_uid = plan.fileset_uid(vol.entries(), fsid, i,
                                            options.source_date_epoch is not None)
         volumes.append(vol)
@@ -333,10 +342,12 @@ def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:
 
 
 def _fill_report(report: Report, scanned: IntakeResult, volumes: list[plan.Volume]) -> None:
+    """Counts over the whole run: a patient or series spread over two volumes counts once."""
+    patients = {p.id for v in volumes for p in v.patients}
+    studies = {(p.id, st.uid) for v in volumes for p in v.patients for st in p.studies}
+    series = {se.uid for v in volumes for p in v.patients for st in p.studies for se in st.series}
+    report.patients, report.studies, report.series = len(patients), len(studies), len(series)
     for vol in volumes:
-        report.patients += len(vol.patients)
-        report.studies += sum(len(p.studies) for p in vol.patients)
-        report.series += sum(len(s.series) for p in vol.patients for s in p.studies)
         for e in vol.entries():
             report.instances += 1
             report.bytes += e.out_size
@@ -352,15 +363,44 @@ def _volume_report(vol: plan.Volume, final: Path, size: int) -> VolumeReport:
         instances=len(vol.entries()), bytes=size)
 
 
-def _publish(temps: list[Path], finals: list[Path], kind: str) -> None:
-    """Rename every finished volume into place; refuse to replace a non-empty folder."""
+def _publish(temps: list[Path], finals: list[Path], kind: str,
+             labels: list[tuple[Path, Path]] = ()) -> None:
+    """Rename every finished volume into place, after checking that every rename can be done
+    (a non-empty folder is never replaced). Images of an earlier run to the same name that
+    this run does not replace (OUT-3.iso after a 2-volume run) are removed with their labels,
+    so a set on disk is always one run's: a burner picking up OUT*.iso cannot mix patients."""
     for final in finals:
         if kind == "folder" and final.exists() and (not final.is_dir() or any(final.iterdir())):
             raise FileExistsError(f"{final}: exists and is not an empty folder")
+        if kind == "iso" and final.is_dir():
+            raise FileExistsError(f"{final}: is a folder")
+    if kind == "iso":
+        for stale in _earlier_set(finals, {dst.name for _src, dst in labels}):
+            stale.unlink()
     for tmp, final in zip(temps, finals, strict=True):
         if kind == "folder" and final.is_dir():
             final.rmdir()
         os.replace(tmp, final)
+    _sync_dir(finals[0].parent)
+
+
+def _earlier_set(finals: list[Path], labels: set[str]) -> list[Path]:
+    """Files of an earlier run of the same output name that this run will not replace."""
+    first = finals[0]
+    stem = first.stem.rsplit("-", 1)[0] if len(finals) > 1 else first.stem
+    pattern = re.compile(rf"^{re.escape(stem)}(-\d+)?"
+                         rf"({re.escape(first.suffix)}|\.label\.svg|\.label\.png)$")
+    keep = {f.name for f in finals} | labels
+    return [p for p in first.parent.iterdir() if pattern.match(p.name) and p.is_file()
+            and p.name not in keep]
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- conversions ----------------------------------------------------------------------------

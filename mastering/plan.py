@@ -106,13 +106,19 @@ def _num(value: str) -> float:
 
 
 def build_tree(
-    instances: Iterable[Instance], profile: Profile, warnings: list[str] | None = None
+    instances: Iterable[Instance], profile: Profile, warnings: list[str] | None = None,
+    conflicts: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Patient], list[FileEntry]]:
     """Group instances into a sorted patient tree; root-level instances come back apart.
     Files that disagree on a patient's name or birth date under one Patient ID are reported in
-    warnings (without the values): the record takes the first file's."""
+    warnings (without the values): the record takes the first file's. A Series Instance UID
+    must have one SERIES record per File-set (PS3.3 F.5.3): a file that puts a series under
+    another patient or study is left out and listed in conflicts as (path, reason)."""
     warnings = [] if warnings is None else warnings
+    conflicts = [] if conflicts is None else conflicts
     first_file: dict[str, str] = {}
+    series_home: dict[str, tuple[str, str, str]] = {}  # series UID -> (patient, study, path)
+    study_home: dict[str, tuple[str, str]] = {}  # study UID -> (patient, path)
     patients: dict[str, Patient] = {}
     studies: dict[tuple[str, str], Study] = {}
     series: dict[tuple[str, str, str], Series] = {}
@@ -124,6 +130,16 @@ def build_tree(
             continue
         pk, sk, ek = inst.patient_id, (inst.patient_id, inst.study_uid), (
             inst.patient_id, inst.study_uid, inst.series_uid)
+        home = series_home.setdefault(inst.series_uid, (*sk, inst.path))
+        if home[:2] != sk:
+            conflicts.append((inst.path, f"Series Instance UID {inst.series_uid} is also in "
+                              f"{home[2]} under another patient or study"))
+            continue
+        owner = study_home.setdefault(inst.study_uid, (pk, inst.path))
+        if owner[0] != pk and owner[1] != "":
+            warnings.append(f"{inst.path}: Study Instance UID {inst.study_uid} is also in "
+                            f"{owner[1]} under another Patient ID; each gets a STUDY record")
+            study_home[inst.study_uid] = (owner[0], "")  # say it once
         if pk not in patients:
             patients[pk] = Patient(pk, {})
         if sk not in studies:
@@ -313,6 +329,10 @@ class _Packer:
                 self._new()  # the series is larger than a volume: continue it on the next
                 target = self._place(patient, study, se)
                 self.used += self._path_cost_used
+                if not self._fits(cost):
+                    raise PlanError(
+                        f"{entry.instance.path}: {entry.out_size} bytes do not fit on one medium"
+                    )
             target.entries.append(entry)
             self.used += cost
 

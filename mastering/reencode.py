@@ -87,6 +87,7 @@ _BY_PIXEL_REPRESENTATION = frozenset(
     {0x00280104, 0x00280105, 0x00280106, 0x00280107, 0x00280108, 0x00280109, 0x00280110,
      0x00280111, 0x00280120, 0x00280121})
 _LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_TEXT = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
 _ITEM_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -137,17 +138,22 @@ def _elements(buf: memoryview, pos: int, end: int, out: list[bytes], state: dict
         if len(value) != length:
             raise _Fallback
         pos += length
-        if elem == 0 or group == 0x0002:
-            continue  # group lengths and stray meta elements are not carried over
+        if elem == 0 or group in (0x0000, 0x0002):
+            continue  # group lengths, command and stray meta elements are not carried over
         if top and tag in (0x00280100, 0x00280103) and length == 2:
             state["bits" if tag == 0x00280100 else "pixrep"] = struct.unpack("<H", value)[0]
+        value = bytes(value)
+        if length % 2:  # not allowed (PS3.5 7.1.1) but seen: pad as PS3.5 6.2 says
+            if vr not in _TEXT:
+                raise _Fallback
+            value += b"\0" if vr == "UI" else b" "
         if vr in _LONG:
-            out.append(struct.pack("<HH2sHI", group, elem, vr.encode(), 0, length))
-        elif length > 0xFFFF:
+            out.append(struct.pack("<HH2sHI", group, elem, vr.encode(), 0, len(value)))
+        elif len(value) > 0xFFFF:
             raise _Fallback
         else:
-            out.append(struct.pack("<HH2sH", group, elem, vr.encode(), length))
-        out.append(bytes(value))
+            out.append(struct.pack("<HH2sH", group, elem, vr.encode(), len(value)))
+        out.append(value)
     return pos
 
 
@@ -174,8 +180,10 @@ def _items(buf: memoryview, pos: int, length: int, out: list[bytes], state: dict
 
 
 def _vr(tag: int, state: dict, length: int) -> str:
-    if (tag >> 16) & 1:  # private: UN, unless an undefined length says sequence (PS3.5 7.5.1)
-        return "SQ" if length == UNDEFINED and tag & 0xFFFF >= 0x0100 else "UN"
+    if (tag >> 16) & 1:  # private: creators are LO (PS3.5 7.8.1); the rest UN or a sequence
+        if 0x0010 <= tag & 0xFFFF <= 0x00FF:
+            return "LO"
+        return "SQ" if length == UNDEFINED else "UN"
     try:
         vr = dictionary_VR(tag)
     except KeyError:

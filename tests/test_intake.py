@@ -166,3 +166,19 @@ def test_non_ascii_accession_is_not_copied_into_study_id(tmp_path: Path) -> None
     inst = intake.scan_file(str(p), CD)
     assert isinstance(inst, Instance)
     assert dict(inst.filled)["StudyID"].startswith("ST")
+
+
+def test_links_fifos_and_broken_links(tmp_path: Path) -> None:
+    """Folder links are followed once, a FIFO is listed and never opened, a broken link is
+    listed: none of them stops or hangs the run."""
+    import os
+
+    make_ct(tmp_path / "in", "a.dcm")
+    make_ct(tmp_path / "elsewhere", "b.dcm", instance=2)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "linked")
+    os.symlink(tmp_path / "in", tmp_path / "in" / "loop")
+    os.mkfifo(tmp_path / "in" / "pipe")
+    os.symlink(tmp_path / "nowhere", tmp_path / "in" / "dangling")
+    res = _scan(tmp_path / "in")
+    assert len(res.instances) == 2 and not res.invalid
+    assert {Path(p.path).name for p in res.ignored} == {"pipe", "dangling"}

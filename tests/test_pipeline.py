@@ -335,3 +335,17 @@ def test_source_changed_after_scan_fails_the_run(tmp_path: Path, kind: str, chan
     with pytest.raises(SourceChanged):
         master([tmp_path / "in"], out, Options(prof, workers=1), kind=kind, progress=progress)
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_new_run_replaces_the_whole_earlier_set(tmp_path: Path) -> None:
+    """After a 3-volume run, a 1-volume run to the same name leaves only its own image."""
+    for s in range(3):
+        for i in range(1, 4):
+            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", rows=64, instance=i,
+                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1)
+    small = profiles.load("STD-GEN-CD").with_capacity(150_000)
+    report = master([tmp_path / "in"], tmp_path / "o.iso", Options(small, label=True))
+    assert len(report.volumes) >= 2 and (tmp_path / "o-2.label.svg").exists()
+    (tmp_path / "other.iso").write_bytes(b"not ours")
+    master([tmp_path / "in"], tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD")))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["o.iso", "other.iso"]

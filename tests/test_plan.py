@@ -121,3 +121,30 @@ def test_inconsistent_patient_is_reported(tmp_path: Path) -> None:
     tree, _ = plan.build_tree(res.instances, CD, warnings)
     assert len(tree) == 1 and len(warnings) == 1
     assert "Patient's Name differs" in warnings[0] and "JOAN" not in warnings[0]
+
+
+def test_series_under_two_studies_is_a_conflict(tmp_path: Path) -> None:
+    make_ct(tmp_path, "a.dcm", study_uid="1.2.1", series_uid="1.2.1.1")
+    make_ct(tmp_path, "b.dcm", study_uid="1.2.2", series_uid="1.2.1.1", instance=2)
+    make_ct(tmp_path, "c.dcm", patient_id="OTHER", study_uid="1.2.1", series_uid="1.2.1.7")
+    res = intake.scan([tmp_path], CD, workers=1)
+    conflicts: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    tree, _ = plan.build_tree(res.instances, CD, warnings, conflicts)
+    assert [Path(p).name for p, _ in conflicts] == ["b.dcm"]
+    assert "1.2.1.1" in conflicts[0][1]
+    assert any("Study Instance UID 1.2.1" in w for w in warnings)  # study under two patients
+    uids = [se.uid for p in tree for st in p.studies for se in st.series]
+    assert len(uids) == len(set(uids))
+
+
+def test_overflowing_file_is_checked_on_the_next_volume(tmp_path: Path) -> None:
+    """A small and a big file of one series: the big one moves to a new volume, where it must
+    still be checked (it does not fit there either)."""
+    make_ct(tmp_path, "small.dcm", rows=8, instance=1)
+    make_ct(tmp_path, "big.dcm", rows=256, instance=2)
+    tree, roots = _tree(tmp_path)
+    small = plan._entry_cost(tree[0].studies[0].series[0].entries[0])
+    base = (plan.ISO_BASE_SECTORS + 2) * plan.SECTOR + 3 * plan._node_cost({}) + 2000
+    with pytest.raises(PlanError, match="do not fit"):
+        plan.split_volumes(tree, roots, CD.with_capacity(base + small + 4 * plan.SECTOR))

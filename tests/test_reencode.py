@@ -74,3 +74,23 @@ def test_ambiguous_vr_falls_back() -> None:
     """LUT Data is 'US or OW': left to pydicom, which knows the rules."""
     body = b"\x28\x00\x06\x30\x04\x00\x00\x00\x01\x00\x02\x00"
     assert reencode.explicit_header(body, 2) is None
+
+
+def test_private_creator_is_lo_and_odd_values_are_padded(tmp_path: Path) -> None:
+    src = make_ct(tmp_path, "p.dcm", implicit=True, rows=4, StudyDescription="ABCD")
+    ds = pydicom.dcmread(src)
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091001, "LO", "private value")
+    ds.save_as(src)
+    data = src.read_bytes()
+    # make Study Description odd-length (ABCD -> ABC), as some modalities write it
+    odd = data.replace(b"\x08\x00\x30\x10\x04\x00\x00\x00ABCD",
+                       b"\x08\x00\x30\x10\x03\x00\x00\x00ABC")
+    assert odd != data
+    src.write_bytes(odd)
+    layout = part10.inspect(src)
+    body = odd[layout.dataset_start:layout.pixel_data_offset]
+    head = reencode.explicit_header(body, 32)
+    assert head is not None
+    assert b"\x09\x00\x10\x00LO\x08\x00ACME 1.0" in head  # creator: LO, not UN
+    assert b"\x08\x00\x30\x10LO\x04\x00ABC " in head  # padded to even length
