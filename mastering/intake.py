@@ -37,6 +37,9 @@ UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 LEAF = "LEAF"
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 RUNNING = ("SeriesNumber", "InstanceNumber")
+#: PATIENT keys that must agree between files with one Patient ID (dcmtk warns likewise)
+PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth Date",
+                      0x00100040: "Patient's Sex"}
 #: record types whose keys need pydicom (nested SR content)
 NEEDS_PYDICOM = frozenset({"SR DOCUMENT", "KEY OBJECT DOC"})
 
@@ -103,6 +106,7 @@ class IntakeResult:
     invalid: list[Problem]  # corrupt, truncated, not storable, conflicting, missing
     indexes: list[DirectoryIndex]
     files_seen: int = 0
+    warnings: list[str] = field(default_factory=list)  # no patient values quoted
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -505,10 +509,22 @@ class _Merger:
         if first is None:
             self.series_first[key] = inst
             return
+        self._compare_patient(first, inst)
         for level in records.LEVELS:  # 1C keys: take them from any instance that has them
             for tag, enc in inst.keys.get(level, {}).items():
                 first.keys[level].setdefault(tag, enc)
             inst.keys.pop(level, None)
+
+    def _compare_patient(self, first: Instance, inst: Instance) -> None:
+        """Files of one series that disagree on the patient are worth a warning: the record
+        keeps the first file's values (the planner does the same across series)."""
+        mine, theirs = first.keys.get("PATIENT", {}), inst.keys.get("PATIENT", {})
+        for tag, name in PATIENT_CONSISTENT.items():
+            a, b = mine.get(tag), theirs.get(tag)
+            if a is not None and b is not None and a[8:].rstrip(b" ") != b[8:].rstrip(b" "):
+                self.result.warnings.append(
+                    f"{inst.path}: {name} differs from {first.path} under the same Patient "
+                    "ID; the directory record keeps the first")
 
     def finish(self) -> None:
         for uid, paths in self.conflicts.items():

@@ -138,6 +138,9 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
     profile = options.profile
     report = Report(profile=profile.id, output=str(output))
     check_fileset_id(options.fileset_id)
+    if options.volume_id not in (None, options.fileset_id) and profile.media_kind in ("cd", "dvd"):
+        report.warnings.append("the volume ID differs from the File-set ID; PS3.12 F.1.1 asks "
+                               "for them to be equal, so verify will report it")
     if kind == "iso" and not profile.writes_iso:
         raise MasteringError(f"profile {profile.id} is for {profile.filesystem.upper()} media: "
                              "use 'mastering fileset' and copy the folder to the stick", report, 2)
@@ -165,6 +168,7 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
 
 def _record_intake(report: Report, scanned: IntakeResult) -> None:
     report.files_seen = scanned.files_seen
+    report.warnings += scanned.warnings
     report.ignored = _problems(scanned.ignored)
     report.invalid = _problems(scanned.invalid)
     for inst in scanned.instances:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import records
-from .intake import Instance
+from .intake import PATIENT_CONSISTENT, Instance
 from .profiles import Profile
 
 SECTOR = 2048
@@ -167,14 +167,9 @@ def build_tree(
     return tree, roots
 
 
-#: PATIENT keys that must agree between files with one Patient ID (dcmtk warns likewise)
-_PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth Date",
-                       0x00100040: "Patient's Sex"}
-
-
 def _check_patient(patient: Patient, inst: Instance, first: str, warnings: list[str]) -> None:
     mine = inst.keys.get("PATIENT", {})
-    for tag, name in _PATIENT_CONSISTENT.items():
+    for tag, name in PATIENT_CONSISTENT.items():
         a, b = patient.keys.get(tag), mine.get(tag)
         if a is not None and b is not None and a[8:].rstrip(b" ") != b[8:].rstrip(b" "):
             warnings.append(f"{inst.path}: {name} differs from {first} under the same Patient "

@@ -116,11 +116,13 @@ def test_fileset_uid_reproducible_only_when_asked(tmp_path: Path) -> None:
 def test_inconsistent_patient_is_reported(tmp_path: Path) -> None:
     make_ct(tmp_path, "a.dcm", patient_name="DOE^JANE")
     make_ct(tmp_path, "b.dcm", patient_name="DOE^JOAN", series_uid="1.2.6", instance=2)
+    make_ct(tmp_path, "c.dcm", patient_name="DOE^JILL", instance=3)  # same series as a.dcm
     res = intake.scan([tmp_path], CD, workers=1)
-    warnings: list[str] = []
+    warnings: list[str] = list(res.warnings)
     tree, _ = plan.build_tree(res.instances, CD, warnings)
-    assert len(tree) == 1 and len(warnings) == 1
-    assert "Patient's Name differs" in warnings[0] and "JOAN" not in warnings[0]
+    assert len(tree) == 1 and len(warnings) == 2  # within the series, and across series
+    assert all("Patient's Name differs" in w for w in warnings)
+    assert not any("JOAN" in w or "JILL" in w for w in warnings)
 
 
 def test_series_under_two_studies_is_a_conflict(tmp_path: Path) -> None:
