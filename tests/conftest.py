@@ -81,6 +81,39 @@ def lower_case_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def pycdlib_iso(folder: Path, iso: Path, vol_ident: str, level: int = 1) -> Path:
+    """An ISO 9660 image of folder made directly with pycdlib, not with the project's writer
+    (PS3.12 F.1.2.1: a File ID becomes '/C1/.../CN.;1')."""
+    import io
+
+    import pycdlib
+
+    image = pycdlib.PyCdlib()
+    image.new(interchange_level=level, vol_ident=vol_ident)
+    for path in sorted(folder.rglob("*")):
+        rel = "/" + path.relative_to(folder).as_posix()
+        if path.is_dir():
+            image.add_directory(rel)
+        else:
+            data = path.read_bytes()
+            name = rel if "." in path.name else rel + "."
+            image.add_fp(io.BytesIO(data), len(data), name + ";1")
+    image.write(str(iso))
+    image.close()
+    return iso
+
+
+def ct_series(folder: Path, series: int, per: int, rows: int = 64, first: int = 0,
+              **extra) -> Path:
+    """series x per small CT files, one folder and Series Instance UID per series (numbered
+    from first)."""
+    for s in range(first, first + series):
+        for i in range(1, per + 1):
+            make_ct(folder / f"s{s}", f"{i}.dcm", rows=rows, instance=i,
+                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1, **extra)
+    return folder
+
+
 # -- oracles --------------------------------------------------------------------------------
 
 

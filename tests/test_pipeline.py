@@ -18,6 +18,7 @@ from mastering.intake import Cancelled
 from mastering.pipeline import MasteringError, Options, master
 
 from .conftest import (
+    ct_series,
     dciodvfy_errors,
     dcmdump,
     extract_iso,
@@ -169,10 +170,7 @@ def test_identical_copies_merge(tmp_path: Path) -> None:
 
 @pytest.mark.oracle
 def test_spanning_makes_self_contained_volumes(tmp_path: Path) -> None:
-    for s in range(3):
-        for i in range(1, 5):
-            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", rows=64, instance=i,
-                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1)
+    ct_series(tmp_path / "in", 3, 4)
     prof = profiles.load("STD-GEN-CD").with_capacity(200_000)
     with pytest.raises(MasteringError) as err:
         master([tmp_path / "in"], tmp_path / "o.iso", Options(prof, span=False))
@@ -339,10 +337,7 @@ def test_source_changed_after_scan_fails_the_run(tmp_path: Path, kind: str, chan
 
 def test_a_new_run_replaces_the_whole_earlier_set(tmp_path: Path) -> None:
     """After a 3-volume run, a 1-volume run to the same name leaves only its own image."""
-    for s in range(3):
-        for i in range(1, 4):
-            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", rows=64, instance=i,
-                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1)
+    ct_series(tmp_path / "in", 3, 3)
     small = profiles.load("STD-GEN-CD").with_capacity(150_000)
     report = master([tmp_path / "in"], tmp_path / "o.iso", Options(small, label=True))
     assert len(report.volumes) >= 2 and (tmp_path / "o-2.label.svg").exists()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
-import pycdlib
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -19,7 +17,7 @@ from pydicom.fileset import FileSet
 from mastering import reader
 from mastering.reader import MediaError, build_tree, open_medium, read_dicomdir, summarize
 
-from .conftest import lower_case_copy
+from .conftest import lower_case_copy, pycdlib_iso
 
 FSID = "READERFS"
 CT_FILE = "PT000000/ST000000/SE000000/IM000000"
@@ -56,19 +54,7 @@ def folder(master: Path, tmp_path: Path) -> Path:
 
 
 def make_iso(folder: Path, iso: Path) -> Path:
-    image = pycdlib.PyCdlib()
-    image.new(interchange_level=1, vol_ident=FSID)
-    for path in sorted(folder.rglob("*")):
-        rel = "/" + path.relative_to(folder).as_posix()
-        if path.is_dir():
-            image.add_directory(rel)
-        else:
-            data = path.read_bytes()
-            name = rel if "." in path.name else rel + "."  # PS3.12 F.1.2.1: '/C1/.../CN.;1'
-            image.add_fp(io.BytesIO(data), len(data), name + ";1")
-    image.write(str(iso))
-    image.close()
-    return iso
+    return pycdlib_iso(folder, iso, FSID)
 
 
 def patch_ul(path: Path, pos: int, value: int) -> None:

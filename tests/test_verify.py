@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import pycdlib
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -28,7 +27,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from mastering import profiles
 from mastering.verify import VerifyResult, verify
 
-from .conftest import lower_case_copy
+from .conftest import lower_case_copy, pycdlib_iso
 
 FSID = "TESTFS"
 CD = profiles.load("STD-GEN-CD")
@@ -92,20 +91,7 @@ def write_fileset(folder: Path, datasets: Iterable[Dataset], drop: Iterable[str]
 
 
 def to_iso(folder: Path, iso: Path, vol_ident: str = FSID, level: int = 1) -> Path:
-    """An ISO 9660 image of folder made directly with pycdlib (not the project's writer)."""
-    image = pycdlib.PyCdlib()
-    image.new(interchange_level=level, vol_ident=vol_ident)
-    for path in sorted(folder.rglob("*")):
-        rel = "/" + path.relative_to(folder).as_posix()
-        if path.is_dir():
-            image.add_directory(rel)
-        else:
-            data = path.read_bytes()
-            name = rel if "." in path.name else rel + "."
-            image.add_fp(io.BytesIO(data), len(data), name + ";1")
-    image.write(str(iso))
-    image.close()
-    return iso
+    return pycdlib_iso(folder, iso, vol_ident, level)
 
 
 @pytest.fixture(scope="module")

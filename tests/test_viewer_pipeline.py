@@ -17,7 +17,7 @@ from mastering import profiles
 from mastering.pipeline import Options, master
 from mastering.verify import verify
 
-from .conftest import dciodvfy_errors, extract_iso, isoinfo_listing, make_ct, sample
+from .conftest import ct_series, dciodvfy_errors, extract_iso, isoinfo_listing, make_ct, sample
 from .test_browser import Watched, not_blank, screenshot
 
 HOSTILE = "<script>alert('x')</script> Knie"
@@ -118,10 +118,7 @@ def test_index_from_the_disc_in_chromium(pdi_iso) -> None:
 
 def test_each_volume_indexes_its_own_content(tmp_path: Path) -> None:
     for s in range(3):
-        for i in range(1, 4):
-            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", rows=64, instance=i,
-                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1,
-                    SeriesDescription=f"SERIES_{s}")
+        ct_series(tmp_path / "in", 1, 3, first=s, SeriesDescription=f"SERIES_{s}")
     prof = profiles.load("STD-GEN-CD").with_capacity(200_000)
     report = master([tmp_path / "in"], tmp_path / "o.iso", Options(prof, viewer=True, workers=1))
     assert len(report.volumes) >= 2
