@@ -2,37 +2,46 @@
 
 Exit codes (also in the README):
   0  success
+  1  internal error (a bug, or a worker process that died): one line says what
   2  usage error (bad option, unknown profile, profile/medium mismatch)
   3  invalid input: corrupt, truncated, not storable, conflicting or unconvertible files,
      or no DICOM instance at all; nothing was written
   4  the content does not fit: a file larger than the medium, or several volumes with --no-span
   5  verification found violations
   6  input/output error (unreadable input, disk full, output exists)
+  7  busy: another run is writing the same output
   130 cancelled (Ctrl-C); nothing was left behind
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from threading import Event
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, profiles
-from .intake import Cancelled
+from .cancel import Cancelled
+from .outputs import OutputError, check_report_path, write_atomically
 from .pipeline import MasteringError, Options, Report, check_fileset_id, master
+from .terminal import Printer, printable
+from .workers import WorkerDied
 
-EXIT_OK, EXIT_USAGE, EXIT_INVALID, EXIT_FIT, EXIT_VERIFY, EXIT_IO, EXIT_CANCEL = (
-    0, 2, 3, 4, 5, 6, 130)
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INVALID, EXIT_FIT, EXIT_VERIFY, EXIT_IO = (
+    0, 1, 2, 3, 4, 5, 6)
+EXIT_BUSY, EXIT_CANCEL = 7, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--skip-invalid", action="store_true",
                        help="leave invalid files out (listed) instead of refusing the run")
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
+        c.add_argument("--follow-links", action="store_true", help="follow symbolic links that "
+                       "lead out of the given inputs (listed and left alone otherwise)")
         c.add_argument("--viewer", action="store_true", help="IHE PDI web content (INDEX.HTM, "
                        "README.TXT, IHE_PDI/ pages and JPEGs) and a disc label")
         c.add_argument("--label", action="store_true", help="a printable disc label beside each "
@@ -109,25 +120,40 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    err = Console(stderr=True)
-    out = Console()
+    for stream in (sys.stdout, sys.stderr):  # a name no encoding can show must not crash us
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    out, err = Printer(sys.stdout), Printer(sys.stderr)
     try:
         if args.command == "profiles":
             return _profiles(args, out)
         if args.command == "inspect":
-            return _inspect(args, out)
+            return _inspect(args, out, err)
         if args.command == "verify":
             return _verify(args, out, err)
         return _master(args, out, err)
     except profiles.ProfileError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(err, exc)
         return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one line and a code
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        err.line(("internal error:", "bold red"), f" {type(exc).__name__}: "
+                 f"{printable(_first_line(exc))} (please report this; nothing was published)")
+        return EXIT_INTERNAL
+
+
+def _error(err: Printer, message: object) -> None:
+    err.line(("error:", "bold red"), " ", printable(message))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 # -- iso / fileset --------------------------------------------------------------------------
 
 
-def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     profile = profiles.load(args.profile)
     if args.capacity is not None:
         profile = profile.with_capacity(args.capacity)
@@ -135,113 +161,166 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
                                span=not args.no_span, workers=args.workers,
                                sync=not args.no_sync, volume_id=args.volume_id,
                                verify=args.verify, viewer=args.viewer, label=args.label,
-                               site=args.site, templates=tuple(args.templates))
+                               site=args.site, templates=tuple(args.templates),
+                               follow_links=args.follow_links)
+    if args.report is not None:
+        try:
+            check_report_path(args.report)
+        except OutputError as exc:
+            _error(err, exc)
+            return exc.exit_code
     cancel = Event()
-    # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind
-    previous = {sig: signal.signal(sig, lambda *_: cancel.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    show = not args.quiet and not args.json and err.is_terminal
-    code, report = EXIT_OK, None
+    # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind.
+    # Once master() has returned the outcome is decided (the output is in place, or nothing
+    # was written): a late signal must change nothing, so it is ignored from then on, down
+    # to the interpreter's exit (which would put the default, killing, action back).
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        signal.signal(sig, lambda *_: cancel.set())
+    return _run_master(args, options, cancel, out, err,
+                       decided=lambda: [signal.signal(sig, signal.SIG_IGN) for sig in signals])
+
+
+def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: Printer,
+                err: Printer, decided: Callable[[], object]) -> int:
+    show = not args.quiet and not args.json and err.terminal
+    code, report, written = EXIT_OK, None, False
+
+    def write_report(rep: Report) -> None:  # before the output gets its final name
+        nonlocal written
+        if args.report is not None:
+            write_atomically(args.report, json.dumps(dataclasses.asdict(rep), indent=2) + "\n")
+            written = True
+
     try:
-        with _Bar(err, show) as bar:
+        with _Bar(err.console, show) as bar:
             report = master(args.inputs, args.output, options,
                             kind="iso" if args.command == "iso" else "folder",
-                            progress=bar.update, cancel=cancel)
+                            progress=bar.update, cancel=cancel,
+                            side_outputs=[args.report] if args.report else [],
+                            on_publish=write_report)
     except MasteringError as exc:
         code, report = exc.exit_code, exc.report
         report.error = report.error or str(exc)
+        written = written or not exc.outputs_ok  # a refused path is never written to
     except Cancelled:
-        err.print("[yellow]cancelled[/]: nothing was written")
+        err.line(("cancelled:", "yellow"), " nothing was written")
         return EXIT_CANCEL
-    except (OSError, FileExistsError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except WorkerDied as exc:
+        _error(err, exc)
+        return EXIT_INTERNAL
+    except OSError as exc:
+        _error(err, _os_message(exc))
         return EXIT_IO
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    _emit(report, args, out, err)
+        decided()
+    _emit(report, args, out, err, report_written=written)
     return code
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 class _Bar:
     """A rich progress bar per stage (scan, convert, write ...), only on a terminal."""
 
-    def __init__(self, console: Console, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, console: Console | None, enabled: bool):
+        self.enabled = enabled and console is not None
         self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(),
                                  MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=console, transient=True)
+                                 console=console, transient=True) if self.enabled else None
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> _Bar:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.progress is not None:
             self.progress.stop()
 
     def update(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
+        if self.progress is None:
             return
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
+            self.tasks[stage] = self.progress.add_task(printable(stage), total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
-def _emit(report: Report, args: argparse.Namespace, out: Console, err: Console) -> None:
+def _emit(report: Report, args: argparse.Namespace, out: Printer, err: Printer, *,
+          report_written: bool) -> None:
     data = dataclasses.asdict(report)
-    if args.report:
-        args.report.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if args.report and not report_written:
+        try:
+            write_atomically(args.report, json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            _error(err, f"the report could not be written: {_os_message(exc)}")
     if args.json:
         print(json.dumps(data, indent=2))
         return
     _summary(report, out if report.ok else err)
 
 
-def _summary(r: Report, con: Console) -> None:
+def _summary(r: Report, con: Printer) -> None:
     if r.invalid and not r.ok:
-        table = Table(title="Invalid input", title_justify="left", show_lines=False)
-        table.add_column("file", overflow="fold")
-        table.add_column("reason", overflow="fold")
-        for item in r.invalid:
-            table.add_row(item["path"], item["reason"])
-        con.print(table)
+        _problem_list(con, "Invalid input", r.invalid)
     for v in r.violations:
-        con.print(f"[red]{v['code']}[/] {v['path']}: {v['message']}", highlight=False)
+        con.line((v["code"], "red"), f" {printable(v['path'])}: {printable(v['message'])}")
     if not r.ok:
-        con.print(f"[red]error:[/] {r.error}")
+        _error(con, r.error)
         if r.invalid:
-            con.print("Use --skip-invalid to leave these files out.")
+            con.line("Use --skip-invalid to leave these files out.")
         return
-    con.print(f"[green]✓[/] {r.profile}: {r.patients} patient(s), {r.studies} study(ies), "
-              f"{r.series} series, {r.instances} instance(s), {_size(r.bytes)}")
+    con.line(("✓", "green"), f" {r.profile}: {r.patients} patient(s), {r.studies} study(ies), "
+             f"{r.series} series, {r.instances} instance(s), {_size(r.bytes)}")
     for v in r.volumes:
-        con.print(f"  {v.path}  [dim]{v.fileset_id}  {v.instances} instances  "
-                  f"{_size(v.bytes)}[/]")
+        con.line(f"  {printable(v.path)}  ", (f"{v.fileset_id}  {v.instances} instances  "
+                                              f"{_size(v.bytes)}", "dim"))
     conv = ", ".join(f"{n} {a}" for a, n in sorted(r.conversions.items()))
-    con.print(f"  files: {conv}")
+    con.line(f"  files: {conv}")
     if r.web:
-        con.print(f"  web content: {r.web['images']} image(s) rendered, {r.web['objects']} "
-                  f"other object(s) listed, {_size(r.web['bytes'])}")
+        con.line(f"  web content: {r.web['images']} image(s) rendered, {r.web['objects']} "
+                 f"other object(s) listed, {_size(r.web['bytes'])}")
         for path in r.web["unreadable"]:
-            con.print(f"  [yellow]not shown in the web pages:[/] {path}", highlight=False)
+            con.line(("  not shown in the web pages: ", "yellow"), printable(path))
     for path in r.labels:
-        con.print(f"  label: {path}", highlight=False)
+        con.line(f"  label: {printable(path)}")
     if r.filled:
         keys = sorted({f["key"] for f in r.filled})
-        con.print(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")
+        con.line(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")
     if r.duplicates:
-        con.print(f"  identical copies merged: {len(r.duplicates)}")
-    if r.ignored:
-        con.print(f"  non-DICOM files ignored: {len(r.ignored)}")
+        con.line(f"  identical copies merged: {len(r.duplicates)}")
+    links = [i for i in r.ignored if i["kind"] == "link"]
+    ignored = [i for i in r.ignored if i["kind"] != "link"]
+    if ignored:
+        con.line(f"  non-DICOM files ignored: {len(ignored)}")
+    for item in links:
+        con.line(("  link not followed: ", "yellow"), f"{printable(item['path'])}: "
+                 f"{printable(item['reason'])}")
     for w in r.warnings:
-        con.print(f"  [yellow]warning:[/] {w}", highlight=False)
+        con.line(("  warning: ", "yellow"), printable(w))
     if r.invalid:
-        con.print(f"  [yellow]invalid files left out: {len(r.invalid)}[/]")
+        con.line((f"  invalid files left out: {len(r.invalid)}", "yellow"))
         for item in r.invalid:
-            con.print(f"    {item['path']}: {item['reason']}", highlight=False)
+            con.line(f"    {printable(item['path'])}: {printable(item['reason'])}")
+
+
+def _problem_list(con: Printer, title: str, items: list[dict]) -> None:
+    """A table on a terminal; elsewhere one 'PATH: reason' line per file, for grep."""
+    if not con.terminal:
+        for item in items:
+            con.line(f"{printable(item['path'])}: {printable(item['reason'])}")
+        return
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("file", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for item in items:
+        table.add_row(Text(printable(item["path"])), Text(printable(item["reason"])))
+    con.print(table)
 
 
 def _size(n: int) -> str:
@@ -255,13 +334,19 @@ def _size(n: int) -> str:
 # -- profiles / inspect / verify ------------------------------------------------------------
 
 
-def _profiles(args: argparse.Namespace, out: Console) -> int:
+def _profiles(args: argparse.Namespace, out: Printer) -> int:
     found = profiles.available()
     if args.json:
         print(json.dumps([{"id": p.id, "title": p.title, "media": p.media_kind,
                            "capacity_bytes": p.capacity_bytes, "filesystem": p.filesystem,
                            "transfer_syntaxes": list(p.transfer_syntaxes),
                            "file": str(p.path)} for p in found.values()], indent=2))
+        return EXIT_OK
+    if not out.terminal:
+        for p in found.values():
+            capacity = _size(p.capacity_bytes) if p.capacity_bytes else "device"
+            out.line(f"{p.id}\t{p.media_kind} ({p.filesystem})\t{capacity}\t"
+                     f"{','.join(p.transfer_syntaxes)}\t{p.standard}")
         return EXIT_OK
     table = Table("profile", "media", "capacity", "transfer syntaxes", "standard")
     for p in found.values():
@@ -278,14 +363,14 @@ def _ts_name(uid: str) -> str:
     return f"{UID(uid).name}"
 
 
-def _inspect(args: argparse.Namespace, out: Console) -> int:
+def _inspect(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     from .reader import MediaError, open_medium, summarize
 
     try:
         with open_medium(args.medium) as medium:
             summary = summarize(medium)
     except MediaError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        _error(err, exc)
         return EXIT_VERIFY
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -294,25 +379,39 @@ def _inspect(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-def _print_tree(summary: dict, out: Console) -> None:
+def _print_tree(summary: dict, out: Printer) -> None:
+    """Patients, studies and series: a tree on a terminal, indented lines elsewhere. Every
+    value is from the medium, so it is escaped and never read as markup."""
+    c = summary.get("counts", {})
+    head = (f"File-set {printable(summary.get('fileset_id') or '(no ID)')}: "
+            f"{c.get('patients', 0)} patient(s), {c.get('studies', 0)} study(ies), "
+            f"{c.get('series', 0)} series, {c.get('instances', 0)} instance(s)")
+    rows: list[tuple[int, Text]] = []
+    for p in summary.get("patients", []):
+        rows.append((1, Text.assemble((printable(p.get("name") or "(no name)"), "bold"),
+                                      f"  ID {printable(p.get('id'))}")))
+        for st in p.get("studies", []):
+            rows.append((2, Text(printable(f"study {st.get('date') or ''} "
+                                           f"{st.get('description') or ''}".rstrip()))))
+            for se in st.get("series", []):
+                rows.append((3, Text(printable(
+                    f"series {se.get('number')} {se.get('modality') or ''} "
+                    f"{se.get('description') or ''}: {se.get('instances')} instance(s)"))))
+    if not out.terminal:
+        out.line(head)
+        for depth, text in rows:
+            out.line("  " * depth + text.plain)
+        return
     from rich.tree import Tree
 
-    c = summary.get("counts", {})
-    root = Tree(f"File-set {summary.get('fileset_id') or '(no ID)'}: {c.get('patients', 0)} "
-                f"patient(s), {c.get('studies', 0)} study(ies), {c.get('series', 0)} series, "
-                f"{c.get('instances', 0)} instance(s)")
-    for p in summary.get("patients", []):
-        pn = root.add(f"[bold]{p.get('name') or '(no name)'}[/]  ID {p.get('id')}",
-                      highlight=False)
-        for st in p.get("studies", []):
-            sn = pn.add(f"study {st.get('date') or ''} {st.get('description') or ''}".rstrip())
-            for se in st.get("series", []):
-                sn.add(f"series {se.get('number')} {se.get('modality') or ''} "
-                       f"{se.get('description') or ''}: {se.get('instances')} instance(s)")
-    out.print(root)
+    nodes = [Tree(head)]
+    for depth, text in rows:
+        del nodes[depth:]
+        nodes.append(nodes[depth - 1].add(text))
+    out.print(nodes[0])
 
 
-def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _verify(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     from .reader import MediaError
     from .verify import verify
 
@@ -320,7 +419,7 @@ def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         result = verify(args.medium, profile)
     except MediaError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(err, exc)
         return EXIT_VERIFY
     if args.json:
         print(json.dumps({"ok": result.ok, "profile": profile.id, "files_checked":
@@ -329,13 +428,13 @@ def _verify(args: argparse.Namespace, out: Console, err: Console) -> int:
                           "notes": result.notes}, indent=2))
     else:
         for v in result.violations:
-            err.print(f"[red]{v.code}[/] {v.path}: {v.message}", highlight=False)
+            err.line((v.code, "red"), f" {printable(v.path)}: {printable(v.message)}")
         for n in result.notes:
-            out.print(f"[dim]note:[/] {n}", highlight=False)
-        verdict = "[green]conforms[/]" if result.ok else f"[red]{len(result.violations)} " \
-                                                          "violation(s)[/]"
-        out.print(f"{args.medium}: {verdict} to {profile.id} ({result.files_checked} files, "
-                  f"{result.records} records)")
+            out.line(("note:", "dim"), f" {printable(n)}")
+        verdict = (("conforms", "green") if result.ok
+                   else (f"{len(result.violations)} violation(s)", "red"))
+        out.line(f"{printable(args.medium)}: ", verdict, f" to {profile.id} "
+                 f"({result.files_checked} files, {result.records} records)")
     return EXIT_OK if result.ok else EXIT_VERIFY
 
 

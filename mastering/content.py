@@ -8,6 +8,7 @@ once, from the source, straight into the image. Transcoded files come from their
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterator
@@ -160,13 +161,12 @@ def _copy_range(part: Range, out: io.FileIO) -> None:
         check_stamp(part, src.fileno())
         left, offset = part.length, part.offset
         while left:
-            n = os.copy_file_range(src.fileno(), out.fileno(), left, offset) if hasattr(
-                os, "copy_file_range") else 0
+            n = _kernel_copy(src.fileno(), out.fileno(), left, offset)
             if n == 0:
                 break
             left -= n
             offset += n
-        if left:  # fall back: cross-device copies on old kernels, or the source shrank
+        if left:  # fall back: another file system, no kernel support, or the source shrank
             src.seek(offset)
             for chunk in _chunks(src, left):
                 out.write(chunk)
@@ -174,6 +174,26 @@ def _copy_range(part: Range, out: io.FileIO) -> None:
         if left:
             raise SourceChanged(f"{part.path}: source changed size while being written")
         check_stamp(part, src.fileno())
+
+
+#: copy_file_range cannot do this pair of files: another file system (EXDEV; Linux 5.19 and
+#: later refuse most cross-file-system copies), a file system without support (EOPNOTSUPP,
+#: EINVAL on some FUSE and network file systems), or a kernel without the call (ENOSYS)
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL,
+                             errno.ENOTSUP})
+
+
+def _kernel_copy(src: int, dst: int, count: int, offset: int) -> int:
+    """Bytes copied inside the kernel, or 0 where it cannot copy (the caller reads and
+    writes instead)."""
+    if not hasattr(os, "copy_file_range"):
+        return 0
+    try:
+        return os.copy_file_range(src, dst, count, offset)
+    except OSError as exc:
+        if exc.errno in _NO_KERNEL_COPY:
+            return 0
+        raise
 
 
 def _chunks(fh: io.BufferedReader, left: int, size: int = 1 << 20) -> Iterator[bytes]:

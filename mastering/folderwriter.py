@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from threading import Event
 
+from .cancel import Cancelled
 from .content import copy_to
-from .intake import Cancelled
 from .plan import Volume
 
 ProgressFn = Callable[[str, int, int], None]

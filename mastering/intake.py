@@ -12,13 +12,13 @@ references (PS3.10 8.6), which are scanned like any other file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -30,6 +30,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
 from . import part10, records, reencode
+from . import workers as workers_mod
+from .cancel import Cancelled
+from .outputs import is_work_folder
 from .profiles import Profile
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -42,10 +45,6 @@ PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth
                       0x00100040: "Patient's Sex"}
 #: record types whose keys need pydicom (nested SR content)
 NEEDS_PYDICOM = frozenset({"SR DOCUMENT", "KEY OBJECT DOC"})
-
-
-class Cancelled(Exception):
-    """The caller's cancellation event was set."""
 
 
 @dataclass(slots=True)
@@ -85,7 +84,7 @@ class Problem:
     """A file that does not become part of the File-set, and why."""
 
     path: str
-    kind: str  # "not-dicom" | "invalid" | "conflict" | "missing"
+    kind: str  # "not-dicom" | "link" | "invalid" | "conflict" | "missing"
     reason: str
 
 
@@ -107,6 +106,7 @@ class IntakeResult:
     indexes: list[DirectoryIndex]
     files_seen: int = 0
     warnings: list[str] = field(default_factory=list)  # no patient values quoted
+    walked: set[tuple[int, int]] = field(default_factory=set)  # folders and files scanned
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -115,41 +115,112 @@ ProgressFn = Callable[[str, int, int], None]
 # -- finding files ---------------------------------------------------------------------------
 
 
-def expand(inputs: Iterable[Path]) -> tuple[list[str], list[Problem]]:
-    """Regular files below the inputs, depth first in sorted order (deterministic), following
-    folder links once (a link loop is walked once); anything else (FIFOs, devices, broken
-    links) is listed, never opened: reading a FIFO would block the run for ever."""
-    files: list[str] = []
-    skipped: list[Problem] = []
-    seen_dirs: set[tuple[int, int]] = set()
+@dataclass
+class Walk:
+    """What the folder walk found. Problems of kind "invalid" (a folder or file that cannot be
+    read, a path too long to open) refuse the run unless --skip-invalid; the rest are listed."""
+
+    files: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    #: (device, inode) of every folder entered and file found: no output may be one of them
+    walked: set[tuple[int, int]] = field(default_factory=set)
+
+
+def expand(inputs: Iterable[Path], *, follow_links: bool = False) -> Walk:
+    """Regular files below the inputs, depth first in sorted order (deterministic).
+
+    Symbolic links inside the input folders are followed only where they stay inside the
+    given inputs (their targets are scanned under their own names there) unless follow_links;
+    the others are listed, never read: a link to /etc, or to another patient's folder, must
+    not bring its files onto a disc. FIFOs, devices and broken links are listed, never opened
+    (reading a FIFO would block the run for ever); the work folder of a mastering run is not
+    scanned. Errors of the walk itself are problems, never silently skipped folders."""
+    inputs = list(inputs)
+    walk = Walk()
+    roots = [os.path.realpath(i) for i in inputs if os.path.exists(i)]
     for item in inputs:
         if item.is_dir():
-            for root, dirs, names in os.walk(item, followlinks=True):
-                st = os.stat(root)
-                if (st.st_dev, st.st_ino) in seen_dirs:
-                    dirs[:] = []
-                    continue
-                seen_dirs.add((st.st_dev, st.st_ino))
-                dirs.sort()
-                for name in sorted(names):
-                    _classify(os.path.join(root, name), files, skipped)
+            _walk_folder(str(item), walk, roots, follow_links)
         elif item.exists() or item.is_symlink():
-            _classify(str(item), files, skipped)
+            _classify(str(item), walk)  # a file named on the command line is taken as named
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return files, skipped
+    return walk
 
 
-def _classify(path: str, files: list[str], skipped: list[Problem]) -> None:
+def _walk_folder(top: str, walk: Walk, roots: list[str], follow_links: bool) -> None:
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            walk.problems.append(Problem(folder, "invalid",
+                                         f"cannot read the folder: {exc.strerror or exc}"))
+            continue
+        if (st.st_dev, st.st_ino) in walk.walked:
+            continue  # a loop through followed links: walked once
+        walk.walked.add((st.st_dev, st.st_ino))
+        subdirs: list[str] = []
+        for entry in entries:
+            _entry(entry, walk, roots, follow_links, subdirs)
+        stack.extend(reversed(subdirs))
+
+
+def _entry(entry: os.DirEntry, walk: Walk, roots: list[str], follow_links: bool,
+           subdirs: list[str]) -> None:
+    path = entry.path
     try:
-        mode = os.stat(path).st_mode
+        link = entry.is_symlink()
+        is_dir = entry.is_dir(follow_symlinks=False)
     except OSError as exc:
-        skipped.append(Problem(path, "not-dicom", f"cannot be read: {exc.strerror or exc}"))
+        walk.problems.append(Problem(path, "invalid", f"cannot be read: {exc.strerror or exc}"))
         return
-    if stat.S_ISREG(mode):
-        files.append(path)
+    if link:
+        real = os.path.realpath(path)
+        if not os.path.exists(real):
+            walk.problems.append(Problem(path, "not-dicom", "broken symbolic link"))
+            return
+        if _inside(real, roots):
+            return  # its target is inside the inputs and scanned there, under its own name
+        is_dir = os.path.isdir(real)
+        if not follow_links:
+            what = "a folder" if is_dir else "a file"
+            walk.problems.append(Problem(path, "link", f"symbolic link to {what} outside the "
+                                         "inputs: not followed (--follow-links follows it)"))
+            return
+    if is_dir:
+        if is_work_folder(path):
+            walk.problems.append(Problem(path, "not-dicom", "the work folder of a mastering "
+                                         "run: not scanned"))
+        else:
+            subdirs.append(path)
+        return
+    _classify(path, walk)
+
+
+def _inside(real: str, roots: list[str]) -> bool:
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _classify(path: str, walk: Walk) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            walk.problems.append(Problem(path, "not-dicom", "broken symbolic link"))
+        else:
+            walk.problems.append(Problem(path, "invalid",
+                                         f"cannot be read: {exc.strerror or exc}"))
+        return
+    if stat.S_ISREG(st.st_mode):
+        walk.files.append(path)
+        walk.walked.add((st.st_dev, st.st_ino))
     else:
-        skipped.append(Problem(path, "not-dicom", "not a regular file"))
+        walk.problems.append(Problem(path, "not-dicom", "not a regular file (a FIFO, device "
+                                     "or socket): not opened"))
 
 
 # -- scanning one file (runs in worker processes) --------------------------------------------
@@ -180,6 +251,11 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
         inst = _instance(path, layout, hdr, profile)
     except _Invalid as exc:
         return Problem(path, "invalid", str(exc))
+    except OSError as exc:
+        return Problem(path, "invalid", f"cannot read: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - one odd file must not end the run untold
+        return Problem(path, "invalid", f"cannot read the header ({type(exc).__name__}: "
+                       f"{_first_line(exc)})")
     inst.stamp = stamp
     if file_stamp(path) != stamp:
         return Problem(path, "invalid", "the file changed while it was being read")
@@ -188,6 +264,10 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
 
 class _Invalid(Exception):
     pass
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
 
 
 def _read(path: str) -> Dataset:
@@ -308,18 +388,36 @@ def _keys(
         for tag in spec.of("1"):
             found[tag] = _type1(hdr, tag, known, filled)
         for tag in spec.of("2"):
-            found[tag] = hdr.encoded(tag) or records.encode_text(
+            found[tag] = _encoded(hdr, tag, filled) or records.encode_text(
                 tag, records.dictionary_VR(tag), b""
             )
         for tag in (*spec.of("1C"), *spec.of("3")):
-            found[tag] = _conditional(hdr, tag, rtype)
+            try:
+                found[tag] = _conditional(hdr, tag, rtype)
+            except records.ValueTooLong:
+                found[tag] = _left_out(tag, filled)
         keys[level] = {t: v for t, v in found.items() if v is not None}
     return keys, filled
 
 
+def _encoded(hdr: records.Header, tag: int, filled: list) -> bytes | None:
+    """The key as encoded for the record; None (and reported) if it cannot be one."""
+    try:
+        return hdr.encoded(tag)
+    except records.ValueTooLong:
+        return _left_out(tag, filled)
+
+
+def _left_out(tag: int, filled: list) -> None:
+    filled.append((pydicom.datadict.keyword_for_tag(tag), ""))
+    return None
+
+
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list) -> bytes | None:
     if hdr.has(tag):
-        return hdr.encoded(tag)
+        encoded = _encoded(hdr, tag, [])
+        if encoded is not None:
+            return encoded
     keyword = pydicom.datadict.keyword_for_tag(tag)
     value = records.derive(keyword, hdr, known)
     if value is None:
@@ -412,10 +510,14 @@ def scan(
     progress: ProgressFn | None = None,
     cancel: Event | None = None,
     workers: int | None = None,
+    follow_links: bool = False,
 ) -> IntakeResult:
     """Scan inputs (files and folders, recursively) and return instances and problems."""
-    paths, skipped = expand(inputs)
-    result = IntakeResult([], skipped, [], [], 0)
+    walk = expand(inputs, follow_links=follow_links)
+    paths = walk.files
+    result = IntakeResult([], [p for p in walk.problems if p.kind in ("not-dicom", "link")],
+                          [p for p in walk.problems if p.kind == "invalid"], [], 0,
+                          walked=walk.walked)
     seen = {os.path.realpath(p) for p in paths}
     merger = _Merger(result)
     queue = paths
@@ -459,13 +561,9 @@ def _scan_all(
         results: Iterable = (scan_file(p, profile) for p in paths)
         yield from _tick(results, total, progress, cancel)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with workers_mod.pool(workers) as pool:
         results = pool.map(scan_file, paths, [profile] * total, chunksize=32)
-        try:
-            yield from _tick(results, total, progress, cancel)
-        except Cancelled:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        yield from _tick(results, total, progress, cancel)
 
 
 def _tick(results: Iterable, total: int, progress: ProgressFn | None, cancel: Event | None):

@@ -18,8 +18,8 @@ from threading import Event, Thread
 import pycdlib
 
 from . import __version__
+from .cancel import Cancelled
 from .content import SegmentReader, segments
-from .intake import Cancelled
 from .plan import FileEntry, Volume
 from .profiles import Profile
 

@@ -44,6 +44,8 @@ BOLD_FONTS = (FONT_DIR / "DejaVuSans-Bold.ttf",) + FONTS[1:]
 SVG_FONT_FAMILY = "'DejaVu Sans', 'Droid Sans Fallback', 'Noto Sans CJK JP', sans-serif"
 MAX_PATIENTS = 2
 MAX_STUDIES = 4
+#: more characters than any line of the disc holds at its smallest size: cut before measuring
+MAX_LINE_CHARS = 160
 _PROBE = "\U0010fffd"  # in no font: renders as the missing-glyph box
 
 
@@ -133,14 +135,32 @@ def _chord(y: float, margin: float = MARGIN) -> float:
     return 2 * math.sqrt(OUTER * OUTER - dy * dy) - 2 * margin
 
 
+def line_text(text: str) -> str:
+    """One printable line of at most MAX_LINE_CHARS: newlines, tabs and other control or
+    format characters become spaces (the layout engine fails on them) and runs of spaces
+    one, so that the cost of a label never depends on how long a value in a file is."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text[:4 * MAX_LINE_CHARS])
+                    .split())
+    return text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS - 1] + "\u2026"
+
+
 def _fit(fonts: Fonts, text: str, size: float, bold: bool, room: float) -> tuple[str, float]:
-    """Shrink to at most 60 % of the size, then shorten with an ellipsis, to fit room."""
+    """Shrink to at most 60 % of the size, then shorten with an ellipsis, to fit room: the
+    longest prefix that fits, found by bisection (a few measurements, not one per char)."""
+    text = line_text(text)
     floor = size * 0.6
     while size > floor and fonts.width(text, size, bold) > room:
         size -= 1
-    while len(text) > 1 and fonts.width(text, size, bold) > room:
-        text = text[:-2].rstrip() + "\u2026"
-    return text, size
+    if len(text) <= 1 or fonts.width(text, size, bold) <= room:
+        return text, size
+    lo, hi = 1, len(text) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fonts.width(text[:mid].rstrip() + "\u2026", size, bold) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "\u2026", size
 
 
 def _stack(fonts: Fonts, items: list[tuple[str, str, float, bool]], *, top: float | None = None,

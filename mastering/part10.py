@@ -278,14 +278,30 @@ def inspect(path: Path, collect: frozenset[int] = frozenset()) -> Layout:
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size < 8:
-            raise StructureError(f"only {size} bytes: not a DICOM file")
+            fh.seek(0)
+            _tiny(fh.read(), size)
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _inspect(buf, size, collect)
+            try:
+                return _inspect(buf, size, collect)
+            except (struct.error, IndexError) as exc:  # a read past the end the walk missed
+                raise StructureError(f"truncated: {exc}") from exc
+
+
+def _tiny(head: bytes, size: int) -> None:
+    """A file shorter than one element header: corrupt DICOM only if it starts like DICOM
+    (a plausible first group), else simply not DICOM (an empty file, a two-byte note)."""
+    starts_like = len(head) >= 2 and (struct.unpack_from("<H", head)[0] in _FIRST_GROUPS
+                                      or struct.unpack_from(">H", head)[0] in _FIRST_GROUPS)
+    if starts_like:
+        raise StructureError(f"only {size} bytes: a truncated DICOM file")
+    raise NotDicomError("empty file" if size == 0 else f"only {size} bytes: not DICOM")
 
 
 def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -> Layout:
     has_preamble = size >= PREAMBLE_LEN + 4 and buf[PREAMBLE_LEN : PREAMBLE_LEN + 4] == MAGIC
     meta_start = PREAMBLE_LEN + 4 if has_preamble else 0
+    if has_preamble and size < meta_start + 8:
+        raise StructureError("'DICM' prefix but no file meta information (truncated)")
     meta_ts, meta = None, _Meta(meta_start, "", "", "", True)
     start = meta_start
     first_group = struct.unpack_from("<H", buf, meta_start)[0]

@@ -14,7 +14,6 @@ import datetime as dt
 import os
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from threading import Event
@@ -22,7 +21,8 @@ from threading import Event
 import pydicom
 
 from . import label, render, webcontent
-from .intake import Cancelled
+from . import workers as workers_mod
+from .cancel import Cancelled
 from .plan import SECTOR, FileEntry, Volume
 
 ProgressFn = Callable[[str, int, int], None]
@@ -140,10 +140,9 @@ def prepare(entries: list[FileEntry], work: Path, settings: Settings, *, workers
         jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen))
         seen.add(key)
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with workers_mod.pool(workers) as pool:
         for i, result in enumerate(pool.map(_job, jobs, chunksize=8)):
             if cancel is not None and cancel.is_set():
-                pool.shutdown(wait=False, cancel_futures=True)
                 raise Cancelled("cancelled while rendering")
             if progress:
                 progress("render", i + 1, len(jobs))

@@ -9,12 +9,9 @@ its final place and renamed only when all volumes are complete.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
@@ -26,12 +23,15 @@ from . import (
     dicomdir,
     folderwriter,
     isowriter,
+    outputs,
     plan,
     reencode,
 )
 from . import intake as intake_mod
+from . import workers as workers_mod
+from .cancel import Cancelled
 from .content import output_size
-from .intake import Cancelled, IntakeResult, Problem
+from .intake import IntakeResult, Problem
 from .part10 import EXPLICIT_LE, IMPLICIT_LE
 from .profiles import Profile
 
@@ -43,12 +43,15 @@ FILESET_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
 class MasteringError(Exception):
-    """The run was refused or failed; nothing was written. `report` says why."""
+    """The run was refused or failed; nothing was written. `report` says why. outputs_ok is
+    False when an output path itself was refused: then no side output (a report) may be
+    written either, it could be the very input the refusal protects."""
 
-    def __init__(self, message: str, report: Report, exit_code: int):
+    def __init__(self, message: str, report: Report, exit_code: int, outputs_ok: bool = True):
         super().__init__(message)
         self.report = report
         self.exit_code = exit_code
+        self.outputs_ok = outputs_ok
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Options:
     label: bool = False  # a disc label beside each output (DICOM ONLY unless viewer)
     site: Path | None = None  # site settings (institution, logo, language): TOML or JSON
     templates: tuple[Path, ...] = ()  # template folders searched before the bundled ones
+    follow_links: bool = False  # follow symbolic links that leave the given inputs
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -133,8 +137,15 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str = "iso",
-           progress: ProgressFn | None = None, cancel: Event | None = None) -> Report:
-    """Master the inputs onto media of options.profile; kind is "iso" or "folder"."""
+           progress: ProgressFn | None = None, cancel: Event | None = None,
+           side_outputs: Sequence[Path] = (),
+           on_publish: Callable[[Report], None] | None = None) -> Report:
+    """Master the inputs onto media of options.profile; kind is "iso" or "folder".
+
+    side_outputs: other files the caller writes (a report), refused like the output if they
+    are, or lie inside, an input. on_publish: called with the finished report once every
+    volume is complete, before anything gets its final name; if it raises, nothing is
+    published. From then on the run is finished: a cancellation no longer stops it."""
     profile = options.profile
     report = Report(profile=profile.id, output=str(output))
     check_fileset_id(options.fileset_id)
@@ -144,10 +155,69 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
     if kind == "iso" and not profile.writes_iso:
         raise MasteringError(f"profile {profile.id} is for {profile.filesystem.upper()} media: "
                              "use 'mastering fileset' and copy the folder to the stick", report, 2)
+    target = outputs.Target(output.absolute(), kind)
+    try:
+        _check_outputs(inputs, target, side_outputs, options)
+    except outputs.OutputError as exc:
+        report.error = str(exc)
+        raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
+    try:
+        target.prepare()
+        try:
+            with outputs.locked(target):
+                outputs.remove_stale_work(target)
+                _check_folder_free(target)
+                return _run(inputs, target, options, report, progress, cancel, side_outputs,
+                            on_publish)
+        finally:
+            if not report.ok:
+                target.unprepare()
+    except outputs.OutputError as exc:
+        report.error = str(exc)
+        raise MasteringError(report.error, report, exc.exit_code) from exc
+
+
+def _check_outputs(inputs: Sequence[Path], target: outputs.Target, side_outputs: Sequence[Path],
+                   options: Options) -> None:
+    """No output over an input, inside an input folder, or on another output's name."""
+    read_only = [options.site] if options.site else []
+    outputs.check_against_inputs([target.output, *side_outputs], inputs, read_only)
+    for side in side_outputs:
+        side = side.absolute()
+        if side.parent == target.folder and target.derived(side.name):
+            raise outputs.OutputError(f"{side}: is a name the output {target.output.name} "
+                                      "uses for its volumes, labels or lock", 2)
+
+
+def _check_folder_free(target: outputs.Target) -> None:
+    """Refuse at once what would be refused after all the work: an image over a folder, a
+    File-set into a file or a folder that holds something."""
+    out = target.output
+    if not (out.exists() or out.is_symlink()):
+        return
+    if target.kind == "iso":
+        if out.is_dir():
+            raise outputs.OutputError(f"{out}: is a folder", 6)
+        return
+    if not out.is_dir():
+        raise outputs.OutputError(f"{out}: exists and is not a folder", 6)
+    if any(os.scandir(out)):
+        raise outputs.OutputError(f"{out}: exists and is not an empty folder", 6)
+
+
+def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, report: Report,
+         progress: ProgressFn | None, cancel: Event | None, side_outputs: Sequence[Path],
+         on_publish: Callable[[Report], None] | None) -> Report:
     t0 = time.monotonic()
-    scanned = intake_mod.scan(inputs, profile, progress=progress, cancel=cancel,
-                              workers=options.workers)
+    scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
+                              workers=options.workers, follow_links=options.follow_links)
     report.seconds["scan"] = round(time.monotonic() - t0, 3)
+    try:
+        outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
+                             scanned.walked)
+    except outputs.OutputError as exc:
+        report.error = str(exc)
+        raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
     _record_intake(report, scanned)
     if scanned.invalid and not options.skip_invalid:
         report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
@@ -156,12 +226,10 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
     if not scanned.instances:
         report.error = "no DICOM instances found in the input"
         raise MasteringError(report.error, report, 3)
-
-    output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    work = outputs.make_work(target)
     try:
-        return _plan_and_write(scanned, output, options, kind, report, work, progress, cancel)
+        return _plan_and_write(scanned, target, options, report, work, progress, cancel,
+                               on_publish)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -175,10 +243,10 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
         report.duplicates += [{"kept": inst.path, "merged": d} for d in inst.duplicates]
 
 
-def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind: str,
+def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
-                    cancel: Event | None) -> Report:
-    profile = options.profile
+                    cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
+    profile, output, kind = options.profile, target.output, target.kind
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
@@ -201,6 +269,10 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
     report.seconds["plan"] = round(time.monotonic() - t0, 3)
     web = _web_stage(entries, work, options, report, progress, cancel)
     volumes = _pack(tree, roots, options, report, web)
+    if target.in_place and len(volumes) > 1:
+        report.error = (f"the content needs {len(volumes)} volumes and {output} is a mounted "
+                        "file system that holds one; nothing was written")
+        raise MasteringError(report.error, report, 4)
     _fill_report(report, scanned, volumes)
     t0 = time.monotonic()
     finals = output_paths(output, len(volumes))
@@ -212,12 +284,25 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
         report.volumes.append(_volume_report(vol, final, size))
         if options.verify:
             _verify(tmp, final, profile, report, progress, cancel)
-    _publish(temps, finals, kind, labels)
-    report.labels = [str(dst) for src, dst in labels]
-    for src, dst in labels:
-        os.replace(src, dst)
+    files = [*zip(temps, finals, strict=True), *labels]
+    stale, warnings = outputs.plan_publish(target, files, scanned.walked, work)
+    report.warnings += warnings
+    report.labels = [str(dst) for _src, dst in labels]
     report.seconds["write"] = round(time.monotonic() - t0, 3)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the output was put in place")
     report.ok = True
+    try:
+        if on_publish:
+            on_publish(report)
+    except BaseException:
+        report.ok = False
+        raise
+    # the point of no return: from here the run finishes, whatever signal comes
+    if target.in_place:
+        outputs.fill_in_place(target, temps[0], work, sync=options.sync)
+        files = labels
+    outputs.publish(target, files, stale, sync=options.sync)
     return report
 
 
@@ -367,46 +452,6 @@ def _volume_report(vol: plan.Volume, final: Path, size: int) -> VolumeReport:
         instances=len(vol.entries()), bytes=size)
 
 
-def _publish(temps: list[Path], finals: list[Path], kind: str,
-             labels: list[tuple[Path, Path]] = ()) -> None:
-    """Rename every finished volume into place, after checking that every rename can be done
-    (a non-empty folder is never replaced). Images of an earlier run to the same name that
-    this run does not replace (OUT-3.iso after a 2-volume run) are removed with their labels,
-    so a set on disk is always one run's: a burner picking up OUT*.iso cannot mix patients."""
-    for final in finals:
-        if kind == "folder" and final.exists() and (not final.is_dir() or any(final.iterdir())):
-            raise FileExistsError(f"{final}: exists and is not an empty folder")
-        if kind == "iso" and final.is_dir():
-            raise FileExistsError(f"{final}: is a folder")
-    if kind == "iso":
-        for stale in _earlier_set(finals, {dst.name for _src, dst in labels}):
-            stale.unlink()
-    for tmp, final in zip(temps, finals, strict=True):
-        if kind == "folder" and final.is_dir():
-            final.rmdir()
-        os.replace(tmp, final)
-    _sync_dir(finals[0].parent)
-
-
-def _earlier_set(finals: list[Path], labels: set[str]) -> list[Path]:
-    """Files of an earlier run of the same output name that this run will not replace."""
-    first = finals[0]
-    stem = first.stem.rsplit("-", 1)[0] if len(finals) > 1 else first.stem
-    pattern = re.compile(rf"^{re.escape(stem)}(-\d+)?"
-                         rf"({re.escape(first.suffix)}|\.label\.svg|\.label\.png)$")
-    keep = {f.name for f in finals} | labels
-    return [p for p in first.parent.iterdir() if pattern.match(p.name) and p.is_file()
-            and p.name not in keep]
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- conversions ----------------------------------------------------------------------------
 
 
@@ -431,7 +476,7 @@ def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: 
             for i, e in enumerate(todo)]
     workers = min(options.workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with workers_mod.pool(workers) as pool:
             results = pool.map(_transcode_job, jobs, chunksize=4)
             _collect(todo, jobs, results, report, progress, cancel)
     else:

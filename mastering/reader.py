@@ -149,19 +149,45 @@ class FolderMedium(Medium):
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.root = root
+        self._real_root = os.path.realpath(root)
         self._files: list[str] | None = None
+        #: names that are not read: links leading out of the medium, FIFOs, devices
+        self.unsafe: list[tuple[str, str]] = []
 
     def files(self) -> list[str]:
+        """Regular files below the root. Links are followed only where they stay on the
+        medium, and nothing but regular files is listed: a folder copied from elsewhere may
+        link to any file of this machine, or hold a FIFO that would block a reader."""
         if self._files is None:
             found = []
-            for dirpath, _dirs, names in os.walk(self.root):
+            for dirpath, dirs, names in os.walk(self.root):  # links to folders: not entered
                 rel = Path(dirpath).relative_to(self.root)
-                found += [(rel / n).as_posix() for n in names]
+                links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+                for n in sorted(names + links):
+                    name, why = (rel / n).as_posix(), self._unsafe(os.path.join(dirpath, n))
+                    if why:
+                        self.unsafe.append((name, why))
+                    elif not os.path.isdir(os.path.join(dirpath, n)):
+                        found.append(name)
             self._files = sorted(found)
         return list(self._files)
 
+    def _unsafe(self, path: str) -> str:
+        if os.path.islink(path) and not self._inside(os.path.realpath(path)):
+            return "a symbolic link that leads out of the medium: not read"
+        if os.path.isdir(path) or os.path.isfile(path):
+            return ""
+        return "not a regular file (a FIFO, device or broken link): not read"
+
+    def _inside(self, real: str) -> bool:
+        root = self._real_root
+        return real == root or real.startswith(root.rstrip("/") + "/")
+
     def _path(self, name: str) -> Path:
-        return self.root.joinpath(*name.split("/"))
+        path = self.root.joinpath(*name.split("/"))
+        if not self._inside(os.path.realpath(path)):
+            raise OSError(f"{name}: leads out of the medium")
+        return path
 
     def open(self, name: str) -> BinaryIO:
         return open(self._path(name), "rb")  # noqa: SIM115 - returned to the caller

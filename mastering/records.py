@@ -102,10 +102,17 @@ def _tag(keyword: str) -> int:
 # -- encoding -------------------------------------------------------------------------------
 
 
+class ValueTooLong(ValueError):
+    """A value longer than the 16-bit length of its VR in Explicit VR (PS3.5 7.1.2): it
+    cannot be a directory record key (the file itself may hold it, in Implicit VR)."""
+
+
 def element_header(tag: int, vr: str, length: int) -> bytes:
     """Explicit VR Little Endian element header (PS3.5 7.1.2)."""
     if vr in LONG_VRS:
         return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length)
+    if length > 0xFFFF:
+        raise ValueTooLong(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {vr}: {length} bytes")
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 

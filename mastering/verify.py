@@ -34,6 +34,8 @@ orphan               every DICOM file on the medium is referenced (PS3.11 D.3.3,
 level1               ISO 9660 Level 1 names when the profile asks for it (PS3.12 F.1.2.1, F.2.2)
 depth                at most 8 ISO 9660 directory levels, root included (PS3.12 F.1.2.1)
 capacity             the image (or folder) fits the profile's capacity (PS3.12 F.2.1)
+unsafe-file          a folder medium holds only files and folders: no symbolic link out of
+                     it, no FIFO or device (none of them is read) (PS3.10 8.1, PS3.12 R)
 ==================== ====================================================================
 
 Only headers are read: files are walked by :mod:`mastering.part10` (memory-mapped) and parsed by
@@ -238,6 +240,9 @@ class _Run:
             if self.profile.filesystem == "fat":
                 self.note(f"profile {self.profile.id} is for FAT media, the medium is an ISO image")
         self.check_capacity()
+        self.medium.files()
+        for name, why in getattr(self.medium, "unsafe", ()):
+            self.add("unsafe-file", name, why)
 
     def check_level1(self) -> None:
         """ISO 9660 Level 1: d-characters, 8.3 file names with version 1, 8-char directories."""

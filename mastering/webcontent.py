@@ -40,6 +40,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import jinja2
@@ -49,6 +50,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from . import __version__
+from .cancel import check
 
 log = logging.getLogger(__name__)
 
@@ -820,7 +822,8 @@ class Renderer:
 
 def build(patients: Sequence[WebPatient], *, volume: int = 1, volumes: int = 1,
           site: Site | None = None, template_dirs: Sequence[Path] = (), web: bool = True,
-          viewer: bool = True, created: dt.datetime | None = None) -> list[MediumFile]:
+          viewer: bool = True, created: dt.datetime | None = None,
+          cancel: Event | None = None) -> list[MediumFile]:
     """Every non-DICOM file of one volume: README.TXT and INDEX.HTM, and with ``web`` the
     IHE_PDI tree and (with ``viewer``) VIEWER/ and the pages' reference to its script. Pass
     only what is on this volume (each volume's index covers its own content). Content is
@@ -835,7 +838,7 @@ def build(patients: Sequence[WebPatient], *, volume: int = 1, volumes: int = 1,
                                 inline_css=None if web else _inline_css(r))),
     ]
     if web:
-        files += _web_files(r, tree)
+        files += _web_files(r, tree, cancel)
     check_names(files)
     return files
 
@@ -849,7 +852,8 @@ def _inline_css(r: Renderer) -> Markup:
     return Markup(css)
 
 
-def _web_files(r: Renderer, tree: list[PatientNode]) -> list[MediumFile]:
+def _web_files(r: Renderer, tree: list[PatientNode],
+               cancel: Event | None = None) -> list[MediumFile]:
     site: Site = r.common["site"]
     files: list[MediumFile] = [((WEB_DIR, "STYLE.CSS"), r.render("style.css").encode())]
     if site.logo is not None:
@@ -860,6 +864,7 @@ def _web_files(r: Renderer, tree: list[PatientNode]) -> list[MediumFile]:
     for pn in tree:
         for sn in pn.studies:
             for node in sn.series:
+                check(cancel, "while building the web pages")
                 files += _series_files(r, pn.patient, sn.study, node)
     return files
 

@@ -169,7 +169,8 @@ def test_non_ascii_accession_is_not_copied_into_study_id(tmp_path: Path) -> None
 
 
 def test_links_fifos_and_broken_links(tmp_path: Path) -> None:
-    """Folder links are followed once, a FIFO is listed and never opened, a broken link is
+    """A link out of the inputs is listed, not followed (unless asked, then once), a link
+    loop inside them is walked once, a FIFO is listed and never opened, a broken link is
     listed: none of them stops or hangs the run."""
     import os
 
@@ -180,5 +181,9 @@ def test_links_fifos_and_broken_links(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "in" / "pipe")
     os.symlink(tmp_path / "nowhere", tmp_path / "in" / "dangling")
     res = _scan(tmp_path / "in")
+    assert len(res.instances) == 1 and not res.invalid
+    assert {Path(p.path).name: p.kind for p in res.ignored} == {
+        "pipe": "not-dicom", "dangling": "not-dicom", "linked": "link"}
+    res = intake.scan([tmp_path / "in"], profiles.load("STD-GEN-CD"), follow_links=True)
     assert len(res.instances) == 2 and not res.invalid
     assert {Path(p.path).name for p in res.ignored} == {"pipe", "dangling"}

@@ -58,9 +58,17 @@ def test_non_dicom_is_told_apart(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(NotDicomError):
             part10.inspect(tmp_path / name)
-    (tmp_path / "tiny").write_bytes(b"\0\0")
+    for data in (b"", b"\0", b"\0\0", b"hi", b"hello\n"):  # too short to be anything
+        (tmp_path / "tiny").write_bytes(data)
+        with pytest.raises(NotDicomError):
+            part10.inspect(tmp_path / "tiny")
+    for data in (b"\x08\x00", b"\x02\x00\x00\x00UL", b"\x00\x08\x00\x05"):  # DICOM, cut
+        (tmp_path / "tiny").write_bytes(data)
+        with pytest.raises(StructureError):
+            part10.inspect(tmp_path / "tiny")
+    (tmp_path / "prefix").write_bytes(b"\0" * 128 + b"DICM\x02\x00")  # prefix, no meta
     with pytest.raises(StructureError):
-        part10.inspect(tmp_path / "tiny")
+        part10.inspect(tmp_path / "prefix")
 
 
 def test_body_disagreeing_with_meta(tmp_path: Path) -> None:

@@ -199,8 +199,9 @@ def test_fileset_folder(tmp_path: Path) -> None:
     master(inputs, out, Options(profiles.load("STD-GEN-USB-JPEG"), workers=1), kind="folder")
     assert dciodvfy_errors(out / "DICOMDIR") == []
     assert len(list(FileSet(out / "DICOMDIR"))) == 15
-    with pytest.raises(FileExistsError):
+    with pytest.raises(MasteringError, match="not an empty folder") as err:
         master(inputs, out, Options(profiles.load("STD-GEN-USB-JPEG"), workers=1), kind="folder")
+    assert err.value.exit_code == 6
 
 
 def test_verify_option_checks_each_volume(tmp_path: Path) -> None:
@@ -343,4 +344,5 @@ def test_a_new_run_replaces_the_whole_earlier_set(tmp_path: Path) -> None:
     assert len(report.volumes) >= 2 and (tmp_path / "o-2.label.svg").exists()
     (tmp_path / "other.iso").write_bytes(b"not ours")
     master([tmp_path / "in"], tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD")))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["o.iso", "other.iso"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        ".o.iso.mastering.json", "o.iso", "other.iso"]
