@@ -71,6 +71,9 @@ class Instance:
     #: the leaf record's keys, encoded in Explicit VR LE and concatenated in tag order
     leaf: bytes = b""
     filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
+    #: keys changed for the record because their value is not valid for its VR:
+    #: (keyword, value in the record or "", why), PS3.5 Table 6.2-1
+    fixes: list[tuple[str, str, str]] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
     pixel_data_offset: int = -1
     #: implicit VR files the profile does not take: the streamed re-encoding, made while the
@@ -254,12 +257,13 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         )
     if rtype == "IMAGE" and layout.pixel_data_offset < 0:
         raise _Invalid("an image without Pixel Data: the file is probably truncated")
-    keys, filled = _keys(hdr, rtype, profile)
+    fixes: list[tuple[str, str, str]] = []
+    keys, filled = _keys(hdr, rtype, profile, fixes)
     leaf = records.concatenate(keys.pop(LEAF))
     values = dict(filled)
 
     def value(kw: str) -> str:
-        return values.get(kw) or hdr.text(records._tag(kw))
+        return values[kw] if kw in values else hdr.text(records._tag(kw))
 
     reencoded = None
     if (not profile.allows(layout.body_ts) and part10.EXPLICIT_LE in profile.transfer_syntaxes
@@ -286,46 +290,81 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         keys=keys,
         leaf=leaf,
         filled=filled,
+        fixes=fixes,
         pixel_data_offset=layout.pixel_data_offset,
     )
 
 
 def _keys(
-    hdr: records.Header, rtype: str, profile: Profile
+    hdr: records.Header, rtype: str, profile: Profile, fixes: list[tuple[str, str, str]]
 ) -> tuple[dict[str, dict[int, bytes]], list[tuple[str, str]]]:
     """Encoded keys per level, filling Type 1 keys the instance lacks (reported, never written
-    into the file)."""
+    into the file). Every value is checked against its VR (PS3.5 Table 6.2-1): one that can
+    be normalized is, in the record only; a Type 1 key that cannot is derived as if absent,
+    a Type 2 key is left empty and a 1C/3 key out; each is listed in fixes as (keyword, value
+    in the record, why)."""
     levels = () if records.is_root_level(rtype) else records.LEVELS
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
     charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
+    check = _Checker(records.charsets_of(charset), fixes)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
         found: dict[int, bytes | None] = {}
         if charset and hdr.has(records.SPECIFIC_CHARACTER_SET):
             found[records.SPECIFIC_CHARACTER_SET] = charset
         for tag in spec.of("1"):
-            found[tag] = _type1(hdr, tag, known, filled)
+            found[tag] = _type1(hdr, tag, known, filled, check)
         for tag in spec.of("2"):
-            found[tag] = hdr.encoded(tag) or records.encode_text(
-                tag, records.dictionary_VR(tag), b""
-            )
+            found[tag] = check(tag, hdr.encoded(tag), "left empty") or records.encode_text(
+                tag, records.dictionary_VR(tag), b"")
         for tag in (*spec.of("1C"), *spec.of("3")):
-            found[tag] = _conditional(hdr, tag, rtype)
+            found[tag] = check(tag, _conditional(hdr, tag, rtype), "left out")
         keys[level] = {t: v for t, v in found.items() if v is not None}
     return keys, filled
 
 
-def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list) -> bytes | None:
-    if hdr.has(tag):
-        return hdr.encoded(tag)
+class _Checker:
+    """Checks key elements against their VR and notes every change (no values quoted)."""
+
+    def __init__(self, charsets: tuple[str, ...], fixes: list[tuple[str, str, str]]):
+        self.charsets, self.fixes = charsets, fixes
+
+    def __call__(self, tag: int, element: bytes | None, refused: str) -> bytes | None:
+        if element is None:
+            return None
+        result = records.check_element(tag, element, self.charsets)
+        if result.changed:
+            keyword = pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
+            shown = records.value_text(result.element) if result.element else ""
+            what = result.reason if result.element else f"{result.reason}; {refused}"
+            self.fixes.append((keyword, shown, what))
+        return result.element
+
+
+def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
+           check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
+    why = ""
+    if hdr.has(tag):
+        result = records.check_element(tag, hdr.encoded(tag), check.charsets)
+        if result.element is not None:
+            if result.changed:
+                check.fixes.append((keyword, records.value_text(result.element),
+                                    result.reason))
+            return result.element
+        why = result.reason
     value = records.derive(keyword, hdr, known)
     if value is None:
+        if why:
+            raise _Invalid(f"the Type 1 directory key {keyword} is not valid for its VR "
+                           f"({why}) and cannot be derived")
         raise _Invalid(f"lacks the Type 1 directory key {keyword} and it cannot be derived")
     known[keyword] = value
     filled.append((keyword, value))
+    if why:
+        check.fixes.append((keyword, value, f"{why}; derived as for a missing key"))
     if value == "":  # a running number: the planner assigns it
         return None
     return records.encode_value(tag, value)

@@ -101,7 +101,7 @@ class Report:
     files_seen: int = 0
     conversions: dict[str, int] = field(default_factory=dict)  # action -> count
     converted: list[dict] = field(default_factory=list)  # per transcoded file
-    filled: list[dict] = field(default_factory=list)  # {"path", "key", "value"}
+    filled: list[dict] = field(default_factory=list)  # {"path", "key", "value"[, "reason"]}
     ignored: list[dict] = field(default_factory=list)  # non-DICOM files
     invalid: list[dict] = field(default_factory=list)  # refused files and why
     skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
@@ -355,8 +355,18 @@ def _fill_report(report: Report, scanned: IntakeResult, volumes: list[plan.Volum
         for e in vol.entries():
             report.instances += 1
             report.bytes += e.out_size
-            report.filled += [{"path": e.instance.path, "key": k, "value": v}
-                              for k, v in e.instance.filled]
+            report.filled += _filled(e.instance)
+
+
+def _filled(inst: intake_mod.Instance) -> list[dict]:
+    """Filled-in keys and keys changed because their value was invalid for its VR, each
+    with the value the record has and, for the changed ones, why."""
+    why = {k: reason for k, _v, reason in inst.fixes}
+    out = [{"path": inst.path, "key": k, "value": v, **({"reason": why[k]} if k in why else {})}
+           for k, v in inst.filled]
+    done = {k for k, _v in inst.filled}
+    return out + [{"path": inst.path, "key": k, "value": v, "reason": r}
+                  for k, v, r in inst.fixes if k not in done]
 
 
 def _volume_report(vol: plan.Volume, final: Path, size: int) -> VolumeReport:
