@@ -234,6 +234,10 @@ def _summary(r: Report, con: Console) -> None:
         con.print(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")
     if r.duplicates:
         con.print(f"  identical copies merged: {len(r.duplicates)}")
+    for fix in r.repaired:
+        con.print(f"  meta header repaired: {fix['path']}: {fix['uid']} {fix['meta']} in the "
+                  f"meta, {fix['dataset'] or 'none'} in the data set; {fix['repair']}",
+                  highlight=False)
     if r.ignored:
         con.print(f"  non-DICOM files ignored: {len(r.ignored)}")
     for w in r.warnings:

@@ -74,6 +74,8 @@ class Instance:
     #: keys changed for the record because their value is not valid for its VR:
     #: (keyword, value in the record or "", why), PS3.5 Table 6.2-1
     fixes: list[tuple[str, str, str]] = field(default_factory=list)
+    #: meta header UIDs that disagreed with the data set: {"uid", "meta", "dataset", "repair"}
+    repairs: list[dict[str, str]] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
     pixel_data_offset: int = -1
     #: implicit VR files the profile does not take: the streamed re-encoding, made while the
@@ -240,21 +242,16 @@ def _wanted(profile: Profile) -> frozenset[int]:
 
 def _instance(path: str, layout: part10.Layout, hdr: records.Header,
               profile: Profile) -> Instance:
-    sop_class = hdr.text(SOP_CLASS_UID)
-    sop_uid = hdr.text(SOP_INSTANCE_UID)
+    sop_class, sop_uid, repairs = identity(hdr, layout)
     if not sop_class or not sop_uid:
-        raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID")
+        raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID in the "
+                       "data set or its meta header")
     if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
         raise _Invalid(f"not a valid SOP Instance UID: {sop_uid!r}")
     rtype = records.record_type(sop_class)
     if rtype is None:
         raise _Invalid(f"not a storable instance: SOP Class {sop_class} is not a storage class")
     meta_uid = layout.meta_sop_instance_uid
-    if meta_uid and meta_uid != sop_uid:
-        raise _Invalid(
-            f"file meta Media Storage SOP Instance UID {meta_uid} differs from the data set's "
-            f"SOP Instance UID {sop_uid}"
-        )
     if rtype == "IMAGE" and layout.pixel_data_offset < 0:
         raise _Invalid("an image without Pixel Data: the file is probably truncated")
     fixes: list[tuple[str, str, str]] = []
@@ -278,8 +275,9 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         sop_instance_uid=sop_uid,
         transfer_syntax=layout.body_ts,
         # a meta header that lacks a Type 1 element or names another SOP Class is rebuilt
-        meta_complete=(layout.meta_complete and bool(meta_uid)
+        meta_complete=(layout.meta_complete and meta_uid == sop_uid
                        and layout.meta_sop_class_uid == sop_class),
+        repairs=repairs,
         dataset_start=layout.dataset_start,
         record_type=rtype,
         patient_id=value("PatientID"),
@@ -293,6 +291,32 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         fixes=fixes,
         pixel_data_offset=layout.pixel_data_offset,
     )
+
+
+def identity(hdr: records.Header, layout: part10.Layout
+             ) -> tuple[str, str, list[dict[str, str]]]:
+    """SOP Class and Instance UID of the object, and the meta header repairs they imply.
+
+    The data set is the object and the meta header its wrapper (PS3.10 7.1: the meta's
+    Media Storage SOP Class/Instance UID are copies of the data set's). Anonymizers often
+    change the data set's UIDs and leave the meta as it was: the data set's UIDs win and the
+    meta header is rebuilt (the data set's bytes are copied unchanged). Only a data set
+    without a UID takes the meta header's."""
+    repairs: list[dict[str, str]] = []
+    found = []
+    for tag, name, meta in ((SOP_CLASS_UID, "SOP Class UID", layout.meta_sop_class_uid),
+                            (SOP_INSTANCE_UID, "SOP Instance UID",
+                             layout.meta_sop_instance_uid)):
+        mine = hdr.text(tag)
+        if not mine and meta:
+            repairs.append({"uid": name, "meta": meta, "dataset": "",
+                            "repair": "the data set has none: the meta header's is used"})
+            mine = meta
+        elif meta and mine and meta != mine:
+            repairs.append({"uid": name, "meta": meta, "dataset": mine,
+                            "repair": "the meta header is rebuilt from the data set"})
+        found.append(mine)
+    return found[0], found[1], repairs
 
 
 def _keys(

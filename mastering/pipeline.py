@@ -106,6 +106,9 @@ class Report:
     invalid: list[dict] = field(default_factory=list)  # refused files and why
     skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
     duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
+    #: meta headers that disagreed with their data set: {"path", "uid", "meta", "dataset",
+    #: "repair"}; the data set's UIDs are used everywhere
+    repaired: list[dict] = field(default_factory=list)
     volumes: list[VolumeReport] = field(default_factory=list)
     violations: list[dict] = field(default_factory=list)  # from --verify
     warnings: list[str] = field(default_factory=list)  # inconsistent input, no values quoted
@@ -173,6 +176,7 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
     report.invalid = _problems(scanned.invalid)
     for inst in scanned.instances:
         report.duplicates += [{"kept": inst.path, "merged": d} for d in inst.duplicates]
+        report.repaired += [{"path": inst.path, **r} for r in inst.repairs]
 
 
 def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind: str,
