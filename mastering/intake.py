@@ -293,6 +293,34 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
     )
 
 
+def leaf_keys(path: str, profile: Profile) -> bytes:
+    """The leaf record's keys of a file this program wrote (a transcoded copy): decoding
+    changes keys (Lossy Image Compression Ratio, Number of Frames), so a record describes
+    the file on the medium, not its source (PS3.3 F.5)."""
+    layout = part10.inspect(Path(path), collect=_wanted(profile))
+    hdr = _header(path, layout)
+    rtype = records.record_type(hdr.text(SOP_CLASS_UID))
+    if rtype is None:
+        raise _Invalid("the converted file has no storage SOP Class")
+    keys, _filled = _keys(hdr, rtype, profile, [])
+    return records.concatenate(keys[LEAF])
+
+
+def adopt_leaf(inst: Instance, leaf: bytes) -> None:
+    """Take the leaf keys of the converted file, keeping the values filled in for the
+    source (a derived or running Instance Number stays what the planner gave it)."""
+    old, new = records.split(inst.leaf), records.split(leaf)
+    for keyword in {k for k, _v in inst.filled} | {k for k, _v, _r in inst.fixes}:
+        tag = records._tag(keyword) if pydicom.datadict.tag_for_keyword(keyword) else None
+        if tag is None:
+            continue
+        if tag in old:
+            new[tag] = old[tag]
+        else:
+            new.pop(tag, None)
+    inst.leaf = records.concatenate(new)
+
+
 def identity(hdr: records.Header, layout: part10.Layout
              ) -> tuple[str, str, list[dict[str, str]]]:
     """SOP Class and Instance UID of the object, and the meta header repairs they imply.

@@ -441,7 +441,7 @@ def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: 
              e.instance.sop_class_uid, e.instance.sop_instance_uid,
              e.instance.pixel_data_offset if reencode.applicable(
                  e.instance.transfer_syntax, e.instance.pixel_data_offset) else -1,
-             e.instance.stamp)
+             e.instance.stamp, profile)
             for i, e in enumerate(todo)]
     workers = min(options.workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
@@ -467,6 +467,7 @@ def _collect(todo, jobs, results, report: Report, progress, cancel) -> None:
             _use_reencoded(entry, res, report)
             continue
         entry.staged, entry.out_ts, entry.out_size = job[1], res["target_ts"], res["bytes"]
+        intake_mod.adopt_leaf(entry.instance, res.pop("leaf"))  # keys of the file written
         report.converted.append({"path": entry.instance.path, **res})
 
 
@@ -483,7 +484,7 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
     """One conversion: the streamed re-encoding where it applies, else a staged transcode."""
     from . import transcode
 
-    src, dst, allowed, sop_class, sop_uid, pixel_offset, stamp = job
+    src, dst, allowed, sop_class, sop_uid, pixel_offset, stamp, profile = job
     try:
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed after it was scanned"
@@ -497,10 +498,11 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
                                       implementation_version_name=IMPLEMENTATION_VERSION_NAME)
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed while it was being converted"
+        leaf = intake_mod.leaf_keys(dst, profile)
     except Exception as exc:  # noqa: BLE001 - reported per file, the run decides
         return str(exc)
     return {"source_ts": res.source_ts, "target_ts": res.target_ts, "action": res.action,
-            "decoder": res.decoder, "bytes": os.path.getsize(dst)}
+            "decoder": res.decoder, "bytes": os.path.getsize(dst), "leaf": leaf}
 
 
 def _drop_failed(tree: list[plan.Patient], roots: list[plan.FileEntry]):
