@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--skip-invalid", action="store_true",
                        help="leave invalid files out (listed) instead of refusing the run")
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
+        c.add_argument("--on-conflict", choices=("refuse", "skip", "newest"), default="refuse",
+                       help="different objects with one SOP Instance UID: refuse the run "
+                       "(default), skip them all, or keep the newest (Instance Creation "
+                       "Date/Time, else the latest file)")
         c.add_argument("--viewer", action="store_true", help="IHE PDI web content (INDEX.HTM, "
                        "README.TXT, IHE_PDI/ pages and JPEGs) and a disc label")
         c.add_argument("--label", action="store_true", help="a printable disc label beside each "
@@ -135,7 +139,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
                                span=not args.no_span, workers=args.workers,
                                sync=not args.no_sync, volume_id=args.volume_id,
                                verify=args.verify, viewer=args.viewer, label=args.label,
-                               site=args.site, templates=tuple(args.templates))
+                               site=args.site, templates=tuple(args.templates),
+                               on_conflict=args.on_conflict)
     cancel = Event()
     # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind
     previous = {sig: signal.signal(sig, lambda *_: cancel.set())
@@ -234,6 +239,10 @@ def _summary(r: Report, con: Console) -> None:
         con.print(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")
     if r.duplicates:
         con.print(f"  identical copies merged: {len(r.duplicates)}")
+    for c in r.conflicts:
+        kept = f"kept {c['kept']}" if c["kept"] else "all left out"
+        con.print(f"  [yellow]conflict:[/] SOP Instance UID {c['uid']} in {len(c['files'])} "
+                  f"files ({', '.join(c['files'])}): {kept}", highlight=False)
     for fix in r.repaired:
         con.print(f"  meta header repaired: {fix['path']}: {fix['uid']} {fix['meta']} in the "
                   f"meta, {fix['dataset'] or 'none'} in the data set; {fix['repair']}",

@@ -12,7 +12,6 @@ references (PS3.10 8.6), which are scanned like any other file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -23,13 +22,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from threading import Event
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
-from . import part10, records, reencode
+from . import part10, records, reencode, sameness
 from .profiles import Profile
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -83,6 +83,8 @@ class Instance:
     reencoded: object | None = None
     #: (device, inode, size, mtime ns) at scan time: the writer refuses a file that changed
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    #: Instance Creation Date and Time as YYYYMMDDHHMMSS.ffffff ("" if absent or invalid)
+    created: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,9 @@ class IntakeResult:
     indexes: list[DirectoryIndex]
     files_seen: int = 0
     warnings: list[str] = field(default_factory=list)  # no patient values quoted
+    #: SOP Instance UIDs held by different objects: {"uid", "policy", "files", "kept"}
+    conflicts: list[dict] = field(default_factory=list)
+    left_out: list[Problem] = field(default_factory=list)  # by --on-conflict skip/newest
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -290,7 +295,21 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         filled=filled,
         fixes=fixes,
         pixel_data_offset=layout.pixel_data_offset,
+        created=_created(hdr),
     )
+
+
+def _created(hdr: records.Header) -> str:
+    """Instance Creation Date/Time (PS3.3 C.12.1) comparable as text, "" if not valid."""
+    from . import values
+
+    date, time = hdr.text(0x00080012), hdr.text(0x00080013)
+    if not date or values.check(0x00080012, "DA", date.encode()) is not None:
+        return ""
+    if time and values.check(0x00080013, "TM", (time + " " * (len(time) % 2)).encode()):
+        time = ""
+    whole, _, frac = time.partition(".")
+    return f"{date}{whole.ljust(6, '0')}.{frac.ljust(6, '0')}"
 
 
 def leaf_keys(path: str, profile: Profile) -> bytes:
@@ -503,12 +522,14 @@ def scan(
     progress: ProgressFn | None = None,
     cancel: Event | None = None,
     workers: int | None = None,
+    on_conflict: str = "refuse",
 ) -> IntakeResult:
-    """Scan inputs (files and folders, recursively) and return instances and problems."""
+    """Scan inputs (files and folders, recursively) and return instances and problems.
+    on_conflict: what to do with different objects that share a SOP Instance UID."""
     paths, skipped = expand(inputs)
     result = IntakeResult([], skipped, [], [], 0)
     seen = {os.path.realpath(p) for p in paths}
-    merger = _Merger(result)
+    merger = _Merger(result, profile, on_conflict)
     queue = paths
     while queue:
         extra: list[str] = []
@@ -568,17 +589,29 @@ def _tick(results: Iterable, total: int, progress: ProgressFn | None, cancel: Ev
         yield item
 
 
+ON_CONFLICT = ("refuse", "skip", "newest")
+
+
 class _Merger:
-    """Merges identical copies of one instance; two different objects with one UID conflict.
+    """Merges copies of one object; different objects with one SOP Instance UID conflict.
+
+    Copies are found by value (:mod:`mastering.sameness`: any two encodings of one data set),
+    and the copy the profile takes as it is is the one kept. Conflicts follow the policy:
+    refuse (every file is invalid input), skip (all left out) or newest (the latest Instance
+    Creation Date/Time, else the latest file, is kept); each is reported with every file.
 
     Also keeps the PATIENT/STUDY/SERIES keys only once per series, so memory per instance is
     its leaf record and identity, not its whole header.
     """
 
-    def __init__(self, result: IntakeResult):
-        self.result = result
+    def __init__(self, result: IntakeResult, profile: Profile | None = None,
+                 policy: str = "refuse"):
+        if policy not in ON_CONFLICT:
+            raise ValueError(f"on-conflict policy {policy!r}: one of {', '.join(ON_CONFLICT)}")
+        self.result, self.profile, self.policy = result, profile, policy
         self.by_uid: dict[str, Instance] = {}
-        self.conflicts: dict[str, list[str]] = {}
+        #: the distinct objects of a UID, when there is more than one (first = by_uid's)
+        self.variants: dict[str, list[Instance]] = {}
         self.series_first: dict[tuple[str, str, str], Instance] = {}
 
     def add(self, inst: Instance) -> None:
@@ -587,12 +620,39 @@ class _Merger:
             self.by_uid[inst.sop_instance_uid] = inst
             self._share_levels(inst)
             return
-        if inst.sop_instance_uid in self.conflicts:
-            self.conflicts[inst.sop_instance_uid].append(inst.path)
-        elif same_object(other.path, inst.path):
-            other.duplicates.append(inst.path)
+        group = self.variants.get(inst.sop_instance_uid, [other])
+        for i, known in enumerate(group):
+            if sameness.same_object(known.path, inst.path, open_source):
+                group[i] = self._merge(known, inst)
+                return
+        group.append(inst)
+        self.variants[inst.sop_instance_uid] = group
+
+    def _merge(self, known: Instance, inst: Instance) -> Instance:
+        """One object twice: keep the copy that can go onto the medium as it is."""
+        if not (self._as_is(inst) and not self._as_is(known)):
+            known.duplicates.append(inst.path)
+            return known
+        inst.duplicates = [*known.duplicates, known.path]
+        if self.by_uid.get(known.sop_instance_uid) is known:
+            self._replace(known, inst)
+        return inst
+
+    def _as_is(self, inst: Instance) -> bool:
+        return (self.profile is not None and self.profile.allows(inst.transfer_syntax)
+                and inst.meta_complete)
+
+    def _replace(self, old: Instance, new: Instance) -> None:
+        """new takes old's place, including the series keys old may carry."""
+        self.by_uid[old.sop_instance_uid] = new
+        key = (old.patient_id, old.study_uid, old.series_uid)
+        if self.series_first.get(key) is old:
+            for level in records.LEVELS:
+                new.keys[level] = old.keys.get(level, {})
+            self.series_first[key] = new
         else:
-            self.conflicts[inst.sop_instance_uid] = [other.path, inst.path]
+            for level in records.LEVELS:
+                new.keys.pop(level, None)
 
     def _share_levels(self, inst: Instance) -> None:
         key = (inst.patient_id, inst.study_uid, inst.series_uid)
@@ -618,16 +678,43 @@ class _Merger:
                     "ID; the directory record keeps the first")
 
     def finish(self) -> None:
-        for uid, paths in self.conflicts.items():
-            inst = self.by_uid.pop(uid)
-            self._unshare(inst)
-            for path in paths:
-                others = ", ".join(p for p in paths if p != path)
-                self.result.invalid.append(
-                    Problem(path, "conflict", f"SOP Instance UID {uid} is also used by a "
-                            f"different object in {others}")
-                )
+        for uid, group in self.variants.items():
+            if len(group) > 1:
+                self._conflict(uid, group)
         self.result.instances = list(self.by_uid.values())
+
+    def _conflict(self, uid: str, group: list[Instance]) -> None:
+        kept = _newest(group) if self.policy == "newest" else None
+        files = [p for inst in group for p in (inst.path, *inst.duplicates)]
+        self.result.conflicts.append({"uid": uid, "policy": self.policy, "files": files,
+                                      "kept": kept.path if kept else None})
+        current = self.by_uid.pop(uid)
+        if kept is not None:
+            self.by_uid[uid] = current
+            if kept is not current:
+                self._swap_in(current, kept)
+        else:
+            self._unshare(current)
+        for inst in group:
+            if inst is kept:
+                continue
+            for path in (inst.path, *inst.duplicates):
+                others = ", ".join(p for p in files if p != path)
+                reason = (f"SOP Instance UID {uid} is also used by a different object in "
+                          f"{others}")
+                if kept is not None:
+                    reason += f"; --on-conflict newest kept {kept.path}"
+                elif self.policy == "skip":
+                    reason += "; left out (--on-conflict skip)"
+                problem = Problem(path, "conflict", reason)
+                (self.result.invalid if self.policy == "refuse"
+                 else self.result.left_out).append(problem)
+
+    def _swap_in(self, current: Instance, kept: Instance) -> None:
+        """A later variant wins: it becomes the instance of its own series."""
+        self._unshare(current)
+        self.by_uid[kept.sop_instance_uid] = kept
+        self._share_levels(kept)
 
     def _unshare(self, inst: Instance) -> None:
         """A conflicting instance leaves; if it carried its series' keys, hand them on."""
@@ -635,7 +722,8 @@ class _Merger:
         if self.series_first.get(key) is not inst:
             return
         heir = next((i for i in self.by_uid.values()
-                     if (i.patient_id, i.study_uid, i.series_uid) == key), None)
+                     if i is not inst and (i.patient_id, i.study_uid, i.series_uid) == key),
+                    None)
         del self.series_first[key]
         if heir is not None:
             for level in records.LEVELS:
@@ -643,21 +731,20 @@ class _Merger:
             self.series_first[key] = heir
 
 
+def _newest(group: list[Instance]) -> Instance:
+    """The latest Instance Creation Date/Time (PS3.3 C.12.1) when every variant has one and
+    they differ, else the latest file (modification time), then the last path."""
+    created = [i.created for i in group]
+    if all(created) and len(set(created)) > 1:
+        return max(group, key=lambda i: (i.created, i.stamp[3], i.path))
+    return max(group, key=lambda i: (i.stamp[3], i.path))
+
+
 def same_object(a: str, b: str) -> bool:
-    """True if two files hold the same data set: identical bytes, or equal after parsing
-    (the same instance stored in two encodings). Only called when SOP Instance UIDs collide."""
-    if _digest(a) == _digest(b):
-        return True
-    try:
-        da, db = pydicom.dcmread(a, force=True), pydicom.dcmread(b, force=True)
-    except Exception:  # noqa: BLE001 - unreadable means not provably the same
-        return False
-    return da == db
+    """True if two files hold the same data set, in whatever encodings (see sameness)."""
+    return sameness.same_object(a, b, open_source)
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def open_source(path: str) -> BinaryIO:
+    """A readable, seekable stream of an input file."""
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it

@@ -66,6 +66,9 @@ class Options:
     label: bool = False  # a disc label beside each output (DICOM ONLY unless viewer)
     site: Path | None = None  # site settings (institution, logo, language): TOML or JSON
     templates: tuple[Path, ...] = ()  # template folders searched before the bundled ones
+    #: different objects with one SOP Instance UID: "refuse" the run, "skip" them all, or
+    #: keep the "newest" (Instance Creation Date/Time, else the latest file)
+    on_conflict: str = "refuse"
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -106,6 +109,8 @@ class Report:
     invalid: list[dict] = field(default_factory=list)  # refused files and why
     skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
     duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
+    #: one SOP Instance UID, different objects: {"uid", "policy", "files", "kept"}
+    conflicts: list[dict] = field(default_factory=list)
     #: meta headers that disagreed with their data set: {"path", "uid", "meta", "dataset",
     #: "repair"}; the data set's UIDs are used everywhere
     repaired: list[dict] = field(default_factory=list)
@@ -149,13 +154,13 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
                              "use 'mastering fileset' and copy the folder to the stick", report, 2)
     t0 = time.monotonic()
     scanned = intake_mod.scan(inputs, profile, progress=progress, cancel=cancel,
-                              workers=options.workers)
+                              workers=options.workers, on_conflict=options.on_conflict)
     report.seconds["scan"] = round(time.monotonic() - t0, 3)
     _record_intake(report, scanned)
     if scanned.invalid and not options.skip_invalid:
         report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
-    report.skipped = report.invalid if options.skip_invalid else []
+    report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
     if not scanned.instances:
         report.error = "no DICOM instances found in the input"
         raise MasteringError(report.error, report, 3)
@@ -177,12 +182,18 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
     for inst in scanned.instances:
         report.duplicates += [{"kept": inst.path, "merged": d} for d in inst.duplicates]
         report.repaired += [{"path": inst.path, **r} for r in inst.repairs]
+    report.conflicts = list(scanned.conflicts)
+    report.skipped += _problems(scanned.left_out)  # --on-conflict skip / newest
 
 
 def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind: str,
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None) -> Report:
     profile = options.profile
+    if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
+        report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
+                        "objects; choose --on-conflict skip or newest; nothing was written")
+        raise MasteringError(report.error, report, 3)
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
