@@ -300,11 +300,15 @@ def _inspect(args: argparse.Namespace, out: Console) -> int:
     except MediaError as exc:
         Console(stderr=True).print(f"[red]error:[/] {exc}")
         return EXIT_VERIFY
+    code = EXIT_OK if summary.get("complete", True) else EXIT_VERIFY
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-        return EXIT_OK
+        return code
     _print_tree(summary, out)
-    return EXIT_OK
+    for fault in summary.get("faults", []):  # read what can be read, say what is wrong
+        kind = "note" if fault["harmless"] else "fault"
+        Console(stderr=True).print(f"{kind}: {fault['fault']}", highlight=False)
+    return code
 
 
 def _print_tree(summary: dict, out: Console) -> None:

@@ -229,6 +229,8 @@ class _Run:
     # -- 6. the medium: ISO 9660 names, depth, capacity (PS3.12 Annex F/P) -------------------
 
     def check_medium(self) -> None:
+        for fault in self.medium.damage():
+            self.add("medium", MEDIUM, fault)
         if self.medium.kind == "iso":
             if self.profile.interchange_level == 1:
                 self.check_level1()
