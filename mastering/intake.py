@@ -228,7 +228,8 @@ def _header(path: str, layout: part10.Layout) -> records.Header:
 
 @cache
 def _wanted_cached(extra: tuple) -> frozenset[int]:
-    tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET}
+    tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET,
+            records.SHARED_GROUPS, records.PER_FRAME_GROUPS}
     for table in records.record_keys().values():
         if isinstance(table, dict):
             tags.update(records._tag(kw) for kws in table.values() for kw in kws)
@@ -392,6 +393,9 @@ def _keys(
                 tag, records.dictionary_VR(tag), b"")
         for tag in (*spec.of("1C"), *spec.of("3")):
             found[tag] = check(tag, _conditional(hdr, tag, rtype), "left out")
+            if found[tag] is None and level == LEAF and _enhanced(hdr):
+                found[tag] = check(tag, records.functional_group_key(_dataset(hdr), tag),
+                                   "left out")
         keys[level] = {t: v for t, v in found.items() if v is not None}
     return keys, filled
 
@@ -412,6 +416,15 @@ class _Checker:
             what = result.reason if result.element else f"{result.reason}; {refused}"
             self.fixes.append((keyword, shown, what))
         return result.element
+
+
+def _enhanced(hdr: records.Header) -> bool:
+    """An enhanced multi-frame image (PS3.3 C.7.6.16): keys may sit in functional groups."""
+    return hdr.has(records.SHARED_GROUPS) or hdr.has(records.PER_FRAME_GROUPS)
+
+
+def _dataset(hdr: records.Header) -> Dataset:
+    return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
 
 
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,

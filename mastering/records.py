@@ -332,6 +332,44 @@ def concatenate(elements: dict[int, bytes]) -> bytes:
     return out.getvalue()
 
 
+# -- enhanced multi-frame images (PS3.3 C.7.6.16) -------------------------------------------
+
+SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
+#: image keys that enhanced multi-frame IODs keep in a functional group macro, with the
+#: macro's sequence (PS3.3 C.7.6.16.2.1-3; PS3.11 Table H.3-2 takes them from there)
+FUNCTIONAL_GROUP_KEYS = {
+    0x00200032: 0x00209113,  # Image Position (Patient) <- Plane Position Sequence
+    0x00200037: 0x00209116,  # Image Orientation (Patient) <- Plane Orientation Sequence
+    0x00280030: 0x00289110,  # Pixel Spacing <- Pixel Measures Sequence
+}
+
+
+def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
+    """A key an enhanced multi-frame image has in its Shared Functional Groups, or in the
+    Per-frame Functional Groups when every frame has the same value; encoded, else None."""
+    macro = FUNCTIONAL_GROUP_KEYS.get(tag)
+    if macro is None:
+        return None
+    shared = ds.get(SHARED_GROUPS)
+    for group in (shared.value if shared is not None else ()) or ():
+        found = _in_macro(group, macro, tag)
+        if found is not None:
+            return found
+    frames = ds.get(PER_FRAME_GROUPS)
+    values = {_in_macro(group, macro, tag) for group in (frames.value if frames else ()) or ()}
+    if len(values) == 1:
+        return values.pop()
+    return None
+
+
+def _in_macro(group: Dataset, macro: int, tag: int) -> bytes | None:
+    seq = group.get(macro)
+    items = seq.value if seq is not None else None
+    if not items or tag not in items[0]:
+        return None
+    return encode_element(items[0], tag)
+
+
 # -- value formats (PS3.5 Table 6.2-1) -------------------------------------------------------
 
 

@@ -520,6 +520,8 @@ class _Run:
             self.add("part10", name, "no preamble, 'DICM' or meta group (PS3.10 7.1)")
         self.check_transfer_syntax(name, layout)
         extra = [*self.conditional_tags(node, ancestors), *IDENTITY.values()]
+        if any(t in records.FUNCTIONAL_GROUP_KEYS and t not in node.record for t in extra):
+            extra += [records.SHARED_GROUPS, records.PER_FRAME_GROUPS]  # enhanced MF images
         try:
             header = self.medium.read_header(name, extra)
         except Exception as exc:  # pydicom failed although the structure walk passed
@@ -608,8 +610,10 @@ class _Run:
         for rec in (*ancestors, node):
             for kw in self.profile.extra_keys.get(rec.rtype, {}).get("1C", ()):
                 tag = tag_for_keyword(kw)
-                if tag is None or not _filled(header, tag) or _filled(rec.record, tag):
+                if tag is None or _filled(rec.record, tag):
                     continue
+                if not _filled(header, tag) and not records.functional_group_key(header, tag):
+                    continue  # neither at the top level nor in the functional groups
                 if not _usable(header, tag):
                     continue  # invalid for its VR in the file: a record leaves it out
                 if not self.first_time(rec, tag):
