@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
-from . import part10, records, reencode, sameness
+from . import isosource, part10, records, reencode, sameness
 from .profiles import Profile
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -166,14 +166,22 @@ def _classify(path: str, files: list[str], skipped: list[Problem]) -> None:
 
 
 def file_stamp(path: str) -> tuple[int, int, int, int]:
+    if not os.path.lexists(path):  # a file inside an ISO image: the image's stamp
+        return isosource.stamp(path)
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _layout(path: str, collect: frozenset[int]) -> part10.Layout:
+    if not os.path.lexists(path) and isosource.locate(path) is not None:
+        return isosource.inspect(path, collect)
+    return part10.inspect(Path(path), collect=collect)
 
 
 def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryIndex:
     try:
         stamp = file_stamp(path)
-        layout = part10.inspect(Path(path), collect=_wanted(profile))
+        layout = _layout(path, _wanted(profile))
     except part10.NotDicomError as exc:
         return Problem(path, "not-dicom", str(exc))
     except part10.StructureError as exc:
@@ -205,7 +213,8 @@ def _read(path: str) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # VR switches etc. are handled, not news
-            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            with open_source(path) as fh:
+                return pydicom.dcmread(fh, stop_before_pixels=True, force=True)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise _Invalid(f"pydicom cannot parse the header: {exc}") from exc
 
@@ -497,7 +506,8 @@ def _directory_index(path: str, ds: Dataset) -> DirectoryIndex:
         if not 1 <= len(parts) <= 8 or not all(FILE_ID_COMPONENT.match(p) for p in parts):
             refused.append("\\".join(parts))
             continue
-        found = _resolve(base, parts)
+        found = (isosource.resolve(path, parts) if not os.path.lexists(path)
+                 else _resolve(base, parts))
         (referenced if found else missing).append(str(found or base.joinpath(*parts)))
     return DirectoryIndex(path, tuple(referenced), tuple(missing), tuple(refused))
 
@@ -539,8 +549,15 @@ def scan(
 ) -> IntakeResult:
     """Scan inputs (files and folders, recursively) and return instances and problems.
     on_conflict: what to do with different objects that share a SOP Instance UID."""
-    paths, skipped = expand(inputs)
-    result = IntakeResult([], skipped, [], [], 0)
+    inputs = list(inputs)
+    images = [i for i in inputs if isosource.is_image(i)]  # read in place (isosource)
+    paths, skipped = expand([i for i in inputs if i not in images])
+    damaged: list[Problem] = []
+    for image in images:
+        inside, damage = isosource.members(image)
+        paths += inside
+        damaged += [Problem(p, "invalid", why) for p, why in damage]
+    result = IntakeResult([], skipped, damaged, [], 0)
     seen = {os.path.realpath(p) for p in paths}
     merger = _Merger(result, profile, on_conflict)
     queue = paths
@@ -759,5 +776,5 @@ def same_object(a: str, b: str) -> bool:
 
 
 def open_source(path: str) -> BinaryIO:
-    """A readable, seekable stream of an input file."""
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    """A readable, seekable stream of an input file (a plain file or one inside an image)."""
+    return isosource.open_any(path)

@@ -506,7 +506,8 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
         with open(dst, "xb") as out:
             res = transcode.transcode(Path(src), out, list(allowed),
                                       implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                                      implementation_version_name=IMPLEMENTATION_VERSION_NAME)
+                                      implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+                                      opener=intake_mod.open_source)
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed while it was being converted"
         leaf = intake_mod.leaf_keys(dst, profile)
