@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--workers", type=int, help="processes for scanning and conversion")
         c.add_argument("--follow-links", action="store_true", help="follow symbolic links that "
                        "lead out of the given inputs (listed and left alone otherwise)")
+        c.add_argument("--on-conflict", choices=("refuse", "skip", "newest"), default="refuse",
+                       help="different objects with one SOP Instance UID: refuse the run "
+                       "(default), skip them all, or keep the newest (Instance Creation "
+                       "Date/Time, else the latest file)")
         c.add_argument("--viewer", action="store_true", help="IHE PDI web content (INDEX.HTM, "
                        "README.TXT, IHE_PDI/ pages and JPEGs) and a disc label")
         c.add_argument("--label", action="store_true", help="a printable disc label beside each "
@@ -162,7 +166,8 @@ def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
                                sync=not args.no_sync, volume_id=args.volume_id,
                                verify=args.verify, viewer=args.viewer, label=args.label,
                                site=args.site, templates=tuple(args.templates),
-                               follow_links=args.follow_links)
+                               follow_links=args.follow_links,
+                               on_conflict=args.on_conflict)
     if args.report is not None:
         try:
             check_report_path(args.report)
@@ -294,6 +299,15 @@ def _summary(r: Report, con: Printer) -> None:
         con.line(f"  filled-in directory keys: {len(r.filled)} ({', '.join(keys)})")
     if r.duplicates:
         con.line(f"  identical copies merged: {len(r.duplicates)}")
+    for c in r.conflicts:
+        kept = f"kept {printable(c['kept'])}" if c["kept"] else "all left out"
+        files = ", ".join(printable(f) for f in c["files"])
+        con.line(("  conflict: ", "yellow"), f"SOP Instance UID {c['uid']} in "
+                 f"{len(c['files'])} files ({files}): {kept}")
+    for fix in r.repaired:
+        con.line(f"  meta header repaired: {printable(fix['path'])}: {fix['uid']} "
+                 f"{printable(fix['meta'])} in the meta, {printable(fix['dataset'] or 'none')} "
+                 f"in the data set; {fix['repair']}")
     links = [i for i in r.ignored if i["kind"] == "link"]
     ignored = [i for i in r.ignored if i["kind"] != "link"]
     if ignored:
@@ -372,11 +386,15 @@ def _inspect(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     except MediaError as exc:
         _error(err, exc)
         return EXIT_VERIFY
+    code = EXIT_OK if summary.get("complete", True) else EXIT_VERIFY
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-        return EXIT_OK
+        return code
     _print_tree(summary, out)
-    return EXIT_OK
+    for fault in summary.get("faults", []):  # read what can be read, say what is wrong
+        kind = "note" if fault["harmless"] else "fault"
+        err.line((f"{kind}:", "yellow"), f" {printable(fault['fault'])}")
+    return code
 
 
 def _print_tree(summary: dict, out: Printer) -> None:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, isosource
 from .part10 import build_meta
 from .plan import FileEntry
 
@@ -45,22 +45,32 @@ def check_stamp(part: Range, fd: int) -> None:
 Segment = bytes | Range
 
 
+def source_range(path: str, offset: int, length: int,
+                 stamp: tuple[int, int, int, int] | None) -> Range:
+    """length bytes of an input from offset, as a range of a real file: a file inside an
+    ISO image is a range of the image (isosource), so it is copied like any other."""
+    member = isosource.locate(path) if not os.path.lexists(path) else None
+    if member is None:
+        return Range(path, offset, length, stamp)
+    return Range(member.image, member.offset + offset, length, stamp)
+
+
 def segments(entry: FileEntry) -> list[Segment]:
     """The pieces that make up the file on the medium."""
     inst = entry.instance
     if entry.action == "copy":
-        return [Range(inst.path, 0, inst.size, inst.stamp)]
+        return [source_range(inst.path, 0, inst.size, inst.stamp)]
     if entry.action == "reencode":
         offset, length = entry.pixel_range
-        return [entry.head, Range(inst.path, offset, length, inst.stamp)]
+        return [entry.head, source_range(inst.path, offset, length, inst.stamp)]
     if entry.action == "transcode":
         if entry.staged is None:
             raise ValueError(f"{inst.path}: transcoded copy missing")
         return [Range(entry.staged, 0, entry.out_size)]
     meta = build_meta(inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax,
                       IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
-    return [meta, Range(inst.path, inst.dataset_start, inst.size - inst.dataset_start,
-                        inst.stamp)]
+    return [meta, source_range(inst.path, inst.dataset_start, inst.size - inst.dataset_start,
+                               inst.stamp)]
 
 
 def output_size(entry: FileEntry) -> int:

@@ -13,7 +13,6 @@ references (PS3.10 8.6), which are scanned like any other file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import stat
@@ -23,13 +22,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from threading import Event
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
-from . import part10, records, reencode
+from . import isosource, part10, records, reencode, sameness
 from . import workers as workers_mod
 from .cancel import Cancelled
 from .outputs import is_work_folder
@@ -70,6 +70,11 @@ class Instance:
     #: the leaf record's keys, encoded in Explicit VR LE and concatenated in tag order
     leaf: bytes = b""
     filled: list[tuple[str, str]] = field(default_factory=list)  # (keyword, value) filled in
+    #: keys changed for the record because their value is not valid for its VR:
+    #: (keyword, value in the record or "", why), PS3.5 Table 6.2-1
+    fixes: list[tuple[str, str, str]] = field(default_factory=list)
+    #: meta header UIDs that disagreed with the data set: {"uid", "meta", "dataset", "repair"}
+    repairs: list[dict[str, str]] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)  # identical copies merged into this one
     pixel_data_offset: int = -1
     #: implicit VR files the profile does not take: the streamed re-encoding, made while the
@@ -77,6 +82,8 @@ class Instance:
     reencoded: object | None = None
     #: (device, inode, size, mtime ns) at scan time: the writer refuses a file that changed
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    #: Instance Creation Date and Time as YYYYMMDDHHMMSS.ffffff ("" if absent or invalid)
+    created: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,9 @@ class IntakeResult:
     files_seen: int = 0
     warnings: list[str] = field(default_factory=list)  # no patient values quoted
     walked: set[tuple[int, int]] = field(default_factory=set)  # folders and files scanned
+    #: SOP Instance UIDs held by different objects: {"uid", "policy", "files", "kept"}
+    conflicts: list[dict] = field(default_factory=list)
+    left_out: list[Problem] = field(default_factory=list)  # by --on-conflict skip/newest
 
 
 ProgressFn = Callable[[str, int, int], None]
@@ -227,14 +237,22 @@ def _classify(path: str, walk: Walk) -> None:
 
 
 def file_stamp(path: str) -> tuple[int, int, int, int]:
+    if not os.path.lexists(path):  # a file inside an ISO image: the image's stamp
+        return isosource.stamp(path)
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _layout(path: str, collect: frozenset[int]) -> part10.Layout:
+    if not os.path.lexists(path) and isosource.locate(path) is not None:
+        return isosource.inspect(path, collect)
+    return part10.inspect(Path(path), collect=collect)
 
 
 def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryIndex:
     try:
         stamp = file_stamp(path)
-        layout = part10.inspect(Path(path), collect=_wanted(profile))
+        layout = _layout(path, _wanted(profile))
     except part10.NotDicomError as exc:
         return Problem(path, "not-dicom", str(exc))
     except part10.StructureError as exc:
@@ -275,7 +293,8 @@ def _read(path: str) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # VR switches etc. are handled, not news
-            return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            with open_source(path) as fh:
+                return pydicom.dcmread(fh, stop_before_pixels=True, force=True)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise _Invalid(f"pydicom cannot parse the header: {exc}") from exc
 
@@ -298,7 +317,8 @@ def _header(path: str, layout: part10.Layout) -> records.Header:
 
 @cache
 def _wanted_cached(extra: tuple) -> frozenset[int]:
-    tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET}
+    tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET,
+            records.SHARED_GROUPS, records.PER_FRAME_GROUPS}
     for table in records.record_keys().values():
         if isinstance(table, dict):
             tags.update(records._tag(kw) for kws in table.values() for kw in kws)
@@ -317,29 +337,25 @@ def _wanted(profile: Profile) -> frozenset[int]:
 
 def _instance(path: str, layout: part10.Layout, hdr: records.Header,
               profile: Profile) -> Instance:
-    sop_class = hdr.text(SOP_CLASS_UID)
-    sop_uid = hdr.text(SOP_INSTANCE_UID)
+    sop_class, sop_uid, repairs = identity(hdr, layout)
     if not sop_class or not sop_uid:
-        raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID")
+        raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID in the "
+                       "data set or its meta header")
     if not UID_RE.match(sop_uid) or len(sop_uid) > 64:
         raise _Invalid(f"not a valid SOP Instance UID: {sop_uid!r}")
     rtype = records.record_type(sop_class)
     if rtype is None:
         raise _Invalid(f"not a storable instance: SOP Class {sop_class} is not a storage class")
     meta_uid = layout.meta_sop_instance_uid
-    if meta_uid and meta_uid != sop_uid:
-        raise _Invalid(
-            f"file meta Media Storage SOP Instance UID {meta_uid} differs from the data set's "
-            f"SOP Instance UID {sop_uid}"
-        )
     if rtype == "IMAGE" and layout.pixel_data_offset < 0:
         raise _Invalid("an image without Pixel Data: the file is probably truncated")
-    keys, filled = _keys(hdr, rtype, profile)
+    fixes: list[tuple[str, str, str]] = []
+    keys, filled = _keys(hdr, rtype, profile, fixes)
     leaf = records.concatenate(keys.pop(LEAF))
     values = dict(filled)
 
     def value(kw: str) -> str:
-        return values.get(kw) or hdr.text(records._tag(kw))
+        return values[kw] if kw in values else hdr.text(records._tag(kw))
 
     reencoded = None
     if (not profile.allows(layout.body_ts) and part10.EXPLICIT_LE in profile.transfer_syntaxes
@@ -354,8 +370,9 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         sop_instance_uid=sop_uid,
         transfer_syntax=layout.body_ts,
         # a meta header that lacks a Type 1 element or names another SOP Class is rebuilt
-        meta_complete=(layout.meta_complete and bool(meta_uid)
+        meta_complete=(layout.meta_complete and meta_uid == sop_uid
                        and layout.meta_sop_class_uid == sop_class),
+        repairs=repairs,
         dataset_start=layout.dataset_start,
         record_type=rtype,
         patient_id=value("PatientID"),
@@ -366,75 +383,188 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
         keys=keys,
         leaf=leaf,
         filled=filled,
+        fixes=fixes,
         pixel_data_offset=layout.pixel_data_offset,
+        created=_created(hdr),
     )
 
 
+def _created(hdr: records.Header) -> str:
+    """Instance Creation Date/Time (PS3.3 C.12.1) comparable as text, "" if not valid."""
+    from . import values
+
+    date, time = hdr.text(0x00080012), hdr.text(0x00080013)
+    if not date or values.check(0x00080012, "DA", date.encode()) is not None:
+        return ""
+    if time and values.check(0x00080013, "TM", (time + " " * (len(time) % 2)).encode()):
+        time = ""
+    whole, _, frac = time.partition(".")
+    return f"{date}{whole.ljust(6, '0')}.{frac.ljust(6, '0')}"
+
+
+def leaf_keys(path: str, profile: Profile) -> bytes:
+    """The leaf record's keys of a file this program wrote (a transcoded copy): decoding
+    changes keys (Lossy Image Compression Ratio, Number of Frames), so a record describes
+    the file on the medium, not its source (PS3.3 F.5)."""
+    layout = part10.inspect(Path(path), collect=_wanted(profile))
+    hdr = _header(path, layout)
+    rtype = records.record_type(hdr.text(SOP_CLASS_UID))
+    if rtype is None:
+        raise _Invalid("the converted file has no storage SOP Class")
+    keys, _filled = _keys(hdr, rtype, profile, [])
+    return records.concatenate(keys[LEAF])
+
+
+def adopt_leaf(inst: Instance, leaf: bytes) -> None:
+    """Take the leaf keys of the converted file, keeping the values filled in for the
+    source (a derived or running Instance Number stays what the planner gave it)."""
+    old, new = records.split(inst.leaf), records.split(leaf)
+    for keyword in {k for k, _v in inst.filled} | {k for k, _v, _r in inst.fixes}:
+        tag = records._tag(keyword) if pydicom.datadict.tag_for_keyword(keyword) else None
+        if tag is None:
+            continue
+        if tag in old:
+            new[tag] = old[tag]
+        else:
+            new.pop(tag, None)
+    inst.leaf = records.concatenate(new)
+
+
+def identity(hdr: records.Header, layout: part10.Layout
+             ) -> tuple[str, str, list[dict[str, str]]]:
+    """SOP Class and Instance UID of the object, and the meta header repairs they imply.
+
+    The data set is the object and the meta header its wrapper (PS3.10 7.1: the meta's
+    Media Storage SOP Class/Instance UID are copies of the data set's). Anonymizers often
+    change the data set's UIDs and leave the meta as it was: the data set's UIDs win and the
+    meta header is rebuilt (the data set's bytes are copied unchanged). Only a data set
+    without a UID takes the meta header's."""
+    repairs: list[dict[str, str]] = []
+    found = []
+    for tag, name, meta in ((SOP_CLASS_UID, "SOP Class UID", layout.meta_sop_class_uid),
+                            (SOP_INSTANCE_UID, "SOP Instance UID",
+                             layout.meta_sop_instance_uid)):
+        mine = hdr.text(tag)
+        if not mine and meta:
+            repairs.append({"uid": name, "meta": meta, "dataset": "",
+                            "repair": "the data set has none: the meta header's is used"})
+            mine = meta
+        elif meta and mine and meta != mine:
+            repairs.append({"uid": name, "meta": meta, "dataset": mine,
+                            "repair": "the meta header is rebuilt from the data set"})
+        found.append(mine)
+    return found[0], found[1], repairs
+
+
 def _keys(
-    hdr: records.Header, rtype: str, profile: Profile
+    hdr: records.Header, rtype: str, profile: Profile, fixes: list[tuple[str, str, str]]
 ) -> tuple[dict[str, dict[int, bytes]], list[tuple[str, str]]]:
     """Encoded keys per level, filling Type 1 keys the instance lacks (reported, never written
-    into the file)."""
+    into the file). Every value is checked against its VR (PS3.5 Table 6.2-1): one that can
+    be normalized is, in the record only; a Type 1 key that cannot is derived as if absent,
+    a Type 2 key is left empty and a 1C/3 key out; each is listed in fixes as (keyword, value
+    in the record, why)."""
     levels = () if records.is_root_level(rtype) else records.LEVELS
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
     charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
+    check = _Checker(records.charsets_of(charset), fixes)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
         found: dict[int, bytes | None] = {}
         if charset and hdr.has(records.SPECIFIC_CHARACTER_SET):
             found[records.SPECIFIC_CHARACTER_SET] = charset
         for tag in spec.of("1"):
-            found[tag] = _type1(hdr, tag, known, filled)
+            found[tag] = _type1(hdr, tag, known, filled, check)
         for tag in spec.of("2"):
-            found[tag] = _encoded(hdr, tag, filled) or records.encode_text(
-                tag, records.dictionary_VR(tag), b""
-            )
+            found[tag] = check(tag, _encoded(hdr, tag, check, "left empty"),
+                               "left empty") or records.encode_text(
+                tag, records.dictionary_VR(tag), b"")
         for tag in (*spec.of("1C"), *spec.of("3")):
-            try:
-                found[tag] = _conditional(hdr, tag, rtype)
-            except records.ValueTooLong:
-                found[tag] = _left_out(tag, filled)
+            found[tag] = check(tag, _conditional(hdr, tag, rtype, check), "left out")
+            if found[tag] is None and level == LEAF and _enhanced(hdr):
+                found[tag] = check(tag, records.functional_group_key(_dataset(hdr), tag),
+                                   "left out")
         keys[level] = {t: v for t, v in found.items() if v is not None}
     return keys, filled
 
 
-def _encoded(hdr: records.Header, tag: int, filled: list) -> bytes | None:
-    """The key as encoded for the record; None (and reported) if it cannot be one."""
+class _Checker:
+    """Checks key elements against their VR and notes every change (no values quoted)."""
+
+    def __init__(self, charsets: tuple[str, ...], fixes: list[tuple[str, str, str]]):
+        self.charsets, self.fixes = charsets, fixes
+
+    def __call__(self, tag: int, element: bytes | None, refused: str) -> bytes | None:
+        if element is None:
+            return None
+        result = records.check_element(tag, element, self.charsets)
+        if result.changed:
+            keyword = pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
+            shown = records.value_text(result.element) if result.element else ""
+            what = result.reason if result.element else f"{result.reason}; {refused}"
+            self.fixes.append((keyword, shown, what))
+        return result.element
+
+
+def _encoded(hdr: records.Header, tag: int, check: _Checker,
+             refused: str = "") -> bytes | None:
+    """The key as encoded for the record; None, and noted, when it is longer than any record
+    element can be (over 64 KiB: an Implicit VR file can hold it, PS3.5 7.1.2)."""
     try:
         return hdr.encoded(tag)
     except records.ValueTooLong:
-        return _left_out(tag, filled)
+        keyword = pydicom.datadict.keyword_for_tag(tag) or f"{tag:08X}"
+        check.fixes.append((keyword, "", f"longer than a directory record can hold; {refused}"))
+        return None
 
 
-def _left_out(tag: int, filled: list) -> None:
-    filled.append((pydicom.datadict.keyword_for_tag(tag), ""))
-    return None
+def _enhanced(hdr: records.Header) -> bool:
+    """An enhanced multi-frame image (PS3.3 C.7.6.16): keys may sit in functional groups."""
+    return hdr.has(records.SHARED_GROUPS) or hdr.has(records.PER_FRAME_GROUPS)
 
 
-def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list) -> bytes | None:
-    if hdr.has(tag):
-        encoded = _encoded(hdr, tag, [])
-        if encoded is not None:
-            return encoded
+def _dataset(hdr: records.Header) -> Dataset:
+    return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
+
+
+def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
+           check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
+    why = ""
+    encoded = _encoded(hdr, tag, _Checker(check.charsets, [])) if hdr.has(tag) else None
+    if hdr.has(tag) and encoded is None:
+        why = "longer than a directory record can hold"
+    elif encoded is not None:
+        result = records.check_element(tag, encoded, check.charsets)
+        if result.element is not None:
+            if result.changed:
+                check.fixes.append((keyword, records.value_text(result.element),
+                                    result.reason))
+            return result.element
+        why = result.reason
     value = records.derive(keyword, hdr, known)
     if value is None:
+        if why:
+            raise _Invalid(f"the Type 1 directory key {keyword} is not valid for its VR "
+                           f"({why}) and cannot be derived")
         raise _Invalid(f"lacks the Type 1 directory key {keyword} and it cannot be derived")
     known[keyword] = value
     filled.append((keyword, value))
+    if why:
+        check.fixes.append((keyword, value, f"{why}; derived as for a missing key"))
     if value == "":  # a running number: the planner assigns it
         return None
     return records.encode_value(tag, value)
 
 
-def _conditional(hdr: records.Header, tag: int, rtype: str) -> bytes | None:
+def _conditional(hdr: records.Header, tag: int, rtype: str, check: _Checker) -> bytes | None:
     """1C/3 keys; SR Content Sequence keeps only the HAS CONCEPT MOD items (F.5.24, F.5.25)."""
     if rtype in NEEDS_PYDICOM and tag in (0x0040A730, 0x0040A030):
         assert isinstance(hdr, records.PydicomHeader)
         return _sr_key(hdr.ds, tag, rtype)
-    return hdr.encoded(tag) if hdr.has(tag) else None
+    return _encoded(hdr, tag, check, "left out") if hdr.has(tag) else None
 
 
 def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
@@ -472,7 +602,8 @@ def _directory_index(path: str, ds: Dataset) -> DirectoryIndex:
         if not 1 <= len(parts) <= 8 or not all(FILE_ID_COMPONENT.match(p) for p in parts):
             refused.append("\\".join(parts))
             continue
-        found = _resolve(base, parts)
+        found = (isosource.resolve(path, parts) if not os.path.lexists(path)
+                 else _resolve(base, parts))
         (referenced if found else missing).append(str(found or base.joinpath(*parts)))
     return DirectoryIndex(path, tuple(referenced), tuple(missing), tuple(refused))
 
@@ -511,15 +642,26 @@ def scan(
     cancel: Event | None = None,
     workers: int | None = None,
     follow_links: bool = False,
+    on_conflict: str = "refuse",
 ) -> IntakeResult:
-    """Scan inputs (files and folders, recursively) and return instances and problems."""
-    walk = expand(inputs, follow_links=follow_links)
+    """Scan inputs (files and folders, recursively) and return instances and problems.
+    on_conflict: what to do with different objects that share a SOP Instance UID."""
+    inputs = list(inputs)
+    images = [i for i in inputs if isosource.is_image(i)]  # read in place (isosource)
+    walk = expand([i for i in inputs if i not in images], follow_links=follow_links)
     paths = walk.files
+    damaged: list[Problem] = []
+    for image in images:
+        inside, damage = isosource.members(image)
+        paths += inside
+        damaged += [Problem(p, "invalid", why) for p, why in damage]
+        st = os.stat(image)
+        walk.walked.add((st.st_dev, st.st_ino))  # no output may be written over the image
     result = IntakeResult([], [p for p in walk.problems if p.kind in ("not-dicom", "link")],
-                          [p for p in walk.problems if p.kind == "invalid"], [], 0,
+                          [p for p in walk.problems if p.kind == "invalid"] + damaged, [], 0,
                           walked=walk.walked)
     seen = {os.path.realpath(p) for p in paths}
-    merger = _Merger(result)
+    merger = _Merger(result, profile, on_conflict)
     queue = paths
     while queue:
         extra: list[str] = []
@@ -575,17 +717,29 @@ def _tick(results: Iterable, total: int, progress: ProgressFn | None, cancel: Ev
         yield item
 
 
+ON_CONFLICT = ("refuse", "skip", "newest")
+
+
 class _Merger:
-    """Merges identical copies of one instance; two different objects with one UID conflict.
+    """Merges copies of one object; different objects with one SOP Instance UID conflict.
+
+    Copies are found by value (:mod:`mastering.sameness`: any two encodings of one data set),
+    and the copy the profile takes as it is is the one kept. Conflicts follow the policy:
+    refuse (every file is invalid input), skip (all left out) or newest (the latest Instance
+    Creation Date/Time, else the latest file, is kept); each is reported with every file.
 
     Also keeps the PATIENT/STUDY/SERIES keys only once per series, so memory per instance is
     its leaf record and identity, not its whole header.
     """
 
-    def __init__(self, result: IntakeResult):
-        self.result = result
+    def __init__(self, result: IntakeResult, profile: Profile | None = None,
+                 policy: str = "refuse"):
+        if policy not in ON_CONFLICT:
+            raise ValueError(f"on-conflict policy {policy!r}: one of {', '.join(ON_CONFLICT)}")
+        self.result, self.profile, self.policy = result, profile, policy
         self.by_uid: dict[str, Instance] = {}
-        self.conflicts: dict[str, list[str]] = {}
+        #: the distinct objects of a UID, when there is more than one (first = by_uid's)
+        self.variants: dict[str, list[Instance]] = {}
         self.series_first: dict[tuple[str, str, str], Instance] = {}
 
     def add(self, inst: Instance) -> None:
@@ -594,12 +748,39 @@ class _Merger:
             self.by_uid[inst.sop_instance_uid] = inst
             self._share_levels(inst)
             return
-        if inst.sop_instance_uid in self.conflicts:
-            self.conflicts[inst.sop_instance_uid].append(inst.path)
-        elif same_object(other.path, inst.path):
-            other.duplicates.append(inst.path)
+        group = self.variants.get(inst.sop_instance_uid, [other])
+        for i, known in enumerate(group):
+            if sameness.same_object(known.path, inst.path, open_source):
+                group[i] = self._merge(known, inst)
+                return
+        group.append(inst)
+        self.variants[inst.sop_instance_uid] = group
+
+    def _merge(self, known: Instance, inst: Instance) -> Instance:
+        """One object twice: keep the copy that can go onto the medium as it is."""
+        if not (self._as_is(inst) and not self._as_is(known)):
+            known.duplicates.append(inst.path)
+            return known
+        inst.duplicates = [*known.duplicates, known.path]
+        if self.by_uid.get(known.sop_instance_uid) is known:
+            self._replace(known, inst)
+        return inst
+
+    def _as_is(self, inst: Instance) -> bool:
+        return (self.profile is not None and self.profile.allows(inst.transfer_syntax)
+                and inst.meta_complete)
+
+    def _replace(self, old: Instance, new: Instance) -> None:
+        """new takes old's place, including the series keys old may carry."""
+        self.by_uid[old.sop_instance_uid] = new
+        key = (old.patient_id, old.study_uid, old.series_uid)
+        if self.series_first.get(key) is old:
+            for level in records.LEVELS:
+                new.keys[level] = old.keys.get(level, {})
+            self.series_first[key] = new
         else:
-            self.conflicts[inst.sop_instance_uid] = [other.path, inst.path]
+            for level in records.LEVELS:
+                new.keys.pop(level, None)
 
     def _share_levels(self, inst: Instance) -> None:
         key = (inst.patient_id, inst.study_uid, inst.series_uid)
@@ -625,16 +806,43 @@ class _Merger:
                     "ID; the directory record keeps the first")
 
     def finish(self) -> None:
-        for uid, paths in self.conflicts.items():
-            inst = self.by_uid.pop(uid)
-            self._unshare(inst)
-            for path in paths:
-                others = ", ".join(p for p in paths if p != path)
-                self.result.invalid.append(
-                    Problem(path, "conflict", f"SOP Instance UID {uid} is also used by a "
-                            f"different object in {others}")
-                )
+        for uid, group in self.variants.items():
+            if len(group) > 1:
+                self._conflict(uid, group)
         self.result.instances = list(self.by_uid.values())
+
+    def _conflict(self, uid: str, group: list[Instance]) -> None:
+        kept = _newest(group) if self.policy == "newest" else None
+        files = [p for inst in group for p in (inst.path, *inst.duplicates)]
+        self.result.conflicts.append({"uid": uid, "policy": self.policy, "files": files,
+                                      "kept": kept.path if kept else None})
+        current = self.by_uid.pop(uid)
+        if kept is not None:
+            self.by_uid[uid] = current
+            if kept is not current:
+                self._swap_in(current, kept)
+        else:
+            self._unshare(current)
+        for inst in group:
+            if inst is kept:
+                continue
+            for path in (inst.path, *inst.duplicates):
+                others = ", ".join(p for p in files if p != path)
+                reason = (f"SOP Instance UID {uid} is also used by a different object in "
+                          f"{others}")
+                if kept is not None:
+                    reason += f"; --on-conflict newest kept {kept.path}"
+                elif self.policy == "skip":
+                    reason += "; left out (--on-conflict skip)"
+                problem = Problem(path, "conflict", reason)
+                (self.result.invalid if self.policy == "refuse"
+                 else self.result.left_out).append(problem)
+
+    def _swap_in(self, current: Instance, kept: Instance) -> None:
+        """A later variant wins: it becomes the instance of its own series."""
+        self._unshare(current)
+        self.by_uid[kept.sop_instance_uid] = kept
+        self._share_levels(kept)
 
     def _unshare(self, inst: Instance) -> None:
         """A conflicting instance leaves; if it carried its series' keys, hand them on."""
@@ -642,7 +850,8 @@ class _Merger:
         if self.series_first.get(key) is not inst:
             return
         heir = next((i for i in self.by_uid.values()
-                     if (i.patient_id, i.study_uid, i.series_uid) == key), None)
+                     if i is not inst and (i.patient_id, i.study_uid, i.series_uid) == key),
+                    None)
         del self.series_first[key]
         if heir is not None:
             for level in records.LEVELS:
@@ -650,21 +859,20 @@ class _Merger:
             self.series_first[key] = heir
 
 
+def _newest(group: list[Instance]) -> Instance:
+    """The latest Instance Creation Date/Time (PS3.3 C.12.1) when every variant has one and
+    they differ, else the latest file (modification time), then the last path."""
+    created = [i.created for i in group]
+    if all(created) and len(set(created)) > 1:
+        return max(group, key=lambda i: (i.created, i.stamp[3], i.path))
+    return max(group, key=lambda i: (i.stamp[3], i.path))
+
+
 def same_object(a: str, b: str) -> bool:
-    """True if two files hold the same data set: identical bytes, or equal after parsing
-    (the same instance stored in two encodings). Only called when SOP Instance UIDs collide."""
-    if _digest(a) == _digest(b):
-        return True
-    try:
-        da, db = pydicom.dcmread(a, force=True), pydicom.dcmread(b, force=True)
-    except Exception:  # noqa: BLE001 - unreadable means not provably the same
-        return False
-    return da == db
+    """True if two files hold the same data set, in whatever encodings (see sameness)."""
+    return sameness.same_object(a, b, open_source)
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def open_source(path: str) -> BinaryIO:
+    """A readable, seekable stream of an input file (a plain file or one inside an image)."""
+    return isosource.open_any(path)

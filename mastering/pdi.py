@@ -20,7 +20,7 @@ from threading import Event
 
 import pydicom
 
-from . import label, render, webcontent
+from . import isosource, label, render, webcontent
 from . import workers as workers_mod
 from .cancel import Cancelled
 from .plan import SECTOR, FileEntry, Volume
@@ -64,7 +64,8 @@ def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
                 ds = render.read(path)
                 item = _item(path, ds, Path(spool), index)
             else:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+                with isosource.open_any(path) as fh:  # plain or inside an ISO image
+                    ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
                 item = webcontent.WebObject(kind="", title="")
     except Exception as exc:  # noqa: BLE001 - reported per file
         return f"{path}: {type(exc).__name__}: {exc}"

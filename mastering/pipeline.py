@@ -70,6 +70,9 @@ class Options:
     site: Path | None = None  # site settings (institution, logo, language): TOML or JSON
     templates: tuple[Path, ...] = ()  # template folders searched before the bundled ones
     follow_links: bool = False  # follow symbolic links that leave the given inputs
+    #: different objects with one SOP Instance UID: "refuse" the run, "skip" them all, or
+    #: keep the "newest" (Instance Creation Date/Time, else the latest file)
+    on_conflict: str = "refuse"
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -105,11 +108,16 @@ class Report:
     files_seen: int = 0
     conversions: dict[str, int] = field(default_factory=dict)  # action -> count
     converted: list[dict] = field(default_factory=list)  # per transcoded file
-    filled: list[dict] = field(default_factory=list)  # {"path", "key", "value"}
+    filled: list[dict] = field(default_factory=list)  # {"path", "key", "value"[, "reason"]}
     ignored: list[dict] = field(default_factory=list)  # non-DICOM files
     invalid: list[dict] = field(default_factory=list)  # refused files and why
     skipped: list[dict] = field(default_factory=list)  # invalid files left out (--skip-invalid)
     duplicates: list[dict] = field(default_factory=list)  # {"kept", "merged"}
+    #: one SOP Instance UID, different objects: {"uid", "policy", "files", "kept"}
+    conflicts: list[dict] = field(default_factory=list)
+    #: meta headers that disagreed with their data set: {"path", "uid", "meta", "dataset",
+    #: "repair"}; the data set's UIDs are used everywhere
+    repaired: list[dict] = field(default_factory=list)
     volumes: list[VolumeReport] = field(default_factory=list)
     violations: list[dict] = field(default_factory=list)  # from --verify
     warnings: list[str] = field(default_factory=list)  # inconsistent input, no values quoted
@@ -210,7 +218,8 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
          on_publish: Callable[[Report], None] | None) -> Report:
     t0 = time.monotonic()
     scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
-                              workers=options.workers, follow_links=options.follow_links)
+                              workers=options.workers, follow_links=options.follow_links,
+                              on_conflict=options.on_conflict)
     report.seconds["scan"] = round(time.monotonic() - t0, 3)
     try:
         outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
@@ -222,7 +231,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
     if scanned.invalid and not options.skip_invalid:
         report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
-    report.skipped = report.invalid if options.skip_invalid else []
+    report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
     if not scanned.instances:
         report.error = "no DICOM instances found in the input"
         raise MasteringError(report.error, report, 3)
@@ -241,12 +250,19 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
     report.invalid = _problems(scanned.invalid)
     for inst in scanned.instances:
         report.duplicates += [{"kept": inst.path, "merged": d} for d in inst.duplicates]
+        report.repaired += [{"path": inst.path, **r} for r in inst.repairs]
+    report.conflicts = list(scanned.conflicts)
+    report.skipped += _problems(scanned.left_out)  # --on-conflict skip / newest
 
 
 def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
+    if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
+        report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
+                        "objects; choose --on-conflict skip or newest; nothing was written")
+        raise MasteringError(report.error, report, 3)
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
@@ -440,8 +456,18 @@ def _fill_report(report: Report, scanned: IntakeResult, volumes: list[plan.Volum
         for e in vol.entries():
             report.instances += 1
             report.bytes += e.out_size
-            report.filled += [{"path": e.instance.path, "key": k, "value": v}
-                              for k, v in e.instance.filled]
+            report.filled += _filled(e.instance)
+
+
+def _filled(inst: intake_mod.Instance) -> list[dict]:
+    """Filled-in keys and keys changed because their value was invalid for its VR, each
+    with the value the record has and, for the changed ones, why."""
+    why = {k: reason for k, _v, reason in inst.fixes}
+    out = [{"path": inst.path, "key": k, "value": v, **({"reason": why[k]} if k in why else {})}
+           for k, v in inst.filled]
+    done = {k for k, _v in inst.filled}
+    return out + [{"path": inst.path, "key": k, "value": v, "reason": r}
+                  for k, v, r in inst.fixes if k not in done]
 
 
 def _volume_report(vol: plan.Volume, final: Path, size: int) -> VolumeReport:
@@ -472,7 +498,7 @@ def _stage(entries: list[plan.FileEntry], profile: Profile, work: Path, report: 
              e.instance.sop_class_uid, e.instance.sop_instance_uid,
              e.instance.pixel_data_offset if reencode.applicable(
                  e.instance.transfer_syntax, e.instance.pixel_data_offset) else -1,
-             e.instance.stamp)
+             e.instance.stamp, profile)
             for i, e in enumerate(todo)]
     workers = min(options.workers or os.cpu_count() or 1, len(jobs))
     if workers > 1:
@@ -498,6 +524,7 @@ def _collect(todo, jobs, results, report: Report, progress, cancel) -> None:
             _use_reencoded(entry, res, report)
             continue
         entry.staged, entry.out_ts, entry.out_size = job[1], res["target_ts"], res["bytes"]
+        intake_mod.adopt_leaf(entry.instance, res.pop("leaf"))  # keys of the file written
         report.converted.append({"path": entry.instance.path, **res})
 
 
@@ -514,7 +541,7 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
     """One conversion: the streamed re-encoding where it applies, else a staged transcode."""
     from . import transcode
 
-    src, dst, allowed, sop_class, sop_uid, pixel_offset, stamp = job
+    src, dst, allowed, sop_class, sop_uid, pixel_offset, stamp, profile = job
     try:
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed after it was scanned"
@@ -525,13 +552,15 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
         with open(dst, "xb") as out:
             res = transcode.transcode(Path(src), out, list(allowed),
                                       implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                                      implementation_version_name=IMPLEMENTATION_VERSION_NAME)
+                                      implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+                                      opener=intake_mod.open_source)
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed while it was being converted"
+        leaf = intake_mod.leaf_keys(dst, profile)
     except Exception as exc:  # noqa: BLE001 - reported per file, the run decides
         return str(exc)
     return {"source_ts": res.source_ts, "target_ts": res.target_ts, "action": res.action,
-            "decoder": res.decoder, "bytes": os.path.getsize(dst)}
+            "decoder": res.decoder, "bytes": os.path.getsize(dst), "leaf": leaf}
 
 
 def _drop_failed(tree: list[plan.Patient], roots: list[plan.FileEntry]):

@@ -99,6 +99,10 @@ class Medium(ABC):
         """Names of file-system extensions present besides ISO 9660 (Joliet, Rock Ridge, UDF)."""
         return []
 
+    def damage(self) -> list[str]:
+        """Faults of the medium itself that lose data (a truncated image); [] if none."""
+        return []
+
     def close(self) -> None:
         """Release the medium (subclasses free their handles too)."""
         self._index = None
@@ -326,6 +330,20 @@ class IsoMedium(Medium):
     def iso_names(self) -> list[str]:
         return list(self._raw)
 
+    def damage(self) -> list[str]:
+        """The image must hold every block its Primary Volume Descriptor declares (ECMA-119
+        8.4.8, Volume Space Size) and every file's data (a copy cut short loses files)."""
+        have = len(self._map)
+        declared = self._iso.pvd.space_size * self._iso.logical_block_size
+        faults = []
+        if have < declared:
+            faults.append(f"the image is truncated: {have} bytes of the {declared} its volume "
+                          "descriptor declares")
+        cut = [n for n, e in self._entries.items() if e.start + e.size > have]
+        if cut:
+            faults.append(f"{len(cut)} file(s) end beyond the end of the image, e.g. {cut[0]}")
+        return faults
+
     def extensions(self) -> list[str]:
         found = [("Joliet", self._iso.has_joliet()), ("Rock Ridge", self._iso.has_rock_ridge())]
         found.append(("UDF", self._iso.has_udf()))
@@ -437,6 +455,9 @@ class LinkProblem:
 
     offset: int  # the record concerned (or the bad target)
     message: str
+    #: a reader loses nothing by it: (0004,1202) only repeats where the root chain ends,
+    #: which the (0004,1400) chain from (0004,1200) already tells (gdcmgendir gets it wrong)
+    harmless: bool = False
 
 
 @dataclass
@@ -516,7 +537,7 @@ def _check_last(ds: Dataset, roots: list[TreeNode], problems: list[LinkProblem])
         problems.append(LinkProblem(0, "(0004,1202) last root offset is missing"))
     elif last != expected:
         problems.append(LinkProblem(last, f"(0004,1202) = {last} but the last root record "
-                                          f"is at byte {expected}"))
+                                          f"is at byte {expected}", harmless=True))
 
 
 # -- summary ---------------------------------------------------------------------------------
@@ -553,11 +574,20 @@ def _patient(node: TreeNode) -> dict:
 
 
 def summarize(medium: Medium) -> dict:
-    """Patient -> study -> series -> instances as linked by the offsets; MediaError if broken."""
+    """Patient -> study -> series -> instances as linked by the offsets, as a tolerant File-set
+    Reader sees them: whatever can be reached is read, and every fault is listed ("faults").
+    "complete" is False when a fault loses data (records out of reach, referenced files
+    absent, a truncated image); MediaError only when there is no DICOMDIR to read."""
     ds = read_dicomdir(medium)
     tree = build_tree(ds)
-    if tree.problems:
-        raise MediaError(f"DICOMDIR offsets are broken: {tree.problems[0].message}")
+    faults = [{"fault": f"DICOMDIR offsets: {p.message}", "harmless": p.harmless}
+              for p in tree.problems]
+    faults += [{"fault": d, "harmless": False} for d in medium.damage()]
+    missing = [n for n, _a in tree.walk() if n.in_use and n.file_id
+               and medium.resolve("/".join(n.file_id)) is None]
+    if missing:
+        faults.append({"fault": f"{len(missing)} referenced file(s) are not on the medium, "
+                                f"e.g. {'/'.join(missing[0].file_id or ())}", "harmless": False})
     patients = [_patient(n) for n in tree.roots if n.in_use and n.rtype == "PATIENT"]
     studies = [s for p in patients for s in p["studies"]]
     series = [s for st in studies for s in st["series"]]
@@ -574,4 +604,6 @@ def summarize(medium: Medium) -> dict:
             "series": len(series),
             "instances": sum(s["instances"] for s in series),
         },
+        "faults": faults,
+        "complete": all(f["harmless"] for f in faults),
     }

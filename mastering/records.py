@@ -287,7 +287,9 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
     for source in rule.get("copy", ()):
         value = known.get(source) or hdr.text(_tag(source))
         if value and value.isascii():  # a copied value is re-encoded as ASCII
-            return value[: rule.get("max_length", 64)]
+            value = _valid_copy(keyword, value[: rule.get("max_length", 64)])
+            if value:
+                return value
     kind = rule.get("derive")
     if kind == "running":
         return ""  # the planner numbers these in File-set order
@@ -299,6 +301,21 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
         digits = rule.get("digits", 8)
         return f"{rule.get('prefix', '')}{digest % 10**digits:0{digits}d}"
     return rule.get("default")
+
+
+def _valid_copy(keyword: str, value: str) -> str | None:
+    """A value copied from another attribute, valid for the key's VR (normalized where it
+    has one meaning), or None: a 1997.04.24 Series Date still gives a Study Date."""
+    from . import values
+
+    tag = _tag(keyword)
+    vr = dictionary_VR(tag)
+    raw = value.encode("ascii")
+    raw += b"\0" if len(raw) % 2 and vr == "UI" else b" " * (len(raw) % 2)
+    if values.check(tag, vr, raw) is None:
+        return value
+    fixed = values.normalize(tag, vr, raw)
+    return fixed.decode("ascii").strip(" \0") if fixed is not None else None
 
 
 def split(blob: bytes) -> dict[int, bytes]:
@@ -320,3 +337,134 @@ def concatenate(elements: dict[int, bytes]) -> bytes:
     for tag in sorted(elements):
         out.write(elements[tag])
     return out.getvalue()
+
+
+# -- enhanced multi-frame images (PS3.3 C.7.6.16) -------------------------------------------
+
+SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
+#: image keys that enhanced multi-frame IODs keep in a functional group macro, with the
+#: macro's sequence (PS3.3 C.7.6.16.2.1-3; PS3.11 Table H.3-2 takes them from there)
+FUNCTIONAL_GROUP_KEYS = {
+    0x00200032: 0x00209113,  # Image Position (Patient) <- Plane Position Sequence
+    0x00200037: 0x00209116,  # Image Orientation (Patient) <- Plane Orientation Sequence
+    0x00280030: 0x00289110,  # Pixel Spacing <- Pixel Measures Sequence
+}
+
+
+def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
+    """A key an enhanced multi-frame image has in its Shared Functional Groups, or in the
+    Per-frame Functional Groups when every frame has the same value; encoded, else None."""
+    macro = FUNCTIONAL_GROUP_KEYS.get(tag)
+    if macro is None:
+        return None
+    shared = ds.get(SHARED_GROUPS)
+    for group in (shared.value if shared is not None else ()) or ():
+        found = _in_macro(group, macro, tag)
+        if found is not None:
+            return found
+    frames = ds.get(PER_FRAME_GROUPS)
+    values = {_in_macro(group, macro, tag) for group in (frames.value if frames else ()) or ()}
+    if len(values) == 1:
+        return values.pop()
+    return None
+
+
+def _in_macro(group: Dataset, macro: int, tag: int) -> bytes | None:
+    seq = group.get(macro)
+    items = seq.value if seq is not None else None
+    if not items or tag not in items[0]:
+        return None
+    return encode_element(items[0], tag)
+
+
+# -- value formats (PS3.5 Table 6.2-1) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A key element after its value check: `element` is what the record may carry (the
+    original, a normalized copy, or None), `reason` why it was changed or refused."""
+
+    element: bytes | None
+    reason: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reason)
+
+
+def charsets_of(encoded: bytes | None) -> tuple[str, ...]:
+    """The terms of an encoded Specific Character Set element (PS3.3 C.12.1.1.2)."""
+    if not encoded:
+        return ()
+    value = encoded[8:].decode("ascii", "replace").rstrip(" \0")
+    return tuple(t.strip() for t in value.split("\\"))
+
+
+def dataset_charsets(ds: Dataset) -> tuple[str, ...]:
+    return charsets_of(encode_element(ds, SPECIFIC_CHARACTER_SET))
+
+
+def _parts(element: bytes) -> tuple[int, str, bytes]:
+    """(tag, VR, value) of one Explicit VR LE element made by this module or copied."""
+    group, elem, vr = struct.unpack_from("<HH2s", element)
+    vr_text = vr.decode("latin-1")
+    start = 12 if vr_text in LONG_VRS else 8
+    return group << 16 | elem, vr_text, element[start:]
+
+
+def value_text(element: bytes) -> str:
+    """The value of an encoded text element, for reports."""
+    return _parts(element)[2].decode("latin-1").strip(" \0")
+
+
+def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checked:
+    """Check a key element's VR, value format and multiplicity for the DICOMDIR (PS3.5
+    Table 6.2-1, PS3.6); repair what has one meaning (:func:`values.normalize`, a text VR
+    other than the dictionary's); say why it cannot be used otherwise."""
+    from . import values
+
+    _tag, vr, value = _parts(element)
+    want = values.dictionary_vr(tag)
+    note = ""
+    if want and vr != want and vr in TEXT_VRS and want in TEXT_VRS:
+        element, vr, note = encode_text(tag, want, value), want, f"encoded as {vr}, not {want}"
+    if vr == "SQ":
+        why = _check_items(element, charsets)
+        return Checked(None, why) if why else Checked(element, note)
+    why = values.check(tag, vr, value, charsets)
+    if why is None:
+        return Checked(element, note)
+    fixed = values.normalize(tag, vr, value)
+    if fixed is None:
+        return Checked(None, why)
+    return Checked(element_header(tag, vr, len(fixed)) + fixed, values.describe(vr, value))
+
+
+def _check_items(element: bytes, charsets: tuple[str, ...]) -> str | None:
+    """The first invalid value inside an encoded sequence, or None (every nested element
+    is checked: dciodvfy checks them as well)."""
+    from . import values
+    from .part10 import ITEM, ITEM_END, SEQ_END, UNDEFINED, _Walker
+
+    walker = _Walker(element, explicit=True, little=True, origin="record key")
+    pos = 0
+    try:
+        while pos < len(element):
+            tag, vr, length, value = walker.header(pos, True)
+            if tag in (ITEM_END, SEQ_END):
+                pos = value
+                continue
+            if tag == ITEM or vr == b"SQ":
+                pos = value  # step into the item or sequence: its elements follow
+                continue
+            end = value + (0 if length == UNDEFINED else length)
+            if tag == SPECIFIC_CHARACTER_SET:
+                charsets = charsets_of(element[pos:end])  # an item's own (PS3.5 7.5.1)
+            why = values.check(tag, vr.decode(), element[value:end], charsets)
+            if why:
+                return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) in the sequence: {why}"
+            pos = end
+    except (ValueError, struct.error) as exc:
+        return f"sequence cannot be read: {exc}"
+    return None

@@ -19,7 +19,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 
-from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from . import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, isosource
 from .part10 import EXPLICIT_LE, IMPLICIT_LE, PIXEL_DATA, UNDEFINED, build_meta
 
 
@@ -46,7 +46,7 @@ def reencode(path: str, sop_class_uid: str, sop_instance_uid: str,
     (encapsulated or float pixel data, elements after Pixel Data). With dataset_start, the
     header is re-encoded straight from the bytes (:func:`explicit_header`); pydicom does it
     when that meets something it leaves to pydicom."""
-    with open(path, "rb") as fh:
+    with isosource.open_any(path) as fh:  # a plain file or a file inside an ISO image
         size = fh.seek(0, 2)
         fh.seek(pixel_data_offset)
         tag_group, tag_elem, length = struct.unpack("<HHI", fh.read(8))

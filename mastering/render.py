@@ -223,8 +223,14 @@ def render(path: Path | str, *, max_size: int = 1024, thumb_size: int = 128,
 
 
 def read(path: Path | str) -> pydicom.FileDataset:
-    """The whole file, as :func:`render_dataset` wants it (read once, use for everything)."""
+    """The whole file, as :func:`render_dataset` wants it (read once, use for everything);
+    a file inside an ISO image is read from the image (isosource)."""
+    from . import isosource
+
     try:
+        if not os.path.lexists(path) and isosource.locate(str(path)) is not None:
+            with isosource.open_any(str(path)) as fh:
+                return _read(fh)  # type: ignore[arg-type]
         return _read(Path(path))
     except _Unrenderable as exc:
         raise RenderError(f"{path}: {exc}") from exc

@@ -29,7 +29,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -132,6 +132,7 @@ def transcode(
     *,
     implementation_class_uid: str,
     implementation_version_name: str,
+    opener: Callable[[str], BinaryIO] | None = None,
 ) -> TranscodeResult:
     """Write src as a complete Part 10 file (128-byte zero preamble, 'DICM', group 0002 meta with
     Media Storage SOP Class/Instance UID taken from the data set, Transfer Syntax = target,
@@ -152,7 +153,8 @@ def transcode(
     out = _CountingWriter(dst)
     try:
         result = _transcode(
-            src, out, allowed_set, implementation_class_uid, implementation_version_name
+            src, out, allowed_set, implementation_class_uid, implementation_version_name,
+            opener
         )
     except Exception as exc:
         _rollback(dst, start)
@@ -172,10 +174,16 @@ def transcode(
 
 
 def _transcode(
-    src: Path, out: _CountingWriter, allowed: frozenset[str], impl_uid: str, impl_version: str
+    src: Path, out: _CountingWriter, allowed: frozenset[str], impl_uid: str, impl_version: str,
+    opener: Callable[[str], BinaryIO] | None = None,
 ) -> TranscodeResult:
-    """Read, convert and write one file; raise on any problem."""
-    ds = dcmread(src, force=True)
+    """Read, convert and write one file; raise on any problem. `opener` reads sources that
+    are not plain files (a file inside an ISO image)."""
+    if opener is None:
+        ds = dcmread(src, force=True)
+    else:
+        with opener(str(src)) as fh:
+            ds = dcmread(fh, force=True)
     _sync_body_encoding(ds)
     sop_instance_uid = _required_uid(ds, "SOPInstanceUID")
     _required_uid(ds, "SOPClassUID")
@@ -184,7 +192,7 @@ def _transcode(
     if plan.pixel_ts is None:
         _reencode(ds)
     else:
-        ds, decoder = _decompress(ds, src, plan.pixel_ts)
+        ds, decoder = _decompress(ds, src, plan.pixel_ts, opener)
     if _required_uid(ds, "SOPInstanceUID") != sop_instance_uid:
         raise RuntimeError("the SOP Instance UID changed while decoding")
     _write(out, ds, plan.target_ts, impl_uid, impl_version)
@@ -323,7 +331,8 @@ def _swap(value: bytes, width: int) -> bytes:
 # --- decompression -------------------------------------------------------------------------
 
 
-def _decompress(ds: Dataset, src: Path, ts: str) -> tuple[Dataset, str]:
+def _decompress(ds: Dataset, src: Path, ts: str,
+                opener: Callable[[str], BinaryIO] | None = None) -> tuple[Dataset, str]:
     """Decode all encapsulated pixel data; return the data set and the decoder used."""
     lossy = _lossy_info(ds, ts)
     errors: list[str] = []
@@ -336,7 +345,7 @@ def _decompress(ds: Dataset, src: Path, ts: str) -> tuple[Dataset, str]:
     if tool is None:
         raise RuntimeError(f"no decoder for {UID(ts).name}: " + "; ".join(errors))
     del ds["PixelData"]  # free the compressed data before DCMTK's output is read
-    decoded = _decode_dcmtk(src, tool, errors)
+    decoded = _decode_dcmtk(src, tool, errors, opener)
     _record_lossy(decoded, lossy)
     return decoded, tool[0]
 
@@ -427,13 +436,20 @@ def _dcmtk_tool(ts: str) -> tuple[str, ...] | None:
     return None
 
 
-def _decode_dcmtk(src: Path, tool: tuple[str, ...], errors: list[str]) -> Dataset:
-    """Decode `src` with a DCMTK tool into a temporary file and read that back."""
+def _decode_dcmtk(src: Path, tool: tuple[str, ...], errors: list[str],
+                  opener: Callable[[str], BinaryIO] | None = None) -> Dataset:
+    """Decode `src` with a DCMTK tool into a temporary file and read that back. A source
+    that is not a plain file is copied next to it first (DCMTK reads files by name)."""
     exe = shutil.which(tool[0])
     if exe is None:
         raise RuntimeError("; ".join([*errors, f"{tool[0]} is not installed"]))
     with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
         out = Path(tmp) / "decoded.dcm"
+        if opener is not None and not src.exists():
+            local = Path(tmp) / "source.dcm"
+            with opener(str(src)) as fh, open(local, "wb") as copy:
+                shutil.copyfileobj(fh, copy, 1 << 20)
+            src = local
         proc = subprocess.run(  # noqa: S603 - fixed argument list, no shell
             [exe, *tool[1:], str(src), str(out)],
             capture_output=True,

@@ -17,6 +17,8 @@ offset               every offset hits a record's Item tag, no cycles, every rec
 hierarchy            root -> PATIENT -> STUDY -> SERIES -> leaf, records present (F.4-1, PS3.11)
 record-key           Type 1 keys non-empty, Type 2 keys present, profile 1C keys copied when the
                      instance has them, 0004,15xx present on references (F.3-3, F.5, PS3.11)
+record-value         every value in a record is valid for its VR and multiplicity, nested ones
+                     too (PS3.5 Table 6.2-1, PS3.6)
 duplicate-key        Patient ID and Series Instance UID unique per File-set (F.5.3, PS3.11)
 file-id              File ID components A-Z 0-9 _, 1-8 characters, at most 8 (PS3.10 8.2) and
                      at most the profile's components; stored name matches on ISO media
@@ -229,6 +231,8 @@ class _Run:
     # -- 6. the medium: ISO 9660 names, depth, capacity (PS3.12 Annex F/P) -------------------
 
     def check_medium(self) -> None:
+        for fault in self.medium.damage():
+            self.add("medium", MEDIUM, fault)
         if self.medium.kind == "iso":
             if self.profile.interchange_level == 1:
                 self.check_level1()
@@ -415,6 +419,7 @@ class _Run:
                                                            " is missing (Type 1, F.3-3)")
         if node.rtype == "PRIVATE" and not _filled(record, PRIVATE_RECORD_UID):
             self.add("record-key", _record_path(node), "PRIVATE record without (0004,1432)")
+        self.check_record_values(node)
         spec = records.key_spec(node.rtype, self.profile)
         for tag in spec.of("1"):
             if not _filled(record, tag):
@@ -425,6 +430,24 @@ class _Run:
             if tag not in record:
                 self.add("record-key", _record_path(node),
                          f"{node.rtype} Type 2 key {_name(tag)} is absent (PS3.3 F.5)")
+
+    def check_record_values(self, node: TreeNode) -> None:
+        """Every element of the record, as stored, valid for its VR (PS3.5 Table 6.2-1)."""
+        record = node.record
+        charsets = records.dataset_charsets(record)
+        for tag in record.keys():  # noqa: SIM118 - keys only: values stay raw
+            try:
+                element = records.encode_element(record, tag)
+            except Exception as exc:  # noqa: BLE001 - an unencodable value is a violation
+                self.add("record-value", _record_path(node), f"{_name(tag)} cannot be read: "
+                                                             f"{exc}")
+                continue
+            if element is None:
+                continue
+            result = records.check_element(tag, element, charsets)
+            if result.changed:
+                self.add("record-value", _record_path(node),
+                         f"{node.rtype} key {_name(tag)}: {result.reason}")
 
     # -- 4. referenced files (PS3.10 8.2, 8.6; PS3.11) --------------------------------------
 
@@ -502,6 +525,8 @@ class _Run:
             self.add("part10", name, "no preamble, 'DICM' or meta group (PS3.10 7.1)")
         self.check_transfer_syntax(name, layout)
         extra = [*self.conditional_tags(node, ancestors), *IDENTITY.values()]
+        if any(t in records.FUNCTIONAL_GROUP_KEYS and t not in node.record for t in extra):
+            extra += [records.SHARED_GROUPS, records.PER_FRAME_GROUPS]  # enhanced MF images
         try:
             header = self.medium.read_header(name, extra)
         except Exception as exc:  # pydicom failed although the structure walk passed
@@ -527,6 +552,8 @@ class _Run:
                 continue
             in_file = records.text_value(header, tag)
             in_record = records.text_value(rec.record, tag)
+            if not _usable(header, tag):
+                continue  # invalid in the file: the record derives its own (PS3.3 F.5)
             if in_file and in_record and in_file != in_record and self.first_time(rec, tag):
                 self.add("record-mismatch", _record_path(rec),
                          f"{rec.rtype} record's {_name(tag)} differs from that of {name}")
@@ -588,8 +615,12 @@ class _Run:
         for rec in (*ancestors, node):
             for kw in self.profile.extra_keys.get(rec.rtype, {}).get("1C", ()):
                 tag = tag_for_keyword(kw)
-                if tag is None or not _filled(header, tag) or _filled(rec.record, tag):
+                if tag is None or _filled(rec.record, tag):
                     continue
+                if not _filled(header, tag) and not records.functional_group_key(header, tag):
+                    continue  # neither at the top level nor in the functional groups
+                if not _usable(header, tag):
+                    continue  # invalid for its VR in the file: a record leaves it out
                 if not self.first_time(rec, tag):
                     continue
                 self.add("record-key", _record_path(rec), f"{rec.rtype} key {kw} is 1C in "
@@ -631,6 +662,16 @@ class _Run:
                 head = fp.read(part10.PREAMBLE_LEN + 4)
             return head[part10.PREAMBLE_LEN :] == part10.MAGIC
         return True
+
+
+def _usable(ds: Dataset, tag: int) -> bool:
+    """The file's value of tag can be a record key: valid for its VR, or normalizable."""
+    try:
+        element = records.encode_element(ds, tag)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot encode is not usable
+        return False
+    charsets = records.dataset_charsets(ds)
+    return element is None or records.check_element(tag, element, charsets).element is not None
 
 
 def _name(tag: int) -> str:

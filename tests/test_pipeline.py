@@ -153,9 +153,13 @@ def test_invalid_input_refuses_whole_run(tmp_path: Path) -> None:
     assert "1.2.3.99" in reasons["clash1.dcm"] and "clash2.dcm" in reasons["clash1.dcm"]
     assert [Path(i["path"]).name for i in err.value.report.ignored] == ["notes.txt"]
     assert _leftovers(out) == []
+    with pytest.raises(MasteringError) as err:  # a conflict is not skipped by default
+        master([tmp_path / "in"], out / "x.iso",
+               Options(profiles.load("STD-GEN-CD"), skip_invalid=True))
+    assert "--on-conflict" in err.value.report.error and _leftovers(out) == []
     report = master([tmp_path / "in"], out / "x.iso",
-                    Options(profiles.load("STD-GEN-CD"), skip_invalid=True))
-    assert report.instances == 1 and len(report.invalid) == 3
+                    Options(profiles.load("STD-GEN-CD"), skip_invalid=True, on_conflict="skip"))
+    assert report.instances == 1 and len(report.invalid) == 1 and len(report.skipped) == 3
     assert _uids([good]) == {i.SOPInstanceUID for i in FileSet(
         extract_iso(out / "x.iso", tmp_path / "x") / "DICOMDIR")}
 
