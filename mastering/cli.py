@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -28,6 +29,7 @@ from pathlib import Path
 from threading import Event
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug must still end in one line and a code
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         err.line(("internal error:", "bold red"), f" {type(exc).__name__}: "
-                 f"{printable(_first_line(exc))} (please report this; nothing was published)")
+                 f"{printable(_first_line(exc))} (please report this)")
         return EXIT_INTERNAL
 
 
@@ -207,7 +209,9 @@ def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: 
     except MasteringError as exc:
         code, report = exc.exit_code, exc.report
         report.error = report.error or str(exc)
-        written = written or not exc.outputs_ok  # a refused path is never written to
+        # rewrite a report that said "ok" if putting the output in place failed after it;
+        # a refused path is never written to at all
+        written = not exc.outputs_ok
     except Cancelled:
         err.line(("cancelled:", "yellow"), " nothing was written")
         return EXIT_CANCEL
@@ -219,8 +223,19 @@ def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: 
         return EXIT_IO
     finally:
         decided()
-    _emit(report, args, out, err, report_written=written)
+    try:
+        _emit(report, args, out, err, report_written=written)
+    except BrokenPipeError:  # the reader went away (| head): the run's outcome stands
+        _silence(sys.stdout)
     return code
+
+
+def _silence(stream: object) -> None:
+    """Point a stream whose reader has gone at /dev/null, so that the interpreter's final
+    flush does not fail again."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
 
 
 def _os_message(exc: OSError) -> str:
@@ -252,7 +267,7 @@ class _Bar:
         if self.progress is None:
             return
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(printable(stage), total=total)
+            self.tasks[stage] = self.progress.add_task(escape(printable(stage)), total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 

@@ -12,6 +12,7 @@ references (PS3.10 8.6), which are scanned like any other file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -468,7 +469,7 @@ def _keys(
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
-    charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
+    charset = _charset(hdr)
     check = _Checker(records.charsets_of(charset), fixes)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
@@ -508,6 +509,20 @@ class _Checker:
         return result.element
 
 
+def _charset(hdr: records.Header) -> bytes | None:
+    """Specific Character Set goes into every record: one that cannot be a record key
+    (over 64 KiB, or not CS) refuses the file rather than every record."""
+    try:
+        charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
+    except records.ValueTooLong as exc:
+        raise _Invalid("Specific Character Set is longer than a directory record can hold") \
+            from exc
+    if charset is not None and charset[4:6] not in (b"CS", b""):
+        raise _Invalid(f"Specific Character Set has the VR {charset[4:6].decode('latin-1')!r}, "
+                       "not CS")
+    return charset
+
+
 def _encoded(hdr: records.Header, tag: int, check: _Checker,
              refused: str = "") -> bytes | None:
     """The key as encoded for the record; None, and noted, when it is longer than any record
@@ -534,9 +549,10 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
     keyword = pydicom.datadict.keyword_for_tag(tag)
     why = ""
     encoded = _encoded(hdr, tag, _Checker(check.charsets, [])) if hdr.has(tag) else None
-    if hdr.has(tag) and encoded is None:
-        why = "longer than a directory record can hold"
-    elif encoded is not None:
+    if hdr.has(tag) and encoded is None:  # a derived value would disagree with the file
+        raise _Invalid(f"the Type 1 directory key {keyword} is longer than a directory "
+                       "record can hold (over 64 KiB)")
+    if encoded is not None:
         result = records.check_element(tag, encoded, check.charsets)
         if result.element is not None:
             if result.changed:
@@ -677,7 +693,9 @@ def scan(
                     Problem(item.path, "invalid", f"references {r!r}, which is not a File ID "
                             "inside its File-set (PS3.10 8.2, 8.6)") for r in item.refused
                 )
+                _add_identity(result.walked, os.path.dirname(item.path))  # its File-set
                 for ref in item.referenced:
+                    _add_identity(result.walked, ref)
                     if os.path.realpath(ref) not in seen:
                         seen.add(os.path.realpath(ref))
                         extra.append(ref)
@@ -688,6 +706,13 @@ def scan(
         queue = extra
     merger.finish()
     return result
+
+
+def _add_identity(walked: set[tuple[int, int]], path: str) -> None:
+    """A folder or file read as input: no output may be written over or into it."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        walked.add((st.st_dev, st.st_ino))
 
 
 def _scan_all(

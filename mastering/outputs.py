@@ -16,7 +16,9 @@ own beside the output, all hidden and named after it:
   ever deleted for matching a name pattern: ``-o scan.dcm`` must not touch the user's
   ``scan-1.dcm``.
 
-No patient data goes into any of them: names of our own files, numbers and a process ID.
+Every file of our own is created exclusively (``O_EXCL``/``O_NOFOLLOW``): a link planted under
+one of these names is refused, never written through. No patient data goes into any of them:
+names of our own files, numbers and a process ID.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +40,14 @@ from pathlib import Path
 
 RUN_MARKER = ".mastering-run"
 PARTIAL_SUFFIX = ".partial"
+#: the random part of a work folder's name (tempfile.mkdtemp's alphabet and length)
+_RANDOM = r"[a-z0-9_]{8}"
+_WORK_NAME = re.compile(rf"^\..+\.{_RANDOM}\.partial$")
+_LOCK_TEXT = re.compile(r"^pid \d+ on ")
+#: sidecar names stay well inside NAME_MAX (255) whatever the output's name
+_MAX_BASE = 180
+#: names a mounted file system brings along (ext4); ignored when empty
+_FS_OWN = frozenset({"lost+found"})
 
 
 class OutputError(Exception):
@@ -83,39 +95,59 @@ class Target:
     kind: str  # "iso" | "folder"
     #: folders this run created to reach the output (removed again if the run fails)
     made: list[Path] = field(default_factory=list)
-    #: a folder output that is an existing folder on another file system than its parent (a
-    #: mounted stick): the work folder goes inside it and the finished volume's entries are
-    #: moved up at the end, because a rename cannot cross file systems
+    #: a folder output that is a mount point (a mounted stick, a bind mount; also through a
+    #: symbolic link): the work folder goes inside it and the finished volume's entries are
+    #: moved up at the end, because a rename cannot cross file systems nor replace a mount
     in_place: bool = field(init=False)
+    #: where the lock and the record go: beside the output, or inside a mounted output whose
+    #: parent this user cannot write (a desktop's /media/USER/STICK)
+    sidecars: Path = field(init=False)
 
     def __post_init__(self) -> None:
         out = self.output
-        self.in_place = (self.kind == "folder" and out.is_dir() and not out.is_symlink()
-                         and os.stat(out).st_dev != os.stat(out.parent).st_dev)
+        self.in_place = self.kind == "folder" and out.is_dir() and is_mount(out)
+        parent_ok = os.access(self.folder, os.W_OK | os.X_OK) if self.folder.exists() else True
+        self.sidecars = out if self.in_place and not parent_ok else self.folder
 
     @property
     def folder(self) -> Path:
         return self.output.parent
 
     @property
+    def base(self) -> str:
+        name = self.output.name
+        if len(name.encode()) <= _MAX_BASE:
+            return name
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        return os.fsdecode(os.fsencode(name)[:_MAX_BASE - 17]) + "." + digest
+
+    @property
     def lock_path(self) -> Path:
-        return self.folder / f".{self.output.name}.lock"
+        return self.sidecars / f".{self.base}.lock"
 
     @property
     def record_path(self) -> Path:
-        return self.folder / f".{self.output.name}.mastering.json"
+        return self.sidecars / f".{self.base}.mastering.json"
 
     @property
     def work_parent(self) -> Path:
         return self.output if self.in_place else self.folder
+
+    def is_own_work(self, name: str) -> bool:
+        return re.match(rf"^\.{re.escape(self.base)}\.{_RANDOM}\.partial$", name) is not None
 
     def derived(self, name: str) -> bool:
         """True for names this output's runs write: OUT, OUT-n, their labels, the sidecars."""
         out = self.output
         stem, suffix = (out.stem, out.suffix) if out.suffix else (out.name, "")
         pattern = (rf"^{re.escape(stem)}(-\d+)?({re.escape(suffix)}|\.label\.svg|\.label\.png)$"
-                   rf"|^\.{re.escape(out.name)}\.(lock|mastering\.json|[^/]*\.partial)$")
+                   rf"|^\.{re.escape(self.base)}\.(lock|mastering\.json|{_RANDOM}\.partial)$")
         return re.match(pattern, name) is not None
+
+    def ours_inside(self, name: str) -> bool:
+        """Names inside a mounted output that do not make it 'not empty'."""
+        return self.is_own_work(name) or (self.sidecars == self.output
+                                           and name == self.lock_path.name)
 
     def prepare(self) -> None:
         """Create the folders up to the output's parent, remembering which were new."""
@@ -139,6 +171,38 @@ class Target:
         self.made.clear()
 
 
+def is_mount(path: Path) -> bool:
+    """A mount point, also a bind mount of the same file system (which st_dev cannot tell)."""
+    real = os.path.realpath(path)
+    if os.path.ismount(real):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+            points = {_unescape(line.split()[4]) for line in fh if len(line.split()) > 4}
+    except OSError:
+        return False
+    return real in points
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def empty_but_ours(target: Target, folder: Path, work: Path | None = None) -> bool:
+    """True if folder holds nothing but this run's own things (and an empty lost+found)."""
+    for entry in os.scandir(folder):
+        if work is not None and entry.name == work.name:
+            continue
+        if target.ours_inside(entry.name) and folder == target.output:
+            continue
+        if entry.name in _FS_OWN and entry.is_dir(follow_symlinks=False) and not any(
+                os.scandir(entry.path)):
+            continue
+        return False
+    return True
+
+
 # -- the lock --------------------------------------------------------------------------------
 
 
@@ -147,11 +211,7 @@ def locked(target: Target) -> Iterator[None]:
     """Hold the output's lock for the duration; raise Busy at once if another run has it."""
     path = target.lock_path
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot create the lock file beside the output: "
-                              f"{exc.strerror or exc}", 6) from exc
+        fd, writable = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,13 +230,38 @@ def locked(target: Target) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        if writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)  # still ours: nobody else can hold it while we do
         os.close(fd)
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """Open (or create) the lock file; a stale lock of another user's may only be readable,
+    which is enough to lock it. Anything but our own lock file is refused."""
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+    except PermissionError:
+        try:
+            fd, writable = os.open(path, os.O_RDONLY | flags), False
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create the lock file beside the output: "
+                              f"{exc.strerror or exc}", 6) from exc
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise OutputError(f"{path}: cannot use it as the lock file: {why}", 6) from exc
+    st = os.fstat(fd)
+    text = _read_small(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (text and not _LOCK_TEXT.match(text)):
+        os.close(fd)
+        raise OutputError(f"{path}: is not a lock file of this program (a link, or another "
+                          "file under its name); move it away", 6)
+    return fd, writable
 
 
 def _read_small(fd: int) -> str:
@@ -191,32 +276,30 @@ def _read_small(fd: int) -> str:
 
 def make_work(target: Target) -> Path:
     """A new hidden work folder on the output's file system, marked as this run's."""
-    work = Path(tempfile.mkdtemp(prefix=f".{target.output.name}.", suffix=PARTIAL_SUFFIX,
+    work = Path(tempfile.mkdtemp(prefix=f".{target.base}.", suffix=PARTIAL_SUFFIX,
                                  dir=target.work_parent))
-    _write_marker(work, {"output": target.output.name, "pid": os.getpid()})
+    _write_marker(work, {"output": str(target.output), "pid": os.getpid()})
     return work
 
 
 def _write_marker(work: Path, data: dict) -> None:
-    tmp = work / (RUN_MARKER + ".tmp")
-    tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
-    os.replace(tmp, work / RUN_MARKER)
+    _write_new(work / RUN_MARKER, json.dumps(data) + "\n")
 
 
 def is_work_folder(path: str | Path) -> bool:
-    """A folder some run of this program is working in (or was, when it was killed)."""
-    return os.path.isfile(os.path.join(path, RUN_MARKER)) and not os.path.islink(path)
+    """A folder some run of this program is working in (or was, when it was killed): our
+    name pattern and a marker that says so, not merely a file called like the marker."""
+    path = Path(path)
+    return _WORK_NAME.match(path.name) is not None and _marker(path) is not None
 
 
 def remove_stale_work(target: Target) -> list[str]:
     """Remove what killed runs to this output left: their work folders and, for a folder
-    output that was being filled in place, what they had already moved into it. Only called
-    while holding the lock, so no live run owns any of it. Returns what was removed."""
+    output that was being filled in place, the files they had moved into it that are still
+    exactly as moved. Only called while holding the lock, so no live run owns any of it.
+    Returns what was removed."""
     removed: list[str] = []
-    prefix = f".{target.output.name}."
-    parents = {target.folder}
-    if target.output.is_dir() and not target.output.is_symlink():
-        parents.add(target.output)
+    parents = [target.work_parent]
     for parent in parents:
         try:
             names = sorted(os.listdir(parent))
@@ -224,7 +307,7 @@ def remove_stale_work(target: Target) -> list[str]:
             continue
         for name in names:
             path = parent / name
-            if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
+            if not target.is_own_work(name) or path.is_symlink() or not path.is_dir():
                 continue
             marker = _marker(path)
             if marker is None:
@@ -232,10 +315,9 @@ def remove_stale_work(target: Target) -> list[str]:
                     shutil.rmtree(path)
                     removed.append(str(path))
                 continue  # not provably ours: leave it
-            if marker.get("output") != target.output.name:
+            if marker.get("output") != str(target.output):
                 continue
-            for moved in marker.get("moving", []):
-                _remove(target.output / moved)
+            _remove_moved(target.output, marker.get("moving", []))
             shutil.rmtree(path)
             removed.append(str(path))
     return removed
@@ -244,7 +326,7 @@ def remove_stale_work(target: Target) -> list[str]:
 def _only_unfinished_marker(path: Path) -> bool:
     """An empty folder of our name, or one holding only a half-written marker."""
     try:
-        return not path.is_symlink() and set(os.listdir(path)) <= {RUN_MARKER + ".tmp"}
+        return all(n.startswith(RUN_MARKER) for n in os.listdir(path))
     except OSError:
         return False
 
@@ -256,14 +338,45 @@ def _marker(path: Path) -> dict | None:
         data = json.loads((path / RUN_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and isinstance(data.get("output"), str) else None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _inventory(volume: Path) -> list[dict]:
+    """Every file and folder of a finished volume, as it is: what may be removed again."""
+    found = []
+    for folder, dirs, files in os.walk(volume):
+        for name in dirs + files:
+            path = Path(folder, name)
+            st = os.lstat(path)
+            found.append({"path": path.relative_to(volume).as_posix(), "dev": st.st_dev,
+                          "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                          "dir": stat.S_ISDIR(st.st_mode)})
+    return found
+
+
+def _remove_moved(root: Path, moved: list) -> None:
+    """Remove the entries a killed run had moved into root: plain relative names only, files
+    only while unchanged, folders only once empty. Whatever someone put there since stays."""
+    entries = [e for e in moved if isinstance(e, dict) and _plain_relative(e.get("path"))]
+    for entry in sorted(entries, key=lambda e: -e["path"].count("/")):
+        path = root / entry["path"]
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) != (entry.get("dev"), entry.get("ino")):
+            continue
+        if entry.get("dir"):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        elif (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns")):
+            path.unlink()
+
+
+def _plain_relative(path: object) -> bool:
+    if not isinstance(path, str) or not path or path.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 # -- publishing ------------------------------------------------------------------------------
@@ -272,40 +385,33 @@ def _remove(path: Path) -> None:
 def read_record(target: Target) -> list[Published]:
     try:
         data = json.loads(target.record_path.read_text(encoding="utf-8"))
-        return [Published(**item) for item in data.get("files", [])]
-    except (OSError, ValueError, TypeError):
+        return [Published(**item) for item in data.get("files", [])
+                if "/" not in str(item.get("name", "/"))]
+    except (OSError, ValueError, TypeError, AttributeError):
         return []
 
 
 def _write_record(target: Target, files: Iterable[Published]) -> None:
-    path = target.record_path
     data = {"output": target.output.name, "files": [vars(f) for f in files]}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _replace_atomically(target.record_path, json.dumps(data, indent=1) + "\n")
 
 
-def plan_publish(target: Target, files: Sequence[tuple[Path, Path]],
-                 inputs: set[tuple[int, int]], work: Path) -> tuple[list[Published], list[str]]:
-    """Check that every (temporary, final) path can go in place; return the earlier run's
-    files to remove and warnings about look-alike files left alone. A final file that exists
-    must be the output itself (the name the user gave) or a file the earlier run published,
-    unchanged; a final folder must be empty (but for this run's work folder in it)."""
+def check_finals(target: Target, finals: Sequence[Path], inputs: set[tuple[int, int]],
+                 work: Path, *, folders: bool) -> None:
+    """Before anything is written: every final path of this run can be put in place. A final
+    file that exists must be the output itself (the name the user gave) or a file the earlier
+    run published, unchanged; a final folder must be empty (but for this run's own things)."""
     earlier = {p.name: p for p in read_record(target)}
-    new_names = {final.name for _tmp, final in files}
-    for tmp, final in files:
+    for final in finals:
         if not final.exists() and not final.is_symlink():
             continue
         if _identity(final) in inputs:
             raise OutputError(f"{final}: is one of the inputs; nothing was written", 2)
-        if tmp.is_dir() != final.is_dir():
+        if folders != final.is_dir():
             raise OutputError(f"{final}: exists and is {'a' if final.is_dir() else 'not a'} "
                               "folder", 6)
         if final.is_dir():
-            if any(e.name != work.name for e in os.scandir(final)):
+            if not empty_but_ours(target, final, work):
                 raise OutputError(f"{final}: exists and is not an empty folder", 6)
             continue
         if final == target.output:
@@ -314,20 +420,42 @@ def plan_publish(target: Target, files: Sequence[tuple[Path, Path]],
             raise OutputError(f"{final}: exists and was not written by an earlier run to "
                               f"{target.output.name}; move it away or choose another output "
                               "name", 6)
-    stale = [p for name, p in earlier.items() if name not in new_names
+
+
+def plan_publish(target: Target, files: Sequence[tuple[Path, Path]],
+                 inputs: set[tuple[int, int]], work: Path) -> tuple[list[Published], list[str]]:
+    """Check every (temporary, final) path once more; return the earlier run's files to
+    remove and warnings about look-alike files and folders left alone."""
+    for tmp, final in files:
+        check_finals(target, [final], inputs, work, folders=tmp.is_dir())
+    earlier = read_record(target)
+    new_names = {final.name for _tmp, final in files}
+    stale = [p for p in earlier if p.name not in new_names
              and p.unchanged(target.folder) and (p.dev, p.ino) not in inputs]
-    stale_names = {p.name for p in stale}
-    warnings = [f"{target.folder / name}: looks like an image of an earlier set but was not "
-                "provably written by it; left in place"
-                for name in sorted(os.listdir(target.folder))
-                if target.derived(name) and not name.startswith(".") and name not in new_names
-                and name not in stale_names and _looks_ours(target.folder / name)]
+    keep = new_names | {p.name for p in stale}
+    try:
+        names = sorted(os.listdir(target.folder))
+    except OSError:  # a drop folder we may write but not list: no look-alikes to report
+        names = []
+    warnings = []
+    for name in names:
+        if name.startswith(".") or name in keep or not target.derived(name):
+            continue
+        path = target.folder / name
+        if path.is_dir() and not path.is_symlink() and target.kind == "folder":
+            warnings.append(f"{path}: a volume folder of an earlier run, left in place "
+                            "(folders are never removed)")
+        elif _looks_ours(path):
+            warnings.append(f"{path}: looks like an image of an earlier set but was not "
+                            "provably written by it; left in place")
     return stale, warnings
 
 
 def _looks_ours(path: Path) -> bool:
     """An ISO 9660 image whose Application Identifier (PVD bytes 574-701) names this program."""
     try:
+        if not path.is_file():
+            return False
         with open(path, "rb") as fh:
             fh.seek(16 * 2048)
             pvd = fh.read(2048)
@@ -337,20 +465,29 @@ def _looks_ours(path: Path) -> bool:
 
 
 def publish(target: Target, files: Sequence[tuple[Path, Path]], stale: Sequence[Published],
-            *, sync: bool = True) -> None:
+            *, sync: bool = True) -> list[str]:
     """Put every finished file in place and remove the earlier run's leftovers, recording
-    first what will be there, so that a run killed half-way leaves only recorded files."""
+    first what will be there, so that a run killed half-way leaves only recorded files.
+    Returns warnings (the record could not be brought up to date after the moves)."""
     mine = [(tmp, final) for tmp, final in files
             if tmp.is_file() and final.parent == target.folder]
-    _write_record(target, [*(Published.of(t, f.name) for t, f in mine), *stale])
+    if mine or stale or target.record_path.exists():
+        _write_record(target, [*(Published.of(t, f.name) for t, f in mine), *stale])
     for old in stale:
         with contextlib.suppress(FileNotFoundError):
             (target.folder / old.name).unlink()
     for tmp, final in files:
         move(tmp, final)
-    _write_record(target, [Published.of(final) for _tmp, final in mine])  # copies: new inodes
+    warnings = []
+    if mine:
+        try:  # a file copied across file systems has a new inode: record it as it is now
+            _write_record(target, [Published.of(final) for _tmp, final in mine])
+        except OSError as exc:
+            warnings.append(f"{target.record_path}: could not be updated ({exc.strerror}); "
+                            "a later run will not remove this run's files")
     if sync:
         sync_dir(target.folder)
+    return warnings
 
 
 def move(src: Path, dst: Path) -> None:
@@ -362,16 +499,16 @@ def move(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV or src.is_dir():
             raise
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name[:100]}.", suffix=".tmp", dir=dst.parent)
     try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+        with open(src, "rb") as fin, open(fd, "wb", closefd=True) as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     src.unlink()
 
@@ -379,11 +516,13 @@ def move(src: Path, dst: Path) -> None:
 def fill_in_place(target: Target, volume: Path, work: Path, *, sync: bool = True,
                   last: str = "DICOMDIR") -> None:
     """Move a finished volume folder's entries into the (empty) output folder, the DICOMDIR
-    last, so that the folder never looks finished before it is. The marker lists the entries
-    first: a run killed half-way is cleaned up by the next run to this output."""
+    last, so that the folder never looks finished before it is. The marker lists every moved
+    file and folder with its identity first: the next run to this output removes what a run
+    killed half-way had moved, as long as it is unchanged."""
     names = sorted(os.listdir(volume), key=lambda n: (n == last, n))
-    marker = _marker(work) or {}
-    _write_marker(work, {**marker, "moving": names})
+    marker = _marker(work) or {"output": str(target.output)}
+    _replace_atomically(work / RUN_MARKER, json.dumps({**marker,
+                                                       "moving": _inventory(volume)}) + "\n")
     for name in names:
         os.replace(volume / name, target.output / name)
     if sync:
@@ -401,6 +540,40 @@ def sync_dir(folder: Path) -> None:
 def _identity(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+# -- small files of our own ------------------------------------------------------------------
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create path exclusively (never through a link or over another file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write a new file under a fresh temporary name beside path, fsync, rename over path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8", closefd=True) as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The report: written beside the file a link points to (the link stays a link), under
+    a fresh temporary name, fsynced and renamed. check_report_path has made sure it is a
+    regular file, or nothing yet, in a folder we can write."""
+    _replace_atomically(Path(os.path.realpath(path)), text)
 
 
 # -- outputs against inputs ------------------------------------------------------------------
@@ -442,10 +615,10 @@ def _identities(paths: Sequence[Path]) -> set[tuple[int, int]]:
 
 def check_walked(paths: Sequence[Path], walked: set[tuple[int, int]]) -> None:
     """After the walk: no output may sit in a folder the walk entered (through a followed
-    link, say), and none may be a scanned file (a hard link to an input)."""
+    link, a DICOMDIR's File-set), and none may be a scanned file (a hard link to an input)."""
     for path in paths:
         cur = path
-        while not cur.exists():
+        while not cur.exists() and not cur.is_symlink():
             cur = cur.parent
         if cur == path and path.is_file():
             if _identity(path) in walked:
@@ -460,30 +633,18 @@ def check_walked(paths: Sequence[Path], walked: set[tuple[int, int]]) -> None:
 
 
 def check_report_path(path: Path) -> None:
-    """The report must be writable before the run starts, not found unwritable after it."""
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder, not a report file", 6)
-    if path.exists():
-        if not os.access(path, os.W_OK):
+    """The report must be writable before the run starts, not found unwritable after it: a
+    regular file (or a link to one) or nothing yet, in a folder we can write (it is replaced
+    by rename). A device, FIFO or folder is refused: /dev/null must stay a device."""
+    real = Path(os.path.realpath(path))
+    if real.exists():
+        if not real.is_file():
+            raise OutputError(f"{path}: is not a regular file; give a file name for the "
+                              "report (--json prints it on stdout)", 6)
+        if not os.access(real, os.W_OK):
             raise OutputError(f"{path}: the report file is not writable", 6)
-        return
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = real.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: the folder for the report does not exist", 6)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: the folder for the report is not writable", 6)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write a small file under a temporary name beside it, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

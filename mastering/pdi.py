@@ -208,11 +208,11 @@ def _add_items(we: webcontent.WebSeries, entries: list[FileEntry]) -> None:
             we.objects.append(piece.item)
 
 
-def volume_files(patients: list[webcontent.WebPatient], volume: Volume,
-                 settings: Settings) -> list[tuple[tuple[str, ...], bytes | Path]]:
+def volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,
+                 cancel: Event | None = None) -> list[tuple[tuple[str, ...], bytes | Path]]:
     return webcontent.build(patients, volume=volume.index, volumes=volume.count,
                             site=settings.site, template_dirs=settings.template_dirs,
-                            web=settings.web, created=created(settings))
+                            web=settings.web, created=created(settings), cancel=cancel)
 
 
 def write_labels(target: Path, patients: list[webcontent.WebPatient], volume: Volume,

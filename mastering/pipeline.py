@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[str, int, int], None]
 FILESET_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+SITE_MAX_BYTES = 1 << 20  # a site file is a few lines of TOML; /dev/zero is not one
 
 
 class MasteringError(Exception):
@@ -187,14 +188,45 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
 
 def _check_outputs(inputs: Sequence[Path], target: outputs.Target, side_outputs: Sequence[Path],
                    options: Options) -> None:
-    """No output over an input, inside an input folder, or on another output's name."""
+    """No output over an input, inside an input folder, on another output's name or inside
+    a volume folder; site settings and templates that cannot be read refuse the run now, not
+    after the scan."""
     read_only = [options.site] if options.site else []
     outputs.check_against_inputs([target.output, *side_outputs], inputs, read_only)
     for side in side_outputs:
-        side = side.absolute()
-        if side.parent == target.folder and target.derived(side.name):
-            raise outputs.OutputError(f"{side}: is a name the output {target.output.name} "
-                                      "uses for its volumes, labels or lock", 2)
+        side = Path(os.path.abspath(side))
+        if not side.is_relative_to(target.folder) or side == target.folder:
+            continue
+        first = side.relative_to(target.folder).parts[0]
+        if target.derived(first):
+            raise outputs.OutputError(f"{side}: is, or lies inside, a name the output "
+                                      f"{target.output.name} uses for its volumes, labels or "
+                                      "lock", 2)
+    if (options.label or options.viewer) and target.folder.exists() and not os.access(
+            target.folder, os.W_OK | os.X_OK):
+        raise outputs.OutputError(f"{target.folder}: the labels go beside the output and "
+                                  "this folder is not writable", 6)
+    _check_site(options)
+
+
+def _check_site(options: Options) -> None:
+    from .webcontent import load_site
+
+    for folder in options.templates:
+        if not Path(folder).is_dir():
+            raise outputs.OutputError(f"{folder}: the template folder does not exist", 2)
+    if options.site is None:
+        return
+    site = Path(options.site)
+    if not site.is_file():
+        raise outputs.OutputError(f"{site}: the site settings are not a regular file", 2)
+    if site.stat().st_size > SITE_MAX_BYTES:
+        raise outputs.OutputError(f"{site}: site settings of more than {SITE_MAX_BYTES} "
+                                  "bytes", 2)
+    try:
+        load_site(site)
+    except (OSError, ValueError, TypeError) as exc:  # TOML, JSON and UTF-8 errors are ValueErrors
+        raise outputs.OutputError(f"{site}: {exc}", 2) from exc
 
 
 def _check_folder_free(target: outputs.Target) -> None:
@@ -209,7 +241,7 @@ def _check_folder_free(target: outputs.Target) -> None:
         return
     if not out.is_dir():
         raise outputs.OutputError(f"{out}: exists and is not a folder", 6)
-    if any(os.scandir(out)):
+    if not outputs.empty_but_ours(target, out):
         raise outputs.OutputError(f"{out}: exists and is not an empty folder", 6)
 
 
@@ -292,10 +324,11 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     _fill_report(report, scanned, volumes)
     t0 = time.monotonic()
     finals = output_paths(output, len(volumes))
+    _check_finals(target, finals, options, scanned, work)
     temps = [work / f"vol{v.index}" for v in volumes]
     labels: list[tuple[Path, Path]] = []
     for vol, tmp, final in zip(volumes, temps, finals, strict=True):
-        extra = _volume_web(vol, web, work, final, labels)
+        extra = _volume_web(vol, web, work, final, labels, cancel)
         size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel)
         report.volumes.append(_volume_report(vol, final, size))
         if options.verify:
@@ -315,11 +348,33 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
         report.ok = False
         raise
     # the point of no return: from here the run finishes, whatever signal comes
-    if target.in_place:
-        outputs.fill_in_place(target, temps[0], work, sync=options.sync)
-        files = labels
-    outputs.publish(target, files, stale, sync=options.sync)
+    try:
+        if target.in_place:
+            outputs.fill_in_place(target, temps[0], work, sync=options.sync)
+            files = labels
+        report.warnings += outputs.publish(target, files, stale, sync=options.sync)
+    except OSError as exc:
+        report.ok = False
+        report.error = (f"the output could not be put in place: {exc.filename or ''}: "
+                        f"{exc.strerror or exc}")
+        raise MasteringError(report.error, report, 6) from exc
     return report
+
+
+def _check_finals(target: outputs.Target, finals: list[Path], options: Options,
+                  scanned: IntakeResult, work: Path) -> None:
+    """Before a byte is written: every volume and label can go where it must."""
+    from .label import label_paths
+
+    try:
+        outputs.check_finals(target, finals, scanned.walked, work,
+                             folders=target.kind == "folder")
+        if options.label or options.viewer:
+            outputs.check_finals(target, [p for f in finals for p in label_paths(f)],
+                                 scanned.walked, work, folders=False)
+    except outputs.OutputError as exc:
+        raise MasteringError(str(exc), Report(options.profile.id, str(target.output),
+                                              error=str(exc)), exc.exit_code) from exc
 
 
 @dataclass
@@ -373,7 +428,8 @@ def _pack(tree, roots, options: Options, report: Report, web: _Web | None) -> li
 
 
 def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
-                labels: list[tuple[Path, Path]]) -> list[tuple[tuple[str, ...], bytes | Path]]:
+                labels: list[tuple[Path, Path]],
+                cancel: Event | None) -> list[tuple[tuple[str, ...], bytes | Path]]:
     """One volume's web files (each index covers its own volume) and its label."""
     if web is None:
         return []
@@ -382,7 +438,7 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
     patients = pdi.patients_of(vol, web.headers)
     for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
         labels.append((src, final.parent / src.name))
-    return pdi.volume_files(patients, vol, web.settings) if web.web else []
+    return pdi.volume_files(patients, vol, web.settings, cancel) if web.web else []
 
 
 def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
@@ -553,7 +609,8 @@ def _transcode_job(job: tuple) -> dict | str | reencode.Reencoded:
             res = transcode.transcode(Path(src), out, list(allowed),
                                       implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                                       implementation_version_name=IMPLEMENTATION_VERSION_NAME,
-                                      opener=intake_mod.open_source)
+                                      opener=intake_mod.open_source,
+                                      scratch=Path(dst).parent)
         if intake_mod.file_stamp(src) != stamp:
             return "the file changed while it was being converted"
         leaf = intake_mod.leaf_keys(dst, profile)

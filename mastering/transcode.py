@@ -133,6 +133,7 @@ def transcode(
     implementation_class_uid: str,
     implementation_version_name: str,
     opener: Callable[[str], BinaryIO] | None = None,
+    scratch: Path | None = None,
 ) -> TranscodeResult:
     """Write src as a complete Part 10 file (128-byte zero preamble, 'DICM', group 0002 meta with
     Media Storage SOP Class/Instance UID taken from the data set, Transfer Syntax = target,
@@ -154,7 +155,7 @@ def transcode(
     try:
         result = _transcode(
             src, out, allowed_set, implementation_class_uid, implementation_version_name,
-            opener
+            opener, scratch
         )
     except Exception as exc:
         _rollback(dst, start)
@@ -175,7 +176,7 @@ def transcode(
 
 def _transcode(
     src: Path, out: _CountingWriter, allowed: frozenset[str], impl_uid: str, impl_version: str,
-    opener: Callable[[str], BinaryIO] | None = None,
+    opener: Callable[[str], BinaryIO] | None = None, scratch: Path | None = None,
 ) -> TranscodeResult:
     """Read, convert and write one file; raise on any problem. `opener` reads sources that
     are not plain files (a file inside an ISO image)."""
@@ -192,7 +193,7 @@ def _transcode(
     if plan.pixel_ts is None:
         _reencode(ds)
     else:
-        ds, decoder = _decompress(ds, src, plan.pixel_ts, opener)
+        ds, decoder = _decompress(ds, src, plan.pixel_ts, opener, scratch)
     if _required_uid(ds, "SOPInstanceUID") != sop_instance_uid:
         raise RuntimeError("the SOP Instance UID changed while decoding")
     _write(out, ds, plan.target_ts, impl_uid, impl_version)
@@ -332,7 +333,8 @@ def _swap(value: bytes, width: int) -> bytes:
 
 
 def _decompress(ds: Dataset, src: Path, ts: str,
-                opener: Callable[[str], BinaryIO] | None = None) -> tuple[Dataset, str]:
+                opener: Callable[[str], BinaryIO] | None = None,
+                scratch: Path | None = None) -> tuple[Dataset, str]:
     """Decode all encapsulated pixel data; return the data set and the decoder used."""
     lossy = _lossy_info(ds, ts)
     errors: list[str] = []
@@ -345,7 +347,7 @@ def _decompress(ds: Dataset, src: Path, ts: str,
     if tool is None:
         raise RuntimeError(f"no decoder for {UID(ts).name}: " + "; ".join(errors))
     del ds["PixelData"]  # free the compressed data before DCMTK's output is read
-    decoded = _decode_dcmtk(src, tool, errors, opener)
+    decoded = _decode_dcmtk(src, tool, errors, opener, scratch)
     _record_lossy(decoded, lossy)
     return decoded, tool[0]
 
@@ -437,13 +439,16 @@ def _dcmtk_tool(ts: str) -> tuple[str, ...] | None:
 
 
 def _decode_dcmtk(src: Path, tool: tuple[str, ...], errors: list[str],
-                  opener: Callable[[str], BinaryIO] | None = None) -> Dataset:
+                  opener: Callable[[str], BinaryIO] | None = None,
+                  scratch: Path | None = None) -> Dataset:
     """Decode `src` with a DCMTK tool into a temporary file and read that back. A source
-    that is not a plain file is copied next to it first (DCMTK reads files by name)."""
+    that is not a plain file is copied next to it first (DCMTK reads files by name). The
+    temporary files hold patient data: they go into scratch (the run's work folder, on the
+    output's file system and removed with it), the system's temporary folder only without."""
     exe = shutil.which(tool[0])
     if exe is None:
         raise RuntimeError("; ".join([*errors, f"{tool[0]} is not installed"]))
-    with tempfile.TemporaryDirectory(prefix="transcode-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="transcode-", dir=scratch) as tmp:
         out = Path(tmp) / "decoded.dcm"
         if opener is not None and not src.exists():
             local = Path(tmp) / "source.dcm"

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -417,11 +418,13 @@ def test_next_run_removes_what_a_killed_run_left(tmp_path: Path) -> None:
     proc.communicate(timeout=10)
     assert any(p.name.endswith(".partial") for p in out.iterdir())
     assert (out / ".x.iso.lock").exists()  # a stale lock: nobody holds it
-    (out / ".y.iso.1234.partial").mkdir()  # not ours (no marker): stays
+    (out / ".x.iso.keep.partial").mkdir()  # not our name pattern: stays
+    (out / ".x.iso.abcd1234.partial").mkdir()  # our pattern, but no marker and not empty
+    (out / ".x.iso.abcd1234.partial" / "notes.txt").write_text("someone's")
     res = run("iso", str(src), "-o", str(out / "x.iso"))
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".x.iso.mastering.json",
-                                                      ".y.iso.1234.partial", "x.iso"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".x.iso.abcd1234.partial", ".x.iso.keep.partial", ".x.iso.mastering.json", "x.iso"]
 
 
 def test_interrupt_after_publishing_is_success(tmp_path: Path) -> None:
@@ -464,8 +467,9 @@ def test_second_run_to_the_same_output_refuses(tmp_path: Path) -> None:
     src = many(tmp_path, 300, rows=32)
     first = start("iso", str(src), "-o", str(tmp_path / "x.iso"))
     try:
-        assert wait_for(lambda: (tmp_path / ".x.iso.lock").exists())
-        os.kill(first.pid, signal.SIGSTOP)
+        lock = tmp_path / ".x.iso.lock"
+        assert wait_for(lambda: lock.exists() and lock.read_text().startswith("pid "))
+        os.kill(first.pid, signal.SIGSTOP)  # holding the lock (its pid is written after)
         t0 = time.monotonic()
         second = run("iso", str(src), "-o", str(tmp_path / "x.iso"))
         assert time.monotonic() - t0 < 10
@@ -667,3 +671,221 @@ def test_api_refuses_like_the_cli(tmp_path: Path) -> None:
     with pytest.raises(MasteringError) as err:
         master([tmp_path / "in"], a, Options(profiles.load("STD-GEN-CD")))
     assert err.value.exit_code == 2 and snapshot(tmp_path) == before
+
+
+# -- found in review -------------------------------------------------------------------------
+
+
+def test_dicomdir_input_protects_its_file_set(tmp_path: Path) -> None:
+    """A DICOMDIR given as input: the files it references and its File-set folder are input
+    too; no output, report or label may go over or into them."""
+    for i in range(2):
+        make_ct(tmp_path / "in", f"{i}.dcm", instance=i + 1)
+    fs = tmp_path / "fs"
+    master([tmp_path / "in"], fs, Options(profiles.load("STD-GEN-USB-JPEG")), kind="folder")
+    member = next(p for p in (fs / "DICOM").rglob("*") if p.is_file())
+    before = snapshot(fs)
+    for extra in (["-o", str(member)], ["-o", str(tmp_path / "x.iso"), "--report", str(member)],
+                  ["-o", str(fs / "x.iso")], ["-o", str(fs / "DICOM" / "x.iso")]):
+        res = run("iso", str(fs / "DICOMDIR"), *extra)
+        assert res.returncode == 2, (extra, res.stderr)
+        assert snapshot(fs) == before, extra
+
+
+def test_report_onto_special_files_and_links(shared: Path) -> None:
+    make_ct(shared / "in", "a.dcm")
+    fifo = shared / "fifo"
+    os.mkfifo(fifo)
+    res = run("iso", str(shared / "in"), "-o", str(shared / "x.iso"), "--report", str(fifo))
+    assert res.returncode == 6 and "not a regular file" in res.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (shared / "x.iso").exists()
+    (shared / "reports").mkdir()
+    (shared / "reports" / "2026.json").write_text("old")
+    (shared / "latest.json").symlink_to(shared / "reports" / "2026.json")
+    res = run("iso", str(shared / "in"), "-o", str(shared / "x.iso"), "--report",
+              str(shared / "latest.json"))
+    assert res.returncode == 0, res.stderr
+    assert (shared / "latest.json").is_symlink()  # the link stays, its target is written
+    assert json.loads((shared / "reports" / "2026.json").read_text())["ok"]
+    logs = shared / "logs"
+    logs.mkdir()
+    (logs / "r.json").write_text("")
+    os.chown(logs / "r.json", NOBODY, NOBODY)  # writable file in a folder nobody can't write
+    out = shared / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    res = run("iso", str(shared / "in"), "-o", str(out / "x.iso"), "--report",
+              str(logs / "r.json"), user=NOBODY)
+    assert res.returncode == 6 and "not writable" in res.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_report_inside_a_folder_output_is_refused(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    (tmp_path / "OUT").mkdir()
+    (tmp_path / "OUT-2").mkdir()
+    for report in (tmp_path / "OUT" / "r.json", tmp_path / "OUT-2" / "r.json"):
+        res = run("fileset", str(tmp_path / "in"), "-o", str(tmp_path / "OUT"), "--report",
+                  str(report))
+        assert res.returncode == 2, res.stderr
+    assert list((tmp_path / "OUT").iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_planted_lock_and_marker_are_not_trusted(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".x.iso.lock").symlink_to(victim)
+    res = run("iso", str(tmp_path / "in"), "-o", str(out / "x.iso"))
+    assert res.returncode == 6 and "lock file" in res.stderr
+    (out / ".x.iso.lock").unlink()
+    os.link(victim, out / ".x.iso.lock")  # a hard link to someone's file
+    res = run("iso", str(tmp_path / "in"), "-o", str(out / "x.iso"))
+    assert res.returncode == 6 and victim.read_text() == "precious"
+    (out / ".x.iso.lock").unlink()
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "mine.txt").write_text("mine")
+    st = os.stat(home)
+    with tmpfs("8m") as mnt:  # a mounted output: the one kind that is filled in place
+        planted = mnt / f".{mnt.name}.abcdefgh.partial"
+        planted.mkdir()
+        (planted / ".mastering-run").write_text(json.dumps({"output": str(mnt), "moving": [
+            {"path": "../../" + str(home.relative_to("/")), "dev": st.st_dev,
+             "ino": st.st_ino, "dir": True},
+            {"path": str(home / "docs" / "mine.txt"), "dev": 0, "ino": 0}]}))
+        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt))
+        assert res.returncode == 0, res.stderr
+        assert not planted.exists()
+    assert (home / "docs" / "mine.txt").read_text() == "mine" and victim.read_text() == "precious"
+
+
+def test_killed_in_place_fill_removes_only_what_it_moved(tmp_path: Path) -> None:
+    """The state a run leaves when killed right after moving a volume onto a mounted stick;
+    the operator then adds files of their own. The next run removes only our unchanged files
+    and refuses the stick, which is not empty any more."""
+    from mastering import outputs
+
+    for i in range(2):
+        make_ct(tmp_path / "in", f"{i}.dcm", instance=i + 1)
+    with tmpfs("16m") as mnt:
+        target = outputs.Target(mnt, "folder")
+        assert target.in_place
+        work = outputs.make_work(target)
+        master([tmp_path / "in"], work / "vol1", Options(profiles.load("STD-GEN-USB-JPEG")),
+               kind="folder")
+        for name in os.listdir(work):  # the volume as the killed run had it
+            if name.startswith(".vol1") or name.endswith(".json"):
+                os.unlink(work / name)
+        outputs.fill_in_place(target, work / "vol1", work)
+        (work / "vol1").rmdir()
+        own = mnt / "DICOM" / "OWN"
+        own.mkdir()
+        (own / "IMG").write_bytes(b"the operator's")
+        (mnt / "DICOMDIR").unlink()
+        (mnt / "DICOMDIR").write_bytes(b"the operator's own DICOMDIR")
+        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt))
+        assert res.returncode == 6 and "not an empty folder" in res.stderr
+        left = sorted(p.relative_to(mnt).as_posix() for p in mnt.rglob("*"))
+        assert left == ["DICOM", "DICOM/OWN", "DICOM/OWN/IMG", "DICOMDIR"]
+        assert (mnt / "DICOMDIR").read_bytes() == b"the operator's own DICOMDIR"
+
+
+def test_fileset_onto_a_link_to_a_mount_and_a_bind_mount(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    with tmpfs("16m") as mnt:
+        (tmp_path / "usb").symlink_to(mnt)  # as Debian's usbmount links /media/usb
+        res = run("fileset", str(tmp_path / "in"), "-o", str(tmp_path / "usb"))
+        assert res.returncode == 0, res.stderr
+        assert (mnt / "DICOMDIR").is_file() and leftovers(mnt, tmp_path) == []
+    bind = tmp_path / "bind"
+    (tmp_path / "real").mkdir()
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "real"), str(bind)], check=True)
+    try:
+        res = run("fileset", str(tmp_path / "in"), "-o", str(bind))
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "real" / "DICOMDIR").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(bind)], check=False)
+
+
+def test_a_users_own_stick_under_a_root_owned_folder(shared: Path) -> None:
+    """/media/USER/STICK: the stick is the user's, its parent is root's. The lock goes onto
+    the stick for the run and is gone afterwards."""
+    make_ct(shared / "in", "a.dcm")
+    media = shared / "media"
+    media.mkdir()
+    stick = media / "STICK"
+    stick.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=16m,uid={NOBODY},gid={NOBODY}",
+                    "tmpfs", str(stick)], check=True)
+    try:
+        res = run("fileset", str(shared / "in"), "-o", str(stick), user=NOBODY)
+        assert res.returncode == 0, res.stderr
+        assert sorted(p.name for p in stick.iterdir()) == ["DICOM", "DICOMDIR"]
+        assert list(media.iterdir()) == [stick]
+    finally:
+        subprocess.run(["umount", "-l", str(stick)], check=False)
+
+
+def test_type1_key_too_long_for_a_record_refuses_the_file(tmp_path: Path) -> None:
+    """A derived Patient ID would disagree with the file: refuse, do not invent."""
+    make_ct(tmp_path / "in", "a.dcm", implicit=True, patient_id="P" * 70000)
+    res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "x.iso"))
+    assert res.returncode == 3 and "PatientID is longer than a directory record" in res.stderr
+
+
+def test_a_closed_stdout_after_publishing_is_not_a_failure(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    proc = subprocess.Popen([sys.executable, "-m", "mastering", "iso", str(tmp_path / "in"),
+                             "-o", str(tmp_path / "x.iso")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    proc.stdout.close()  # as `| true` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and (tmp_path / "x.iso").is_file()
+
+
+def test_a_folder_with_a_marker_named_file_is_scanned(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in" / "series", "a.dcm")
+    (tmp_path / "in" / "series" / ".mastering-run").write_text("{}")
+    res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "x.iso"), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["instances"] == 1
+
+
+def test_bad_site_settings_and_templates_refuse_before_the_scan(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    (tmp_path / "site.toml").write_text("institution = [unclosed")
+    for extra in (["--site", str(tmp_path / "site.toml")], ["--site", "/dev/zero"],
+                  ["--templates", str(tmp_path / "nowhere")]):
+        res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / "x.iso"), "--label", *extra,
+                  timeout=30)
+        assert res.returncode == 2, (extra, res.stderr)
+        assert res.stderr.count("\n") == 1 and "internal error" not in res.stderr
+    assert leftovers(tmp_path) == [] and not (tmp_path / "x.iso").exists()
+
+
+def test_long_output_names(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    name = "n" * 245 + ".iso"
+    res = run("iso", str(tmp_path / "in"), "-o", str(tmp_path / name))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / name).is_file() and leftovers(tmp_path) == []
+
+
+def test_multi_volume_fileset_refused_before_writing(tmp_path: Path) -> None:
+    for s in range(3):
+        for i in range(3):
+            make_ct(tmp_path / "in" / f"s{s}", f"{i}.dcm", instance=i + 1, rows=64,
+                    series_uid=f"1.2.3.4.1.{s + 10}", SeriesNumber=s + 1)
+    args = ("fileset", str(tmp_path / "in"), "-o", str(tmp_path / "OUT"), "--capacity",
+            "150000")
+    assert run(*args).returncode == 0
+    before = snapshot(tmp_path)
+    res = run(*args)
+    assert res.returncode == 6 and "OUT-1: exists and is not an empty folder" in res.stderr
+    assert snapshot(tmp_path) == before
