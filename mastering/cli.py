@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__, profiles
+from .daemon import cli as daemon_cli
 from .intake import Cancelled
 from .pipeline import MasteringError, Options, Report, check_fileset_id, master
 
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("medium", type=Path, help="ISO image, folder or DICOMDIR")
     ver.add_argument("--profile", default="STD-GEN-CD")
     ver.add_argument("--json", action="store_true")
+    daemon_cli.add_commands(sub)
     return p
 
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     err = Console(stderr=True)
     out = Console()
+    if args.command in daemon_cli.COMMANDS:
+        return daemon_cli.dispatch(args)
     try:
         if args.command == "profiles":
             return _profiles(args, out)
