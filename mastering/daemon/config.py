@@ -67,6 +67,7 @@ class Mcm:
 @dataclass
 class Media:
     profile: str = "STD-GEN-CD"
+    capacity: int = 0  # bytes per disc; 0 = the profile's
     copies: int = 1
     span: bool = True
     label: bool = True

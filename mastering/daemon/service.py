@@ -54,7 +54,7 @@ class Daemon:
                            group_by=cfg.assembly.group_by, auto=cfg.assembly.auto,
                            min_free_bytes=cfg.scp.min_free_mb * 1_000_000)
         self.recover()
-        ae = scp.build_ae(cfg)
+        self.ae = ae = scp.build_ae(cfg)
         peers = {ae_title: peer_address(cfg, ae_title) for ae_title in cfg.commitment.peers}
         self.commitments = Commitments(self.store, ae, peers, cfg.commitment.report_delay) \
             if cfg.commitment.enabled else None
@@ -166,6 +166,8 @@ class Daemon:
     def shutdown(self) -> None:
         self.notifier.stopping()
         if self.server is not None:
+            for assoc in self.ae.active_associations:  # a peer left hanging gets an A-ABORT
+                assoc.abort()
             self.server.shutdown()
         for w in self.workers:
             w.join(timeout=30)

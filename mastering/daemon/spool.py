@@ -184,7 +184,7 @@ class Spool:
         log.warning("refused %s from %s@%s: %s", known.sop_uid, calling_ae.strip(), peer,
                     reason)
         self._keep(tmp, reason, known.sop_uid, calling_ae, peer)
-        return Outcome(UID_CONFLICT, reason)
+        return Outcome(UID_CONFLICT, "UID already stored with different content; first kept")
 
     def _refuse(self, tmp: Path, status: int, reason: str, sop_uid: str, calling_ae: str,
                 peer: str) -> Outcome:

@@ -51,6 +51,8 @@ def options_for(cfg, job) -> Options:
         profile = profiles.load(o.get("profile") or cfg.media.profile)
     except profiles.ProfileError as exc:
         raise Permanent(str(exc)) from exc
+    if cfg.media.capacity:
+        profile = profile.with_capacity(cfg.media.capacity)
     return Options(profile, fileset_id=o.get("fileset_id") or fileset_id(job),
                    span=o.get("span", cfg.media.span), label=o.get("label", cfg.media.label),
                    viewer=o.get("viewer", cfg.media.viewer), site=cfg.media.site,

@@ -24,6 +24,7 @@ NAME = "disc"
 
 
 class FakeDrive(fuse.Operations):
+    use_ns = True
     def __init__(self, backing: str):
         self.backing = backing
         self.path = os.path.join(backing, NAME)
@@ -76,6 +77,9 @@ class FakeDrive(fuse.Operations):
 
     def read(self, path, size, offset, fh):
         data = os.pread(fh, size, offset)
+        rate = float(self.control().get("read_rate", 0))
+        if rate:
+            time.sleep(len(data) / rate)
         lo = int(self.control().get("corrupt_from", -1))
         if lo >= 0 and offset + len(data) > lo:
             at = max(lo - offset, 0)
