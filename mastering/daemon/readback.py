@@ -99,7 +99,11 @@ def read_back(medium: Path, image_size: int, image_sha256: str, profile: Profile
     if got != image_sha256:
         return Readback(False, "read-back checksum over the written size differs from the "
                         "image", got, t1 - t0)
-    result = verify(medium, profile, cancel=cancel)
+    try:
+        result = verify(medium, profile, cancel=cancel)
+    except OSError as exc:
+        return Readback(False, f"read-back verify could not read the medium: {exc}", got,
+                        t1 - t0, time.monotonic() - t1)
     t2 = time.monotonic()
     if not result.ok:
         first = result.violations[0] if result.violations else None

@@ -136,6 +136,9 @@ class Worker(threading.Thread):
             log.error("job %d failed: %s", job.id, exc)
         except Transient as exc:
             self.backoff(job.id, str(exc))
+        except Exception as exc:  # a bug or an unforeseen fault: the job must not hang
+            log.exception("job %d: unexpected error", job.id)
+            self.backoff(job.id, f"unexpected error: {exc}")
         finally:
             cancel.set()
             self.job_id = None

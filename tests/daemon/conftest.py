@@ -27,13 +27,15 @@ TIMEOUT = float(os.environ.get("DAEMON_TEST_TIMEOUT", "60"))  # seconds any wait
 
 
 def wait_for(what: Callable[[], object], timeout: float = TIMEOUT, every: float = 0.05,
-             message: str = "condition") -> object:
+             message: str | Callable[[], str] = "condition") -> object:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = what()
         if value:
             return value
         time.sleep(every)
+    if callable(message):
+        message = message()
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
 
 

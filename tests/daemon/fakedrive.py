@@ -127,7 +127,7 @@ class FakeDrive(fuse.Operations):
 def main() -> None:
     backing, mountpoint = sys.argv[1], sys.argv[2]
     fuse.FUSE(FakeDrive(backing), mountpoint, foreground=True, nothreads=True,
-              allow_other=False, direct_io=True)
+              allow_other=False)
 
 
 if __name__ == "__main__":
