@@ -224,7 +224,8 @@ class Worker(threading.Thread):
             return
         good = {(m["volume"], m["copy"]) for m in self.d.store.media(job.id)
                 if m["state"] == "verified"}
-        discs = [(img, c) for img in images for c in range(1, job.copies + 1)
+        copies = self.copies(job)
+        discs = [(img, c) for img in images for c in range(1, copies + 1)
                  if (img["index"], c) not in good]
         for n, (img, copy) in enumerate(discs, 1):
             state = self._wait_for_disc(job, img, copy, cancel, first=n == 1)
@@ -232,9 +233,13 @@ class Worker(threading.Thread):
         if not discs:  # every disc verified before a crash: only the final state is missing
             self.d.store.transition(job.id, "verifying", expect=("burning", "verifying"))
 
+    def copies(self, job) -> int:
+        """An MCM request says its own Number of Copies; other jobs take media.copies."""
+        return job.copies if job.source == "mcm" else self.d.cfg.media.copies
+
     def _wait_for_disc(self, job, img: dict, copy: int, cancel: threading.Event,
                        first: bool) -> MediaState:
-        label = f"disc {img['index']} of {img['count']}, copy {copy} of {job.copies}"
+        label = f"disc {img['index']} of {img['count']}, copy {copy} of {self.copies(job)}"
         told = ""
         while True:
             if cancel.is_set():
@@ -309,7 +314,7 @@ class Worker(threading.Thread):
         store, name = self.d.store, self.drive.name
         t0 = time.monotonic()
         try:
-            out = self.drive.publish(job.id, images, job.copies,
+            out = self.drive.publish(job.id, images, self.copies(job),
                                      {"label_text": job.options.get("label_text", ""),
                                       "supplement_of": job.supplement_of})
         except OSError as exc:

@@ -3,6 +3,7 @@ pseudo-drives, some on a FUSE file system that can be slow, fail or lie)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-import contextlib
 
 from mastering.daemon.store import JobStore
 
@@ -160,10 +159,8 @@ def _reap_children(pid: int) -> None:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
                          text=True).stdout.split()
     for child in out:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(child), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 @pytest.fixture
