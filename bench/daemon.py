@@ -169,6 +169,37 @@ def storescp_run(files: Path, work: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+NULL_SCP = """
+import socket, sys
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+def store(e):
+    e.encoded_dataset()
+    return 0
+def nodelay(e):
+    e.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+ae = AE("NULL")
+ae.maximum_pdu_size = 0
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+ae.start_server(("127.0.0.1", int(sys.argv[1])),
+                evt_handlers=[(evt.EVT_C_STORE, store), (evt.EVT_CONN_OPEN, nodelay)])
+"""
+
+
+def null_run(files: Path) -> float:
+    """pynetdicom itself, with a handler that keeps nothing: the floor of any pynetdicom SCP."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", NULL_SCP, str(port)],
+                            stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    try:
+        return storescu(port, files, aec="NULL")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def daemon_run(files: Path, work: Path) -> float:
     shutil.rmtree(work, ignore_errors=True)
     d = Daemon(work, drive=False)
@@ -181,13 +212,15 @@ def daemon_run(files: Path, work: Path) -> float:
 
 def receive(files: Path, work: Path, repeat: int) -> dict:
     subprocess.run(["cat", *map(str, sorted(files.rglob("*.dcm"))[:1])], capture_output=True)
-    ref, ours = [], []
-    for _ in range(repeat):  # interleaved: the same conditions for both
+    ref, ours, null = [], [], []
+    for _ in range(repeat):  # interleaved: the same conditions for all three
         ref.append(storescp_run(files, work))
         ours.append(daemon_run(files, work / "d"))
-    r, o = statistics.median(ref), statistics.median(ours)
-    return {"storescp_s": ref, "daemon_s": ours, "storescp_median": r, "daemon_median": o,
-            "ratio": o / r, "load_after": load_avg()}
+        null.append(null_run(files))
+    r, o, n = statistics.median(ref), statistics.median(ours), statistics.median(null)
+    return {"storescp_s": ref, "daemon_s": ours, "null_s": null, "storescp_median": r,
+            "daemon_median": o, "null_median": n, "ratio": o / r, "null_ratio": n / r,
+            "load_after": load_avg()}
 
 
 def echo_latency(files: Path, work: Path) -> dict:
@@ -292,7 +325,10 @@ def markdown(r: dict) -> str:
              f"| {rc['storescp_median']:.2f} |",
              f"| mastering daemon (fsync + SQLite commit per instance) | "
              f"{', '.join(f'{x:.2f}' for x in rc['daemon_s'])} | {rc['daemon_median']:.2f} |",
-             "", f"Ratio daemon / storescp: **{rc['ratio']:.2f}** (target ≤ 1.5).", "",
+             f"| pynetdicom SCP that keeps nothing (the library's floor) | "
+             f"{', '.join(f'{x:.2f}' for x in rc['null_s'])} | {rc['null_median']:.2f} |",
+             "", f"Ratio daemon / storescp: **{rc['ratio']:.2f}** (target ≤ 1.5); "
+             f"pynetdicom floor / storescp: {rc['null_ratio']:.2f}.", "",
              f"**C-ECHO** while receiving and burning: {ec['samples']} echoes, median "
              f"{ec['median_s'] * 1000:.0f} ms, p95 {ec['p95_s'] * 1000:.0f} ms, max "
              f"{ec['max_s'] * 1000:.0f} ms; {ec['busy_samples']} taken while a job was "
@@ -317,18 +353,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-dir", type=Path, default=HERE / "corpus")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-daemon")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--parts", default="receive,echo,rss", help="which of receive,echo,rss")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     files = corpus(args.instances, args.corpus_dir)
     small = small_corpus(args.small, args.corpus_dir / f"small{args.small}")
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": load_avg(),
               "cpus": os.cpu_count(), "instances": args.instances}
-    report["receive"] = receive(files, args.work, args.repeat)
-    report["echo"] = echo_latency(files, args.work / "echo")
-    report["rss"] = rss_growth(small, args.work / "rss")
+    if "receive" in parts:
+        report["receive"] = receive(files, args.work, args.repeat)
+    if "echo" in parts:
+        report["echo"] = echo_latency(files, args.work / "echo")
+    if "rss" in parts:
+        report["rss"] = rss_growth(small, args.work / "rss")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"daemon-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
+    if parts == {"receive", "echo", "rss"}:
+        print(markdown(report))
+    else:
+        print(json.dumps(report, indent=2))
     print(f"\n(JSON: {out})")
     return 0
 

@@ -62,7 +62,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
         setup_logging(cfg.daemon.log_level)
         return run(cfg)
-    return _jobs(args, cfg)
+    try:
+        return _jobs(args, cfg)
+    except BrokenPipeError:  # `mastering jobs | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _jobs(args: argparse.Namespace, cfg) -> int:

@@ -106,7 +106,8 @@ class Commitments:
                         "Referenced SOP Sequence", calling, peer)
             return 0x0120, None  # missing attribute
         if not self.store.add_request(tuid, "commitment", "pending", calling, peer,
-                                      {"refs": refs}):
+                                      {"refs": refs}):  # asked again: evaluated and sent anew
+            self.store.update_request(tuid, state="pending", data={"refs": refs})
             log.info("storage commitment %s from %s@%s: a repeated transaction", tuid,
                      calling, peer)
         log.info("storage commitment %s from %s@%s: %d instance(s)", tuid, calling, peer,

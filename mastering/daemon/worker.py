@@ -12,6 +12,8 @@ new disc. Permanent faults (invalid input, content that does not fit) fail at on
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -188,15 +190,8 @@ class Worker(threading.Thread):
                             f"{missing[0] if missing else 'none in the job'})")
         options = options_for(self.d.cfg, job)
         self.status = f"mastering job {job.id}"
-        try:
-            report = master([Path(r.path) for r in records],
-                            image_dir / f"{options.fileset_id}.iso", options, kind="iso",
-                            cancel=cancel)
-        except MasteringError as exc:
-            first = exc.report.invalid[0]["reason"] if exc.report.invalid else ""
-            raise Permanent(f"{exc}{': ' + first if first else ''}") from exc
-        except OSError as exc:
-            raise Transient(f"mastering: {exc.strerror or exc}") from exc
+        report = master_in_child([Path(r.path) for r in records],
+                                 image_dir / f"{options.fileset_id}.iso", options, cancel)
         if self.d.stopping.is_set():
             raise Shutdown()
         images = []
@@ -335,6 +330,73 @@ class Worker(threading.Thread):
 
 class _CancelledBurn(Exception):
     pass
+
+
+# -- mastering in a child process -------------------------------------------------------------
+
+
+def master_in_child(paths: list[Path], output: Path, options: Options,
+                    cancel: threading.Event):
+    """pipeline.master() in a fresh (spawned) process: the SCP keeps the GIL to itself (C-ECHO
+    and C-STORE stay prompt while a big job is mastered), the memory a job needs goes back to
+    the system when it ends, and the child dies with the daemon (PR_SET_PDEATHSIG), so a
+    killed daemon leaves no mastering run behind to race its successor."""
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    stop = ctx.Event()
+    proc = ctx.Process(target=_master_child, args=(paths, output, options, stop, sender),
+                       name="mastering")
+    proc.start()
+    sender.close()
+    try:
+        while not receiver.poll(0.2):
+            if cancel.is_set():
+                stop.set()
+            if not proc.is_alive() and not receiver.poll(0.2):
+                raise Transient(f"the mastering process ended with exit code {proc.exitcode}")
+        kind, payload = receiver.recv()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    if kind == "ok":
+        return payload
+    if kind == "cancelled":
+        raise Cancelled(payload)
+    if kind == "invalid":
+        raise Permanent(payload)
+    raise Transient(payload)
+
+
+def _master_child(paths, output, options, stop, conn) -> None:
+    _die_with_parent()
+    try:
+        result = ("ok", master(paths, output, options, kind="iso", cancel=stop))
+    except MasteringError as exc:
+        first = exc.report.invalid[0]["reason"] if exc.report.invalid else ""
+        result = ("invalid", f"{exc}{': ' + first if first else ''}")
+    except Cancelled as exc:
+        result = ("cancelled", str(exc))
+    except OSError as exc:
+        result = ("io", f"mastering: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - reported to the daemon, which retries
+        result = ("error", f"mastering failed: {exc}")
+    conn.send(result)
+    conn.close()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the daemon died before prctl: do not run on our own
+        os._exit(1)
 
 
 def _intact(img: dict) -> bool:
