@@ -128,12 +128,18 @@ class DaemonProcess:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def kill(self) -> None:
-        """kill -9: no clean-up of any kind."""
+    def kill(self, reap: bool = True) -> list[int]:
+        """kill -9: no clean-up of any kind. Then, as systemd does with the rest of a failed
+        service's cgroup, the children left (xorriso) are killed too, unless reap is False.
+        Returns the children the daemon had."""
+        kids: list[int] = []
         if self.proc and self.proc.poll() is None:
+            kids = children(self.proc.pid)
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-            _reap_children(self.proc.pid)
+            if reap:
+                _reap(kids)
+        return kids
 
     def stop(self) -> int:
         if self.proc and self.proc.poll() is None:
@@ -154,13 +160,24 @@ class DaemonProcess:
         return JobStore(load(self.config).database)
 
 
-def _reap_children(pid: int) -> None:
-    """A killed daemon's xorriso children are killed too (a dead burner would leave them)."""
+def children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
                          text=True).stdout.split()
-    for child in out:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(child), signal.SIGKILL)
+    return [int(p) for p in out]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _reap(pids: list[int]) -> None:
+    for child in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 @pytest.fixture

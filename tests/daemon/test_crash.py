@@ -16,7 +16,7 @@ from pydicom.fileset import FileSet
 
 from tests.conftest import extract_iso, make_ct
 
-from .conftest import body_of, job_of_study, scu_ae, send, wait_for
+from .conftest import alive, body_of, children, job_of_study, scu_ae, send, wait_for
 
 STUDY = "1.2.3.4.77"
 
@@ -112,10 +112,12 @@ def test_kill_at_many_points_then_restart(daemon, fake_drive, tmp_path):
     d.start()
 
     # 3. mastering
-    wait_for(lambda: poll.state() == "mastering", every=0.002,
+    wait_for(lambda: poll.state() == "mastering" and children(d.proc.pid), every=0.002,
              message=lambda: "mastering\n" + d.log[-3000:])
-    d.kill()
+    kids = d.kill(reap=False)  # the mastering process must die with the daemon by itself
     kills.append(("mastering", poll.state()))
+    assert kids
+    wait_for(lambda: not any(alive(k) for k in kids), 10, message="the mastering child to die")
     d.start()
 
     # 4. burning, with bytes on the disc
@@ -162,3 +164,4 @@ def test_kill_at_many_points_then_restart(daemon, fake_drive, tmp_path):
                  or p.name.startswith(".")]
     assert leftovers == []
     assert len(kills) == 5 and d.runs == 6
+
