@@ -234,3 +234,22 @@ def test_store_transitions_and_audit(tmp_path):
     assert follow != job and store.job(follow).supplement_of == job
     trail = [(a["from_state"], a["to_state"]) for a in store.audit_trail(job)]
     assert trail == [("", "received"), ("received", "ready"), ("ready", "mastering")]
+
+
+@pytest.mark.parametrize("group_by, jobs", [("study", 3), ("patient", 2), ("calling_ae", 2)])
+def test_grouping(tmp_path, group_by, jobs):
+    """One job per study (default), per patient, or per calling AE."""
+    from mastering import profiles
+    from mastering.daemon.spool import Spool
+    from mastering.daemon.store import JobStore
+
+    store = JobStore(tmp_path / "spool" / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool", store, profiles.load("STD-GEN-CD"), group_by=group_by)
+    sent = [("P1", "1.2.3.1", "CT1"), ("P1", "1.2.3.2", "CT1"), ("P2", "1.2.3.3", "MR1")]
+    for i, (pid, study, ae) in enumerate(sent):
+        f = make_ct(tmp_path / "in", f"{i}.dcm", patient_id=pid, study_uid=study,
+                    series_uid=study + ".1")
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        out = spool.receive(f.read_bytes(), ds.SOPClassUID, ds.SOPInstanceUID, ae, "127.0.0.1")
+        assert out.status == 0
+    assert len(store.jobs()) == jobs
