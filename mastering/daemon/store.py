@@ -244,6 +244,8 @@ class JobStore:
                 return None
             job_id = self._open_job(db, group_kind, group_key, rec, now)
             db.execute("INSERT OR IGNORE INTO job_instances VALUES (?,?)", (job_id, rec.sop_uid))
+            # a ready job waiting for a retry has an image without this instance: master again
+            db.execute("UPDATE jobs SET images='[]' WHERE id=? AND images<>'[]'", (job_id,))
             db.execute("UPDATE jobs SET last_instance_at=?, updated_at=? WHERE id=?",
                        (now, now, job_id))
             return job_id
@@ -427,6 +429,9 @@ class JobStore:
             db.execute("UPDATE jobs SET state='ready', attempts=0, not_before=0, reason='', "
                        "cancel_requested=0, finished_at=NULL, updated_at=? WHERE id=?",
                        (time.time(), job_id))
+            # the discs made so far are handed out or kept: a retry makes a whole new set
+            db.execute("UPDATE media SET state='superseded' WHERE job_id=? AND state='verified'",
+                       (job_id,))
             self._audit(db, job_id, "state", row["state"], "ready", actor, detail="retry")
 
     def done_before(self, cutoff: float) -> list[Job]:

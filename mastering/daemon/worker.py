@@ -217,8 +217,9 @@ class Worker(threading.Thread):
         if isinstance(self.drive, ImageFolder):
             self._publish(job, images, profile, cancel)
             return
-        good = {(m["volume"], m["copy"]) for m in self.d.store.media(job.id)
-                if m["state"] == "verified"}
+        sums = {img["index"]: img["sha256"] for img in images}
+        good = {(m["volume"], m["copy"]) for m in self.d.store.media(job.id)  # of these images
+                if m["state"] == "verified" and m["sha256"] == sums.get(m["volume"])}
         copies = self.copies(job)
         discs = [(img, c) for img in images for c in range(1, copies + 1)
                  if (img["index"], c) not in good]

@@ -56,6 +56,7 @@ def test_jobs_commands_with_the_daemon_running_and_stopped(daemon, tmp_path):
     (tmp_path / "disc.img").unlink()  # the operator takes the first disc out
     d.start()
     wait_for(lambda: store.job(1).state == "done", message="the retried job")
+    assert [m["state"] for m in store.media(1)] == ["superseded", "verified"]  # a new disc
     d.stop()
     spooled = [Path(r.path) for r in store.job_files(1)]
     assert all(p.is_file() for p in spooled)
