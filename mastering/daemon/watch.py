@@ -23,7 +23,7 @@ def scan_watch_folder(daemon) -> list[int]:
     try:
         entries = sorted(p for p in root.iterdir() if p.is_dir())
     except OSError as exc:
-        log.warning("watch folder %s: %s", root, exc.strerror or exc)
+        log.warning("watch folder %s: %s", root, exc.strerror or exc)  # the configured root
         return made
     for folder in entries:
         marker = folder / cfg.marker
@@ -40,7 +40,10 @@ def scan_watch_folder(daemon) -> list[int]:
 
 
 def take(daemon, folder: Path, marker: Path, key: str) -> int | None:
+    """Folder names often carry patient names (PACS exports): logs name the folder by its
+    inode only; the store keeps the path (owner-only)."""
     uids, refused = [], 0
+    where = f"watched folder (inode {folder.stat().st_ino})"
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         for name in sorted(names):
@@ -48,21 +51,20 @@ def take(daemon, folder: Path, marker: Path, key: str) -> int | None:
             if path == marker or not path.is_file():
                 continue
             data = path.read_bytes()
-            out = daemon.spool.receive(data, None, None, "WATCH", str(folder), auto=False)
+            out = daemon.spool.receive(data, None, None, "WATCH", where, auto=False)
             if out.status == 0 and out.sop_uid:
                 uids.append(out.sop_uid)
             else:
                 refused += 1
-                log.warning("watch folder %s: %s refused (0x%04X): %s", folder.name,
-                            path.relative_to(folder), out.status, out.comment)
+                log.warning("%s: a file was refused (0x%04X): %s", where, out.status,
+                            out.comment)
     daemon.store.add_request(key, "watch", "taken", "WATCH", str(folder),
                              {"instances": len(uids), "refused": refused})
     if not uids:
-        log.warning("watch folder %s: no instance accepted; no job", folder)
+        log.warning("%s: no instance accepted; no job", where)
         return None
-    job_id = daemon.store.create_job(sorted(set(uids)), source="watch", actor=f"watch:{folder}",
+    job_id = daemon.store.create_job(sorted(set(uids)), source="watch", actor="watch",
                                      group_kind="folder", group_key=str(folder),
                                      ready_by="watch folder marker")
-    log.info("watch folder %s: job %d with %d instance(s), %d refused", folder.name, job_id,
-             len(uids), refused)
+    log.info("%s: job %d with %d instance(s), %d refused", where, job_id, len(uids), refused)
     return job_id

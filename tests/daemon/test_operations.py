@@ -100,20 +100,21 @@ def test_follow_up_job_and_cancel(daemon, fake_drive, tmp_path):
 
 def test_watched_folder(daemon, tmp_path):
     watch = tmp_path / "watch"
-    (watch / "study1").mkdir(parents=True)
+    (watch / "doe_jane_ct").mkdir(parents=True)
     d = daemon(watch={"folder": str(watch), "marker": "READY", "poll_seconds": 0.2})
-    ct_series(watch / "study1", 1, 3)
-    (watch / "study1" / "notes.txt").write_text("not DICOM")
+    ct_series(watch / "doe_jane_ct", 1, 3)
+    (watch / "doe_jane_ct" / "notes.txt").write_text("not DICOM")
     time.sleep(0.5)
     store = d.store()
     assert store.jobs() == []  # no marker yet
-    (watch / "study1" / "READY").write_text("")
+    (watch / "doe_jane_ct" / "READY").write_text("")
     job = wait_for(lambda: (j := store.jobs()) and j[0].state == "done" and j[0],
                    message="the watched folder's job")
     assert job.instances == 3 and job.source == "watch"
-    assert (watch / "study1" / "notes.txt").exists()  # the input is left alone
+    assert (watch / "doe_jane_ct" / "notes.txt").exists()  # the input is left alone
     time.sleep(0.5)
     assert len(store.jobs()) == 1  # taken once
+    assert "doe_jane" not in d.log.lower() and f"job {job.id}" in d.log
 
 
 @pytest.mark.slow
@@ -235,6 +236,12 @@ def test_store_transitions_and_audit(tmp_path):
     assert follow != job and store.job(follow).supplement_of == job
     trail = [(a["from_state"], a["to_state"]) for a in store.audit_trail(job)]
     assert trail == [("", "received"), ("received", "ready"), ("ready", "mastering")]
+    # a job waiting for a retry with an image: a new instance joins it and the image goes
+    store.transition(follow, "ready", images=[{"index": 1, "sha256": "x"}])
+    rec3 = InstanceRecord("1.2.5", "1.2", "9.9", "9.9.1", "P", "AE", "127.0.0.1", "/z", 1, "h",
+                          3.0)
+    assert store.add_instance(rec3, "study", "9.9") == follow
+    assert store.job(follow).images == [] and store.job(follow).instances == 2
 
 
 @pytest.mark.parametrize("group_by, jobs", [("study", 3), ("patient", 2), ("calling_ae", 2)])
