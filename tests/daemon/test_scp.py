@@ -91,10 +91,11 @@ def test_association_policy(daemon):
 def test_association_limit(daemon):
     from pynetdicom.sop_class import Verification
 
-    d = daemon(scp={"max_associations": 1})
+    d = daemon(scp={"max_associations": 1, "max_pdu": 32768})
     ae = scu_ae(Verification)
     first = ae.associate("127.0.0.1", d.port, ae_title="BURNER")
     assert first.is_established
+    assert first.acceptor.maximum_length == 32768  # our maximum PDU, as negotiated
     second = ae.associate("127.0.0.1", d.port, ae_title="BURNER")
     assert second.is_rejected
     rj = second.acceptor.primitive
