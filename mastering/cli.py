@@ -36,6 +36,7 @@ from rich.text import Text
 
 from . import __version__, profiles
 from .cancel import Cancelled
+from .daemon import cli as daemon_cli
 from .outputs import OutputError, check_report_path, write_atomically
 from .pipeline import MasteringError, Options, Report, check_fileset_id, master
 from .terminal import Printer, printable
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("medium", type=Path, help="ISO image, folder or DICOMDIR")
     ver.add_argument("--profile", default="STD-GEN-CD")
     ver.add_argument("--json", action="store_true")
+    daemon_cli.add_commands(sub)
     return p
 
 
@@ -126,6 +128,8 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    if args.command in daemon_cli.COMMANDS:
+        return daemon_cli.dispatch(args)
     for stream in (sys.stdout, sys.stderr):  # a name no encoding can show must not crash us
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")

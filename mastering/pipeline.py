@@ -74,6 +74,7 @@ class Options:
     #: different objects with one SOP Instance UID: "refuse" the run, "skip" them all, or
     #: keep the "newest" (Instance Creation Date/Time, else the latest file)
     on_conflict: str = "refuse"
+    fileset_uid: str | None = None  # a File-set UID given by the requester (MCM); one volume only
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -498,6 +499,8 @@ def _volumes(packed, options: Options, profile: Profile) -> list[plan.Volume]:
             raise MasteringError(str(exc), Report(profile.id, ""), 2) from exc
         vol.fileset_uid = plan.fileset_uid(vol.entries(), fsid, i,
                                            options.source_date_epoch is not None)
+        if options.fileset_uid and len(packed) == 1:  # a split set gets new UIDs (PS3.4 S)
+            vol.fileset_uid = options.fileset_uid
         volumes.append(vol)
     return volumes
 

@@ -377,7 +377,7 @@ def open_medium(path: Path) -> Medium:
         return FolderMedium(path)
     if path.is_file() and name_key(path.name) == DICOMDIR:
         return FolderMedium(path.parent)
-    if path.is_file() and _is_iso(path):
+    if (path.is_file() or path.is_block_device()) and _is_iso(path):  # a disc in its drive
         return IsoMedium(path)
     raise MediaError(f"{path}: neither a folder, a DICOMDIR nor an ISO 9660 image")
 

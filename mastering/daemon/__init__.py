@@ -1,0 +1,1 @@
+"""The patient-disc burning daemon: DICOM receive -> durable queue -> burn -> read back."""
