@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--report", type=Path, help="write the full report as JSON to this file")
         c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
         c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        if name == "fileset":  # the PS3.10 File-set Updater, in place (see mastering.inplace)
+            mode = c.add_mutually_exclusive_group()
+            mode.add_argument("--append", action="store_true", help="add to the File-set in "
+                              "the output folder (same File-set UID, existing files untouched)")
+            mode.add_argument("--replace", action="store_true", help="replace the File-set in "
+                              "the output folder (its DICOMDIR and the files it references)")
     sub.add_parser("profiles", help="list the application profiles").add_argument(
         "--json", action="store_true")
     ins = sub.add_parser("inspect", help="show the patient/study/series tree of a medium")
@@ -135,7 +141,8 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
                                span=not args.no_span, workers=args.workers,
                                sync=not args.no_sync, volume_id=args.volume_id,
                                verify=args.verify, viewer=args.viewer, label=args.label,
-                               site=args.site, templates=tuple(args.templates))
+                               site=args.site, templates=tuple(args.templates),
+                               update=_update_mode(args))
     cancel = Event()
     # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind
     previous = {sig: signal.signal(sig, lambda *_: cancel.set())
@@ -145,7 +152,7 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         with _Bar(err, show) as bar:
             report = master(args.inputs, args.output, options,
-                            kind="iso" if args.command == "iso" else "folder",
+                            kind=_kind(args),
                             progress=bar.update, cancel=cancel)
     except MasteringError as exc:
         code, report = exc.exit_code, exc.report
@@ -161,6 +168,23 @@ def _master(args: argparse.Namespace, out: Console, err: Console) -> int:
             signal.signal(sig, handler)
     _emit(report, args, out, err)
     return code
+
+
+def _update_mode(args: argparse.Namespace) -> str:
+    return "append" if getattr(args, "append", False) else (
+        "replace" if getattr(args, "replace", False) else "")
+
+
+def _kind(args: argparse.Namespace) -> str:
+    """fileset: in place for --append/--replace, a mount point (a stick's root, which cannot
+    be replaced by a rename) and a folder that holds a File-set (which then needs --append or
+    --replace); else a new folder renamed into place."""
+    if args.command == "iso":
+        return "iso"
+    out = args.output
+    if _update_mode(args) or out.is_mount() or (out / "DICOMDIR").is_file():
+        return "inplace"
+    return "folder"
 
 
 class _Bar:

@@ -47,7 +47,7 @@ Segment = bytes | Range
 def segments(entry: FileEntry) -> list[Segment]:
     """The pieces that make up the file on the medium."""
     inst = entry.instance
-    if entry.action == "copy":
+    if entry.action in ("copy", "existing"):
         return [Range(inst.path, 0, inst.size, inst.stamp)]
     if entry.action == "reencode":
         offset, length = entry.pixel_range

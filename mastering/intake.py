@@ -78,6 +78,9 @@ class Instance:
     reencoded: object | None = None
     #: (device, inode, size, mtime ns) at scan time: the writer refuses a file that changed
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    #: File ID of an instance already in the File-set being updated (PS3.10 8.3 File-set
+    #: Updater): it stays where it is, untouched; () for input to be written
+    on_medium: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,12 @@ class Options:
     label: bool = False  # a disc label beside each output (DICOM ONLY unless viewer)
     site: Path | None = None  # site settings (institution, logo, language): TOML or JSON
     templates: tuple[Path, ...] = ()  # template folders searched before the bundled ones
+    #: kind="inplace" only: an existing File-set in the folder is refused (""), added to
+    #: ("append", the PS3.10 File-set Updater) or replaced ("replace")
+    update: str = ""
+    #: kind="inplace" only: called with the folder after writing, before the check; makes the
+    #: next reads come from the device (unmount, drop cached pages, mount) and returns the folder
+    reread: Callable[[Path], Path] | None = None
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -134,7 +140,8 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str = "iso",
            progress: ProgressFn | None = None, cancel: Event | None = None) -> Report:
-    """Master the inputs onto media of options.profile; kind is "iso" or "folder"."""
+    """Master the inputs onto media of options.profile; kind is "iso", "folder" or "inplace"
+    (into the existing folder output, e.g. a stick's root: see mastering.inplace)."""
     profile = options.profile
     report = Report(profile=profile.id, output=str(output))
     check_fileset_id(options.fileset_id)
@@ -159,7 +166,8 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
 
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial",
+                                 dir=None if kind == "inplace" else output.parent))
     try:
         return _plan_and_write(scanned, output, options, kind, report, work, progress, cancel)
     finally:
@@ -179,6 +187,12 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None) -> Report:
     profile = options.profile
+    target = None
+    if kind == "inplace":  # what the folder holds: refused, appended to or to be replaced
+        from .inplace import Target
+
+        target = Target(output, options, report)
+        target.join(scanned, progress, cancel)
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
@@ -201,8 +215,12 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
     report.seconds["plan"] = round(time.monotonic() - t0, 3)
     web = _web_stage(entries, work, options, report, progress, cancel)
     volumes = _pack(tree, roots, options, report, web)
+    if target is not None:
+        volumes = [target.adopt(volumes)]
     _fill_report(report, scanned, volumes)
     t0 = time.monotonic()
+    if target is not None:
+        return _write_in_place(target, volumes[0], output, web, work, report, progress, cancel, t0)
     finals = output_paths(output, len(volumes))
     temps = [work / f"vol{v.index}" for v in volumes]
     labels: list[tuple[Path, Path]] = []
@@ -216,6 +234,22 @@ def _plan_and_write(scanned: IntakeResult, output: Path, options: Options, kind:
     report.labels = [str(dst) for src, dst in labels]
     for src, dst in labels:
         os.replace(src, dst)
+    report.seconds["write"] = round(time.monotonic() - t0, 3)
+    report.ok = True
+    return report
+
+
+def _write_in_place(target, vol: plan.Volume, output: Path, web: _Web | None, work: Path,
+                    report: Report, progress: ProgressFn | None, cancel: Event | None,
+                    t0: float) -> Report:
+    """kind="inplace": write into the folder itself, then read it back and check it."""
+    extra = _volume_web(vol, web, work, output, [])  # no label: it would go beside the folder
+    dd = dicomdir.encode(vol)
+    size = target.write(vol, dd, extra, label=f"write {output.name}", progress=progress,
+                        cancel=cancel)
+    report.volumes.append(_volume_report(vol, output, size))
+    if target.options.verify or target.options.reread is not None:
+        target.check(vol, dd, extra, progress, cancel)
     report.seconds["write"] = round(time.monotonic() - t0, 3)
     report.ok = True
     return report
