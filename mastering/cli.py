@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("medium", type=Path, help="ISO image, folder or DICOMDIR")
     ver.add_argument("--profile", default="STD-GEN-CD")
     ver.add_argument("--json", action="store_true")
+    from .usb import cli as usb_cli
+
+    usb_cli.add_parsers(sub)  # usb, kiosk
     return p
 
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args, out)
         if args.command == "verify":
             return _verify(args, out, err)
+        if args.command in ("usb", "kiosk"):
+            from .usb import cli as usb_cli
+
+            return usb_cli.run(args)
         return _master(args, out, err)
     except profiles.ProfileError as exc:
         err.print(f"[red]error:[/] {exc}")

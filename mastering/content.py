@@ -8,6 +8,7 @@ once, from the source, straight into the image. Transcoded files come from their
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Iterator
@@ -160,8 +161,13 @@ def _copy_range(part: Range, out: io.FileIO) -> None:
         check_stamp(part, src.fileno())
         left, offset = part.length, part.offset
         while left:
-            n = os.copy_file_range(src.fileno(), out.fileno(), left, offset) if hasattr(
-                os, "copy_file_range") else 0
+            try:
+                n = os.copy_file_range(src.fileno(), out.fileno(), left, offset) if hasattr(
+                    os, "copy_file_range") else 0
+            except OSError as exc:  # EXDEV: another file system type (ext4 -> vfat, FUSE)
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                n = 0
             if n == 0:
                 break
             left -= n
