@@ -19,7 +19,8 @@ from rich.console import Console
 
 from .. import profiles
 from ..pipeline import Options, check_fileset_id
-from . import devices, export, format as fmt
+from . import devices, export
+from . import format as fmt
 from .devices import Disk, Policy
 from .mount import MountError, mounter
 
@@ -232,8 +233,13 @@ class _Lines:
     def progress(self, stage: str, done: int, total: int) -> None:
         if not self.enabled or not self.console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         if stage != self.current:
             self._stop()
