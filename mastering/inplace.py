@@ -185,6 +185,10 @@ class Target:
                 raise _error(f"{len(problems)} file(s) break the FAT rules: {problems[0]}",
                              self.report, 4)
         st = os.statvfs(self.root)
+        if st.f_blocks == 0:  # a file system that reports no sizes (fusefat): cannot tell
+            self.report.warnings.append("the medium does not report its free space; the fit "
+                                        "was not checked before writing")
+            return
         unit = st.f_frsize or st.f_bsize
         need = sum(fat.allocated(size, unit) for _, size in files)
         need += sum(fat.folder_bytes(n, unit) for n in _new_folders(files, self.root).values())
