@@ -30,7 +30,7 @@ def main() -> int:
             dst.write(src.read())
     for path in args.device:
         bed.add_from_file(path)
-    child = subprocess.Popen(args.command)
+    child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL)
     lock = threading.Lock()
 
     def commands() -> None:
