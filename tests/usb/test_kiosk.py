@@ -42,9 +42,10 @@ class KioskProcess:
         self.notify.settimeout(60)
         self.log = tmp / "kiosk.log"
         cmd = [*prefix, sys.executable, "-m", "mastering", "kiosk", "--config", str(config)]
-        self.proc = subprocess.Popen(cmd, env={**env, "NOTIFY_SOCKET": str(path)},
-                                     stdin=subprocess.PIPE, stdout=open(self.log, "wb"),
-                                     stderr=subprocess.STDOUT, text=True)
+        with open(self.log, "wb") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, env={**env, "NOTIFY_SOCKET": str(path)},
+                                         stdin=subprocess.PIPE, stdout=out,
+                                         stderr=subprocess.STDOUT, text=True)
         message = self.notify.recv(4096).decode()
         assert "READY=1" in message, message
         self.port = int(message.split(":")[-1])

@@ -197,10 +197,10 @@ class Kiosk:
                 found = update.find(point)
                 if found is not None:
                     info.holds_fileset, info.studies = True, found.studies
-                    with contextlib.suppress(reader.MediaError):
-                        with reader.FolderMedium(point) as medium:
-                            info.patients = [person(p["name"]) or p["id"] for p in
-                                             reader.summarize(medium)["patients"]]
+                    with contextlib.suppress(reader.MediaError), \
+                            reader.FolderMedium(point) as medium:
+                        info.patients = [person(p["name"]) or p["id"] for p in
+                                         reader.summarize(medium)["patients"]]
             finally:
                 how.unmount(disk, point)
         except (MountError, OSError, update.UpdateRefused) as exc:
