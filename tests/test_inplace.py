@@ -130,7 +130,7 @@ def test_does_not_fit_refused_before_writing(tmp_path: Path, stick: Path, monkey
     class Small:
         def __init__(self, st):
             self.f_frsize = self.f_bsize = 32768
-            self.f_bavail = 4  # 128 KiB free; 3 files of 128 KiB need more
+            self.f_blocks, self.f_bavail = 1000, 4  # 128 KiB free; 3 files of 128 KiB need more
     monkeypatch.setattr(inplace.os, "statvfs", lambda p: Small(real(p)))
     with pytest.raises(MasteringError) as err:
         master([src], stick, _options(), kind="inplace")

@@ -82,7 +82,8 @@ class Job:
         key = phase.split(" ", 1)[0] if phase.startswith("write") else phase
         lo, hi = PHASES.get(key, (self.fraction, self.fraction))
         share = lo + (hi - lo) * (done / total if total else 0.0)
-        self.phase = key if key in WORDS else self.phase
+        if key in WORDS and lo >= PHASES.get(self.phase, (0.0, 0.0))[0]:
+            self.phase = key  # never back to an earlier stage
         self.fraction = max(self.fraction, min(share, 1.0))
 
     def to_json(self) -> dict:
