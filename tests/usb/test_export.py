@@ -185,3 +185,39 @@ def test_cancel_mid_write_leaves_the_stick_as_it_was(stack, tmp_path: Path, loop
     with Mounted(image, tmp_path / "m") as root:
         assert sorted(p.name for p in root.iterdir()) == ["lost+found"]
     make_ct  # noqa: B018 - imported for the shared helpers
+
+
+def test_cli_waits_for_a_stick(stack, tmp_path: Path, loops) -> None:
+    """--wait: the command waits until a stick is inserted (a loop device attached), then
+    writes it and says so."""
+    image = ext4_image(tmp_path / "later.img")
+    cmd = [sys.executable, "-m", "mastering", "usb", str(sample("CT_small.dcm")), "--wait",
+           "--timeout", "60", "--config", str(usb_config(tmp_path, [image]))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=stack.env())
+    try:
+        first = proc.stderr.readline()
+        assert "waiting for a USB stick" in first
+        loops.append(Loop(image))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Safe to remove the stick." in out
+
+
+def test_cli_format_is_never_automatic(stack, tmp_path: Path, loops) -> None:
+    image = exfat_image(tmp_path / "exfat.img")
+    loops.append(Loop(image))
+    base = [sys.executable, "-m", "mastering", "usb", str(sample("CT_small.dcm")), "--device",
+            loops[-1].node, "--config", str(usb_config(tmp_path, [image]))]
+    plain = subprocess.run(base, capture_output=True, text=True, env=stack.env())
+    assert plain.returncode == 7 and "use --format" in plain.stderr
+    unasked = subprocess.run([*base, "--format"], capture_output=True, text=True,
+                             env=stack.env(), stdin=subprocess.DEVNULL)
+    assert unasked.returncode == 7 and "--yes" in unasked.stderr
+    assert "BACKUP" in unasked.stderr and "erases everything" in unasked.stderr
+    blkid = subprocess.run([need_tool("blkid"), "-p", "-o", "value", "-s", "TYPE", str(image)],
+                           capture_output=True, text=True)
+    assert blkid.stdout.strip() == "exfat"  # untouched
