@@ -39,6 +39,8 @@ from . import fat, plan, update
 from .content import SegmentReader, copy_to, segments
 from .intake import Cancelled, IntakeResult
 from .part10 import MAGIC, PREAMBLE_LEN
+from .pipeline import MasteringError
+from .pipeline import _sync_dir as _fsync  # fsync of a file or folder
 
 if TYPE_CHECKING:
     from .pipeline import Options, Report
@@ -52,8 +54,6 @@ MODES = ("", "append", "replace")
 
 
 def _error(message: str, report: Report, code: int) -> Exception:
-    from .pipeline import MasteringError
-
     report.error = message
     return MasteringError(message, report, code)
 
@@ -345,14 +345,6 @@ def _upper(names: Iterable[str]) -> set[str]:
 
 def _size(data: bytes | Path) -> int:
     return len(data) if isinstance(data, bytes) else os.path.getsize(data)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_content(target: Path, data: bytes | Path) -> None:

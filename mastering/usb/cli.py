@@ -211,6 +211,7 @@ def _write(policy: Policy, args: argparse.Namespace) -> int:
         outcome = export.export(disk, args.inputs, options, how, policy,
                                 progress=lines.progress, cancel=cancel, stage=lines.stage)
     finally:
+        how.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return _emit(outcome, disk, args, err)

@@ -60,6 +60,9 @@ class Mounter(ABC):
     def format(self, disk: Disk, label: str) -> None:
         """Make a FAT file system on disk.target (see mastering.usb.format)."""
 
+    def close(self) -> None:  # noqa: B027 - most mounters hold nothing
+        """Release what the mounter holds (udisks2: its bus connection)."""
+
 
 def drop_cache(node: str) -> None:
     """Write back and drop the device's cached pages (best effort without CAP_SYS_ADMIN)."""

@@ -221,3 +221,22 @@ def test_cli_format_is_never_automatic(stack, tmp_path: Path, loops) -> None:
     blkid = subprocess.run([need_tool("blkid"), "-p", "-o", "value", "-s", "TYPE", str(image)],
                            capture_output=True, text=True)
     assert blkid.stdout.strip() == "exfat"  # untouched
+
+
+@pytest.mark.oracle
+def test_export_through_mount8_as_root(stack, tmp_path: Path, loops) -> None:
+    """Where udisks2 does not run: mount(8) as root, into a private folder under /run."""
+    from mastering.usb.mount import RUN_DIR, Mount8
+
+    loop, image = _stick(stack, tmp_path, loops)
+    policy = _policy(image)
+    disk = devices.find(policy, loop.node)
+    before = set(RUN_DIR.iterdir()) if RUN_DIR.exists() else set()
+    out = export.export(disk, [sample("CT_small.dcm"), sample("MR_small.dcm")],
+                        Options(USB, workers=1), Mount8(), policy)
+    assert out.ok, out.detail
+    assert not out.powered_off  # a loop image has no USB port to switch off
+    assert mount_point_of(loop.node) is None
+    assert (set(RUN_DIR.iterdir()) if RUN_DIR.exists() else set()) == before
+    with Mounted(image, tmp_path / "m") as root:
+        _judge(root, 2)

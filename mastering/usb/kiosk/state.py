@@ -186,6 +186,7 @@ class Kiosk:
 
     def _inspect(self, disk: Disk) -> None:
         info = StickInfo()
+        how = None
         try:
             how = mounter()
             with self.lock:
@@ -211,6 +212,8 @@ class Kiosk:
         finally:
             with self.lock:
                 self.own.difference_update({disk.devnum, *_partition_numbers(disk)})
+            if how is not None:
+                how.close()
         with self.lock:
             if any(d.identity == disk.identity for d in self.disks):
                 self.info[disk.identity] = info
@@ -282,6 +285,9 @@ class Kiosk:
             disk = self._disk(identity)
             if not disk.eligible:
                 raise KioskError(disk.reason)
+            info = self.info.get(identity)
+            if info is not None and info.error == "reading":
+                raise KioskError("Please wait: the stick is still being read.")
             if mode not in ("", "append", "replace"):
                 raise KioskError("Unknown choice.", 400)
             known = self.studies()
@@ -318,9 +324,10 @@ class Kiosk:
         try:
             with self.lock:
                 self.own.update({disk.devnum, *_partition_numbers(disk)})
-            outcome = export.export(disk, files, options, mounter(), self.cfg.policy,
-                                    progress=progress, cancel=job.cancel, stage=stage,
-                                    removed=job.removed)
+            with contextlib.closing(mounter()) as how:
+                outcome = export.export(disk, files, options, how, self.cfg.policy,
+                                        progress=progress, cancel=job.cancel, stage=stage,
+                                        removed=job.removed)
         except MountError as exc:
             outcome = export.Outcome(False, f"The stick cannot be opened: {exc}", 6, str(exc))
         except Exception as exc:  # noqa: BLE001 - the person must hear an ending
@@ -357,7 +364,8 @@ class Kiosk:
 
     def _run_format(self, job: Job, disk: Disk) -> None:
         try:
-            format_stick(disk, mounter(), self.cfg.policy, identity=identity_of(disk))
+            with contextlib.closing(mounter()) as how:
+                format_stick(disk, how, self.cfg.policy, identity=disk.identity)
             job.state, job.message = "done", "The stick is formatted and ready."
         except (FormatRefused, MountError, OSError, LookupError) as exc:
             job.state, job.message = "failed", f"The stick could not be formatted: {exc}"
@@ -375,10 +383,6 @@ class Kiosk:
             if self.job is not None and self.job.state != "running":
                 self.job = None
         self.changed()
-
-
-def identity_of(disk: Disk) -> str:
-    return disk.identity
 
 
 def _partition_numbers(disk: Disk) -> set[tuple[int, int]]:
