@@ -6,8 +6,10 @@ to MASTERING_SCREENSHOTS, e.g. docs/, when set)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +47,8 @@ class KioskProcess:
         with open(self.log, "wb") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, env={**env, "NOTIFY_SOCKET": str(path)},
                                          stdin=subprocess.PIPE, stdout=out,
-                                         stderr=subprocess.STDOUT, text=True)
+                                         stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
         message = self.notify.recv(4096).decode()
         assert "READY=1" in message, message
         self.port = int(message.split(":")[-1])
@@ -57,12 +60,16 @@ class KioskProcess:
         self.proc.stdin.flush()
 
     def stop(self) -> str:
-        self.proc.terminate()
+        """SIGTERM to the kiosk (and the test bed helper around it: its process group)."""
+        group = os.getpgid(self.proc.pid)
+        os.killpg(group, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=4)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # whatever of the group is left
+        self.proc.wait()
         self.notify.close()
         return self.log.read_text(errors="replace")
 

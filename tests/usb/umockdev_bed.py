@@ -3,7 +3,10 @@ umockdev-wrapper; see beds.py). stdin lines: "add FILE" adds the devices of a de
 file (udev "add" events), "remove SYSPATH" sends "remove" and drops the device."""
 
 import argparse
+import ctypes
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +15,10 @@ import gi
 
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def main() -> int:
@@ -30,7 +37,17 @@ def main() -> int:
             dst.write(src.read())
     for path in args.device:
         bed.add_from_file(path)
-    child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(args.command, stdin=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent)
+
+    def stop(signum, _frame) -> None:  # the test stops us: stop the command too
+        child.send_signal(signum)
+        code = child.wait()
+        shutil.rmtree(root, ignore_errors=True)  # the bed's folder; no slow GLib teardown
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     lock = threading.Lock()
 
     def commands() -> None:

@@ -133,7 +133,7 @@ class Kiosk:
         self._stop.set()
         self._wake.set()
         if self._observer is not None:
-            self._observer.stop()
+            self._observer.send_stop()  # no join: the process is ending anyway
         if self.job is not None:
             self.job.cancel.set()
 
