@@ -63,10 +63,8 @@ class KioskProcess:
         """SIGTERM to the kiosk (and the test bed helper around it: its process group)."""
         group = os.getpgid(self.proc.pid)
         os.killpg(group, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=4)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # whatever of the group is left
         self.proc.wait()
