@@ -453,7 +453,38 @@ def corpus_steps(args: argparse.Namespace, info: CorpusInfo, work: Path) -> list
             exe, corpus, fast, p, info.bytes, ("--no-sync",)), fast))
     if args.viewer:
         steps.append(viewer_step(exe, corpus, work, profiles[0], info.bytes))
+    if args.usb:
+        steps += usb_steps(exe, corpus, work)
     return steps
+
+
+USB = "STD-GEN-USB-JPEG"
+
+
+def usb_steps(exe: str, corpus: Path, work: Path) -> list[Step]:
+    """The USB path (issue 10: at most 1.1 x cp -r of the corpus to the same file system):
+    `mastering fileset --replace` into an existing folder is the in-place writer a stick gets
+    (fsync of every file, DICOMDIR last), beside cp -r (+ sync) into the same file system."""
+    cp = work / "usb-cp"
+    steps = [single("usb cp -r", ["cp", "-r", str(corpus), str(cp)], cp)]
+    res = Result("usb cp -r + sync", f"cp -r {corpus} {cp}-s && sync")
+    steps.append(Step(res, [("cp -r", ["cp", "-r", str(corpus), f"{cp}-s"]), ("sync", ["sync"])],
+                      [Path(f"{cp}-s")]))
+    for name, extra in (("usb in place", ()), ("usb in place --no-sync", ("--no-sync",)),
+                        ("usb in place --verify", ("--verify",))):
+        out = work / slug(name)
+        cmd = [exe, "fileset", str(corpus), "-o", str(out), "--profile", USB, "--replace",
+               "--quiet", *extra]
+        res = Result(name, " ".join(cmd))
+        steps.append(Step(res, [("mkdir", ["mkdir", str(out)]), (name, cmd)], [out]))
+    return steps
+
+
+def usb_ratios(results: list[Result]) -> list[dict]:
+    by = {r.name: r for r in results}
+    pairs = (("usb in place", "usb cp -r + sync"), ("usb in place --no-sync", "usb cp -r"),
+             ("usb in place --verify", "usb cp -r + sync"))
+    return [{"run": a, "vs": b, "ratio": ratio(by[a], by.get(b))} for a, b in pairs if a in by]
 
 
 def viewer_step(exe: str, corpus: Path, work: Path, profile: str, nbytes: int) -> Step:
@@ -484,7 +515,7 @@ def run_corpus_mode(args: argparse.Namespace, work: Path) -> dict:
     return {"mode": "corpus", "corpus": asdict(info), "repeat": repeat,
             "prepare_s": round(prep_s, 2), "converted_for_dcmmkdir": converted,
             "warmup_read_s": round(warm_s, 2), "results": [r.summary() for r in results],
-            "ratios": ratios(results)}
+            "ratios": ratios(results), "usb_ratios": usb_ratios(results)}
 
 
 def warm_up(corpus: Path, args: argparse.Namespace) -> float:
@@ -614,6 +645,10 @@ def corpus_markdown(report: dict) -> list[str]:
               "|---|---:|---:|---|"]
     lines += [f"| {r['profile']} | {fmt(r['vs_floor'], '.3f')} ({r.get('floor')}) | "
               f"{fmt(r['vs_reference'], '.3f')} | {r['reference']} |" for r in report["ratios"]]
+    if report.get("usb_ratios"):
+        lines += ["", "| USB path | ratio (target ≤ 1.1) | against |", "|---|---:|---|"]
+        lines += [f"| {r['run']} | {fmt(r['ratio'], '.3f')} | {r['vs']} |"
+                  for r in report["usb_ratios"]]
     return lines
 
 
@@ -669,6 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="append",
                     help=f"mastering profile (repeatable; default {DVD}, plus {CD} if it fits)")
     ap.add_argument("--viewer", action="store_true", help="also time `mastering iso --viewer`")
+    ap.add_argument("--usb", action="store_true", help="also time the USB path (in-place "
+                    "write) beside cp -r into the same file system")
     ap.add_argument("--mastering", help="mastering executable (default .venv/bin/mastering)")
     ap.add_argument("--work", type=Path, default=BENCH / "work", help="scratch folder")
     ap.add_argument("--keep", action="store_true", help="keep ISOs and the conformant copy")

@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--report", type=Path, help="write the full report as JSON to this file")
         c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
         c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        if name == "fileset":  # the PS3.10 File-set Updater, in place (see mastering.inplace)
+            mode = c.add_mutually_exclusive_group()
+            mode.add_argument("--append", action="store_true", help="add to the File-set in "
+                              "the output folder (same File-set UID, existing files untouched)")
+            mode.add_argument("--replace", action="store_true", help="replace the File-set in "
+                              "the output folder (its DICOMDIR and the files it references)")
     sub.add_parser("profiles", help="list the application profiles").add_argument(
         "--json", action="store_true")
     ins = sub.add_parser("inspect", help="show the patient/study/series tree of a medium")
@@ -102,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--profile", default="STD-GEN-CD")
     ver.add_argument("--json", action="store_true")
     daemon_cli.add_commands(sub)
+    from .usb import cli as usb_cli
+
+    usb_cli.add_parsers(sub)  # usb, kiosk
     return p
 
 
@@ -141,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args, out, err)
         if args.command == "verify":
             return _verify(args, out, err)
+        if args.command in ("usb", "kiosk"):
+            from .usb import cli as usb_cli
+
+            return usb_cli.run(args)
         return _master(args, out, err)
     except profiles.ProfileError as exc:
         _error(err, exc)
@@ -173,7 +186,8 @@ def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
                                verify=args.verify, viewer=args.viewer, label=args.label,
                                site=args.site, templates=tuple(args.templates),
                                follow_links=args.follow_links,
-                               on_conflict=args.on_conflict)
+                               on_conflict=args.on_conflict,
+                               update=_update_mode(args))
     if args.report is not None:
         try:
             check_report_path(args.report)
@@ -206,7 +220,7 @@ def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: 
     try:
         with _Bar(err.console, show) as bar:
             report = master(args.inputs, args.output, options,
-                            kind="iso" if args.command == "iso" else "folder",
+                            kind=_kind(args),
                             progress=bar.update, cancel=cancel,
                             side_outputs=[args.report] if args.report else [],
                             on_publish=write_report)
@@ -246,6 +260,22 @@ def _os_message(exc: OSError) -> str:
     if exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
+
+
+def _update_mode(args: argparse.Namespace) -> str:
+    return "append" if getattr(args, "append", False) else (
+        "replace" if getattr(args, "replace", False) else "")
+
+
+def _kind(args: argparse.Namespace) -> str:
+    """fileset: in place for --append/--replace and for a folder that holds a File-set (which
+    then needs --append or --replace); else a new folder (master() fills a mount point, a
+    stick's root, in place too)."""
+    if args.command == "iso":
+        return "iso"
+    if _update_mode(args) or (args.output / "DICOMDIR").is_file():
+        return "inplace"
+    return "folder"
 
 
 class _Bar:

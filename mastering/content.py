@@ -58,7 +58,7 @@ def source_range(path: str, offset: int, length: int,
 def segments(entry: FileEntry) -> list[Segment]:
     """The pieces that make up the file on the medium."""
     inst = entry.instance
-    if entry.action == "copy":
+    if entry.action in ("copy", "existing"):
         return [source_range(inst.path, 0, inst.size, inst.stamp)]
     if entry.action == "reencode":
         offset, length = entry.pixel_range

@@ -85,6 +85,9 @@ class Instance:
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
     #: Instance Creation Date and Time as YYYYMMDDHHMMSS.ffffff ("" if absent or invalid)
     created: str = ""
+    #: File ID of an instance already in the File-set being updated (PS3.10 8.3 File-set
+    #: Updater): it stays where it is, untouched; () for input to be written
+    on_medium: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,19 +95,22 @@ class Target:
     kind: str  # "iso" | "folder"
     #: folders this run created to reach the output (removed again if the run fails)
     made: list[Path] = field(default_factory=list)
-    #: a folder output that is a mount point (a mounted stick, a bind mount; also through a
-    #: symbolic link): the work folder goes inside it and the finished volume's entries are
-    #: moved up at the end, because a rename cannot cross file systems nor replace a mount
+    #: kind "inplace": the output is an existing folder written into (a stick's root; see
+    #: mastering.inplace), not a new one renamed into place
     in_place: bool = field(init=False)
-    #: where the lock and the record go: beside the output, or inside a mounted output whose
+    #: where the lock and the record go: beside the output, or inside an in-place output whose
     #: parent this user cannot write (a desktop's /media/USER/STICK)
     sidecars: Path = field(init=False)
+    #: where the work folder goes: beside the output (its file system), or for an in-place
+    #: output under an unwritable parent the system's temporary folder (a service's private
+    #: /tmp); never inside the medium, whose every file is checked
+    work_parent: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        out = self.output
-        self.in_place = self.kind == "folder" and out.is_dir() and is_mount(out)
+        self.in_place = self.kind == "inplace"
         parent_ok = os.access(self.folder, os.W_OK | os.X_OK) if self.folder.exists() else True
-        self.sidecars = out if self.in_place and not parent_ok else self.folder
+        self.sidecars = self.output if self.in_place and not parent_ok else self.folder
+        self.work_parent = self.folder if parent_ok else Path(tempfile.gettempdir())
 
     @property
     def folder(self) -> Path:
@@ -128,10 +131,6 @@ class Target:
     @property
     def record_path(self) -> Path:
         return self.sidecars / f".{self.base}.mastering.json"
-
-    @property
-    def work_parent(self) -> Path:
-        return self.output if self.in_place else self.folder
 
     def is_own_work(self, name: str) -> bool:
         return re.match(rf"^\.{re.escape(self.base)}\.{_RANDOM}\.partial$", name) is not None
@@ -294,10 +293,9 @@ def is_work_folder(path: str | Path) -> bool:
 
 
 def remove_stale_work(target: Target) -> list[str]:
-    """Remove what killed runs to this output left: their work folders and, for a folder
-    output that was being filled in place, the files they had moved into it that are still
-    exactly as moved. Only called while holding the lock, so no live run owns any of it.
-    Returns what was removed."""
+    """Remove the work folders killed runs to this output left (an in-place run's files on
+    the medium are mastering.inplace's: its journal). Only called while holding the lock, so
+    no live run owns any of it. Returns what was removed."""
     removed: list[str] = []
     parents = [target.work_parent]
     for parent in parents:
@@ -317,7 +315,6 @@ def remove_stale_work(target: Target) -> list[str]:
                 continue  # not provably ours: leave it
             if marker.get("output") != str(target.output):
                 continue
-            _remove_moved(target.output, marker.get("moving", []))
             shutil.rmtree(path)
             removed.append(str(path))
     return removed
@@ -339,44 +336,6 @@ def _marker(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("output"), str) else None
-
-
-def _inventory(volume: Path) -> list[dict]:
-    """Every file and folder of a finished volume, as it is: what may be removed again."""
-    found = []
-    for folder, dirs, files in os.walk(volume):
-        for name in dirs + files:
-            path = Path(folder, name)
-            st = os.lstat(path)
-            found.append({"path": path.relative_to(volume).as_posix(), "dev": st.st_dev,
-                          "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                          "dir": stat.S_ISDIR(st.st_mode)})
-    return found
-
-
-def _remove_moved(root: Path, moved: list) -> None:
-    """Remove the entries a killed run had moved into root: plain relative names only, files
-    only while unchanged, folders only once empty. Whatever someone put there since stays."""
-    entries = [e for e in moved if isinstance(e, dict) and _plain_relative(e.get("path"))]
-    for entry in sorted(entries, key=lambda e: -e["path"].count("/")):
-        path = root / entry["path"]
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) != (entry.get("dev"), entry.get("ino")):
-            continue
-        if entry.get("dir"):
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        elif (st.st_size, st.st_mtime_ns) == (entry.get("size"), entry.get("mtime_ns")):
-            path.unlink()
-
-
-def _plain_relative(path: object) -> bool:
-    if not isinstance(path, str) or not path or path.startswith("/"):
-        return False
-    return all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 # -- publishing ------------------------------------------------------------------------------
@@ -511,22 +470,6 @@ def move(src: Path, dst: Path) -> None:
             os.unlink(tmp)
         raise
     src.unlink()
-
-
-def fill_in_place(target: Target, volume: Path, work: Path, *, sync: bool = True,
-                  last: str = "DICOMDIR") -> None:
-    """Move a finished volume folder's entries into the (empty) output folder, the DICOMDIR
-    last, so that the folder never looks finished before it is. The marker lists every moved
-    file and folder with its identity first: the next run to this output removes what a run
-    killed half-way had moved, as long as it is unchanged."""
-    names = sorted(os.listdir(volume), key=lambda n: (n == last, n))
-    marker = _marker(work) or {"output": str(target.output)}
-    _replace_atomically(work / RUN_MARKER, json.dumps({**marker,
-                                                       "moving": _inventory(volume)}) + "\n")
-    for name in names:
-        os.replace(volume / name, target.output / name)
-    if sync:
-        sync_dir(target.output)
 
 
 def sync_dir(folder: Path) -> None:

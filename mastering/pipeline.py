@@ -75,6 +75,12 @@ class Options:
     #: keep the "newest" (Instance Creation Date/Time, else the latest file)
     on_conflict: str = "refuse"
     fileset_uid: str | None = None  # a File-set UID given by the requester (MCM); one volume only
+    #: kind="inplace" only: an existing File-set in the folder is refused (""), added to
+    #: ("append", the PS3.10 File-set Updater) or replaced ("replace")
+    update: str = ""
+    #: kind="inplace" only: called with the folder after writing, before the check; makes the
+    #: next reads come from the device (unmount, drop cached pages, mount) and returns the folder
+    reread: Callable[[Path], Path] | None = None
 
     @classmethod
     def from_env(cls, profile: Profile, **kw) -> Options:
@@ -150,7 +156,9 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
            progress: ProgressFn | None = None, cancel: Event | None = None,
            side_outputs: Sequence[Path] = (),
            on_publish: Callable[[Report], None] | None = None) -> Report:
-    """Master the inputs onto media of options.profile; kind is "iso" or "folder".
+    """Master the inputs onto media of options.profile; kind is "iso", "folder" or "inplace"
+    (into the existing folder output, e.g. a stick's root: see mastering.inplace). A "folder"
+    output that is a mount point is filled in place: a rename cannot replace a mount.
 
     side_outputs: other files the caller writes (a report), refused like the output if they
     are, or lie inside, an input. on_publish: called with the finished report once every
@@ -165,6 +173,8 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
     if kind == "iso" and not profile.writes_iso:
         raise MasteringError(f"profile {profile.id} is for {profile.filesystem.upper()} media: "
                              "use 'mastering fileset' and copy the folder to the stick", report, 2)
+    if kind == "folder" and output.is_dir() and outputs.is_mount(output):
+        kind = "inplace"  # a stick's root: a rename cannot replace a mount point
     target = outputs.Target(output.absolute(), kind)
     try:
         _check_outputs(inputs, target, side_outputs, options)
@@ -234,8 +244,8 @@ def _check_folder_free(target: outputs.Target) -> None:
     """Refuse at once what would be refused after all the work: an image over a folder, a
     File-set into a file or a folder that holds something."""
     out = target.output
-    if not (out.exists() or out.is_symlink()):
-        return
+    if target.kind == "inplace" or not (out.exists() or out.is_symlink()):
+        return  # in place: mastering.inplace decides what the folder may hold
     if target.kind == "iso":
         if out.is_dir():
             raise outputs.OutputError(f"{out}: is a folder", 6)
@@ -296,6 +306,12 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
         report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
                         "objects; choose --on-conflict skip or newest; nothing was written")
         raise MasteringError(report.error, report, 3)
+    place = None
+    if kind == "inplace":  # what the folder holds: refused, appended to or to be replaced
+        from .inplace import Target
+
+        place = Target(output, options, report)
+        place.join(scanned, progress, cancel)
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
@@ -318,12 +334,13 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     report.seconds["plan"] = round(time.monotonic() - t0, 3)
     web = _web_stage(entries, work, options, report, progress, cancel)
     volumes = _pack(tree, roots, options, report, web)
-    if target.in_place and len(volumes) > 1:
-        report.error = (f"the content needs {len(volumes)} volumes and {output} is a mounted "
-                        "file system that holds one; nothing was written")
-        raise MasteringError(report.error, report, 4)
+    if place is not None:
+        volumes = [place.adopt(volumes)]
     _fill_report(report, scanned, volumes)
     t0 = time.monotonic()
+    if place is not None:
+        return _write_in_place(place, volumes[0], output, web, work, report, progress, cancel,
+                               t0, on_publish)
     finals = output_paths(output, len(volumes))
     _check_finals(target, finals, options, scanned, work)
     temps = [work / f"vol{v.index}" for v in volumes]
@@ -350,9 +367,6 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
         raise
     # the point of no return: from here the run finishes, whatever signal comes
     try:
-        if target.in_place:
-            outputs.fill_in_place(target, temps[0], work, sync=options.sync)
-            files = labels
         report.warnings += outputs.publish(target, files, stale, sync=options.sync)
     except OSError as exc:
         report.ok = False
@@ -376,6 +390,26 @@ def _check_finals(target: outputs.Target, finals: list[Path], options: Options,
     except outputs.OutputError as exc:
         raise MasteringError(str(exc), Report(options.profile.id, str(target.output),
                                               error=str(exc)), exc.exit_code) from exc
+
+
+def _write_in_place(place, vol: plan.Volume, output: Path, web: _Web | None, work: Path,
+                    report: Report, progress: ProgressFn | None, cancel: Event | None,
+                    t0: float, on_publish: Callable[[Report], None] | None) -> Report:
+    """kind="inplace": write into the folder itself, then read it back and check it. The
+    DICOMDIR's rename is this kind's "final name" (mastering.inplace); the report follows
+    the check, so that it says what the medium holds."""
+    extra = _volume_web(vol, web, work, output, [], cancel)  # no label: beside a stick is outside
+    dd = dicomdir.encode(vol)
+    size = place.write(vol, dd, extra, label=f"write {output.name}", progress=progress,
+                       cancel=cancel)
+    report.volumes.append(_volume_report(vol, output, size))
+    if place.options.verify or place.options.reread is not None:
+        place.check(vol, dd, extra, progress, cancel)
+    report.seconds["write"] = round(time.monotonic() - t0, 3)
+    report.ok = True
+    if on_publish:
+        on_publish(report)
+    return report
 
 
 @dataclass

@@ -36,7 +36,7 @@ class FileEntry:
     """One instance on the medium."""
 
     instance: Instance
-    action: str  # "copy" | "remeta" | "reencode" | "transcode"
+    action: str  # "copy" | "remeta" | "reencode" | "transcode" | "existing" (on the medium)
     out_size: int  # bytes on the medium (known after staging for transcoded files)
     file_id: tuple[str, ...] = ()
     staged: str | None = None  # path of the transcoded copy
@@ -90,6 +90,8 @@ class Volume:
 
 
 def action_for(inst: Instance, profile: Profile) -> str:
+    if inst.on_medium:
+        return "existing"  # already in the File-set being updated: never rewritten
     if not profile.allows(inst.transfer_syntax):
         return "transcode"
     return "copy" if inst.meta_complete else "remeta"
@@ -231,11 +233,66 @@ def assign_file_ids(volume: Volume, profile: Profile) -> None:
                                      f"IM{i:06d}")
     for i, entry in enumerate(volume.root_entries):
         entry.file_id = ("DICOM", "ROOTRECS", f"OB{i:06d}")
+    _check_file_ids(volume, profile)
+
+
+def _check_file_ids(volume: Volume, profile: Profile) -> None:
     for entry in volume.entries():
+        if entry.action == "existing":
+            continue  # an updater never renames what is there (verify judges it)
         if len(entry.file_id) > profile.max_components or not all(
             profile.component_ok(c) for c in entry.file_id
         ):
             raise PlanError(f"File ID {'/'.join(entry.file_id)} breaks the profile's naming rules")
+
+
+def assign_update_ids(volume: Volume, profile: Profile, taken: set[str]) -> None:
+    """File IDs for a File-set Updater (PS3.10 8.3): instances already on the medium keep
+    theirs; new ones go into folders no file or folder on the medium uses yet (taken: every
+    stored path there, '/'-joined and upper case, as FAT compares names), so nothing is
+    overwritten and a later reader sees one File ID per file (PS3.11 C.3.3.2)."""
+    fresh = _FreshNames(taken)
+
+    def new_entries(series: Series) -> list[FileEntry]:
+        return [e for e in series.entries if e.action != "existing"]
+
+    for patient in volume.patients:
+        studies = [[se for se in st.series if new_entries(se)] for st in patient.studies]
+        studies = [s for s in studies if s]
+        if not studies:
+            continue
+        base = fresh.folder(("DICOM",), "PT")  # a new folder per patient with new files
+        for s, series_list in enumerate(studies):
+            for e, series in enumerate(series_list):
+                for i, entry in enumerate(new_entries(series)):
+                    entry.file_id = (*base, f"ST{s:06d}", f"SE{e:06d}", f"IM{i:06d}")
+    made_roots = [e for e in volume.root_entries if e.action != "existing"]
+    if made_roots:
+        base = fresh.folder(("DICOM",), "RR")
+        for i, entry in enumerate(made_roots):
+            entry.file_id = (*base, f"OB{i:06d}")
+    for entry in volume.entries():
+        if entry.action == "existing":
+            entry.file_id = entry.instance.on_medium
+    _check_file_ids(volume, profile)
+
+
+class _FreshNames:
+    """Folder names that nothing on the medium uses (compared ignoring case)."""
+
+    def __init__(self, taken: set[str]):
+        self.taken = {t.upper() for t in taken}
+        self.counters: dict[tuple[str, ...], int] = {}
+
+    def folder(self, parent: tuple[str, ...], prefix: str) -> tuple[str, ...]:
+        n = self.counters.get((*parent, prefix), 0)
+        while True:
+            path = (*parent, f"{prefix}{n:06d}")
+            n += 1
+            if "/".join(path) not in self.taken:
+                self.counters[(*parent, prefix)] = n
+                self.taken.add("/".join(path))
+                return path
 
 
 # -- volumes --------------------------------------------------------------------------------

@@ -272,22 +272,18 @@ def test_fileset_and_iso_onto_another_file_system(tmp_path: Path) -> None:
 
 
 def test_fileset_onto_a_mounted_file_system_itself(tmp_path: Path) -> None:
-    """-o the mount point: the work folder is made inside it (a rename cannot cross file
-    systems) and the files are moved up, DICOMDIR last; labels go beside it."""
+    """-o the mount point: a rename cannot replace a mount, so the File-set is written in
+    place (mastering.inplace: journal, files, DICOMDIR last); nothing of the run is left."""
     for i in range(3):
         make_ct(tmp_path / "in", f"{i}.dcm", instance=i + 1, rows=64)
     with tmpfs("32m") as mnt:
-        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt), "--label", "--viewer")
+        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt), "--viewer")
         assert res.returncode == 0, res.stderr
         names = sorted(p.name for p in mnt.iterdir())
         assert names == ["DICOM", "DICOMDIR", "IHE_PDI", "INDEX.HTM", "README.TXT", "VIEWER"]
         assert dciodvfy_errors(mnt / "DICOMDIR") == [] and len(list(_fileset(mnt))) == 3
-        beside = [mnt.parent / f"{mnt.name}{suffix}" for suffix in (".label.svg",
-                                                                   ".label.png")]
-        assert all(p.exists() for p in beside)
-        for path in (*beside, mnt.parent / f".{mnt.name}.mastering.json"):
-            path.unlink()
         assert not (mnt.parent / f".{mnt.name}.lock").exists() and leftovers(mnt) == []
+        assert not any(p.name.startswith(f".{mnt.name}.") for p in mnt.parent.iterdir())
 
 
 def test_full_disk_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -749,8 +745,8 @@ def test_planted_lock_and_marker_are_not_trusted(tmp_path: Path) -> None:
     (home / "docs").mkdir(parents=True)
     (home / "docs" / "mine.txt").write_text("mine")
     st = os.stat(home)
-    with tmpfs("8m") as mnt:  # a mounted output: the one kind that is filled in place
-        planted = mnt / f".{mnt.name}.abcdefgh.partial"
+    with tmpfs("8m") as mnt:  # a work folder of our name beside a mounted output
+        planted = mnt.parent / f".{mnt.name}.abcdefgh.partial"
         planted.mkdir()
         (planted / ".mastering-run").write_text(json.dumps({"output": str(mnt), "moving": [
             {"path": "../../" + str(home.relative_to("/")), "dev": st.st_dev,
@@ -760,37 +756,6 @@ def test_planted_lock_and_marker_are_not_trusted(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert not planted.exists()
     assert (home / "docs" / "mine.txt").read_text() == "mine" and victim.read_text() == "precious"
-
-
-def test_killed_in_place_fill_removes_only_what_it_moved(tmp_path: Path) -> None:
-    """The state a run leaves when killed right after moving a volume onto a mounted stick;
-    the operator then adds files of their own. The next run removes only our unchanged files
-    and refuses the stick, which is not empty any more."""
-    from mastering import outputs
-
-    for i in range(2):
-        make_ct(tmp_path / "in", f"{i}.dcm", instance=i + 1)
-    with tmpfs("16m") as mnt:
-        target = outputs.Target(mnt, "folder")
-        assert target.in_place
-        work = outputs.make_work(target)
-        master([tmp_path / "in"], work / "vol1", Options(profiles.load("STD-GEN-USB-JPEG")),
-               kind="folder")
-        for name in os.listdir(work):  # the volume as the killed run had it
-            if name.startswith(".vol1") or name.endswith(".json"):
-                os.unlink(work / name)
-        outputs.fill_in_place(target, work / "vol1", work)
-        (work / "vol1").rmdir()
-        own = mnt / "DICOM" / "OWN"
-        own.mkdir()
-        (own / "IMG").write_bytes(b"the operator's")
-        (mnt / "DICOMDIR").unlink()
-        (mnt / "DICOMDIR").write_bytes(b"the operator's own DICOMDIR")
-        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt))
-        assert res.returncode == 6 and "not an empty folder" in res.stderr
-        left = sorted(p.relative_to(mnt).as_posix() for p in mnt.rglob("*"))
-        assert left == ["DICOM", "DICOM/OWN", "DICOM/OWN/IMG", "DICOMDIR"]
-        assert (mnt / "DICOMDIR").read_bytes() == b"the operator's own DICOMDIR"
 
 
 def test_fileset_onto_a_link_to_a_mount_and_a_bind_mount(tmp_path: Path) -> None:

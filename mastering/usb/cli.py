@@ -1,0 +1,288 @@
+"""``mastering usb`` and ``mastering kiosk``: registered by :func:`add_parsers` in the main CLI.
+
+Exit codes besides the core's (README): 7 = no stick to write (none, several, or the one named
+is refused: the reason is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+from rich.console import Console
+
+from .. import profiles
+from ..pipeline import Options, check_fileset_id
+from . import devices, export
+from . import format as fmt
+from .devices import Disk, Policy
+from .mount import MountError, mounter
+
+COMMANDS = ("usb", "kiosk")
+EXIT_NO_STICK = 7
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    u = sub.add_parser("usb", help="write studies onto a USB stick: detect it safely, write in "
+                       "place, verify, power off")
+    u.add_argument("inputs", nargs="*", type=Path, help="DICOM files and folders")
+    u.add_argument("--profile", default="STD-GEN-USB-JPEG", help="a USB application profile")
+    where = u.add_mutually_exclusive_group()
+    where.add_argument("--device", help="the stick: /dev/sdX, /dev/sdX1 or a /dev/disk/by-* "
+                       "link (default: the only eligible stick)")
+    where.add_argument("--wait", action="store_true", help="wait until a stick is inserted")
+    u.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    mode = u.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add to the File-set on the stick")
+    mode.add_argument("--replace", action="store_true", help="replace the File-set on the stick")
+    u.add_argument("--format", action="store_true", help="format an exFAT/NTFS/empty stick "
+                   "to FAT32 first (erases it; asks for confirmation)")
+    u.add_argument("--yes", action="store_true", help="with --format: do not ask")
+    u.add_argument("--viewer", action="store_true", help="IHE PDI web content on the stick")
+    u.add_argument("--fileset-id", default="DICOM_MEDIA", help="File-set ID of a new File-set")
+    u.add_argument("--skip-invalid", action="store_true", help="leave invalid files out")
+    u.add_argument("--workers", type=int, help="processes for scanning and conversion")
+    u.add_argument("--config", type=Path, help="kiosk configuration: its [usb] policy applies")
+    u.add_argument("--list", action="store_true", help="list the disks and whether they may be "
+                   "written, and why not")
+    u.add_argument("--all", action="store_true", help="with --list: every disk, not only USB")
+    u.add_argument("--json", action="store_true", help="JSON on stdout")
+    u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    k = sub.add_parser("kiosk", help="the USB export kiosk: a touch-screen web application")
+    k.add_argument("--config", type=Path, required=True, help="kiosk configuration (TOML)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "kiosk":
+        from .kiosk.server import serve
+
+        return serve(args.config)
+    policy = load_policy(args.config)
+    if args.list:
+        return _list(policy, args)
+    if not args.inputs:
+        Console(stderr=True).print("[red]error:[/] give the DICOM files or folders to write")
+        return 2
+    return _write(policy, args)
+
+
+def load_policy(config: Path | None) -> Policy:
+    if config is None:
+        return Policy()
+    data = tomllib.loads(config.read_text(encoding="utf-8"))
+    return Policy.from_config(data.get("usb", {}))
+
+
+def _list(policy: Policy, args: argparse.Namespace) -> int:
+    disks = devices.list_disks(policy, every=args.all)
+    if args.json:
+        print(json.dumps([d.to_json() for d in disks], indent=2))
+        return 0
+    out = Console()
+    if not disks:
+        out.print("no USB disks")
+    for d in disks:
+        verdict = {"eligible": "[green]can be written[/]", "needs-format": "[yellow]needs "
+                   "formatting[/]"}.get(d.state, "[red]refused[/]")
+        out.print(f"{d.node}  {d.title}  {d.filesystem_text}  {verdict}", highlight=False)
+        if d.reason:
+            out.print(f"    {d.reason}", highlight=False)
+    return 0
+
+
+def _pick(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None:
+    if args.device:
+        try:
+            disk = devices.find(policy, args.device)
+        except LookupError as exc:
+            err.print(f"[red]error:[/] {exc}")
+            return None
+        return disk if disk.eligible or (disk.state == "needs-format" and args.format) \
+            else _refused(disk, err)
+    if args.wait:
+        return _wait(policy, args, err)
+    disks = devices.list_disks(policy)
+    return _choose(disks, args, err, quiet=False)
+
+
+def _refused(disk: Disk, err: Console) -> None:
+    hint = " (use --format)" if disk.state == "needs-format" else ""
+    err.print(f"[red]{disk.node}[/] {disk.title}: {disk.reason}{hint}", highlight=False)
+    return None
+
+
+def _choose(disks: list[Disk], args: argparse.Namespace, err: Console, *,
+            quiet: bool) -> Disk | None:
+    usable = [d for d in disks if d.eligible or (d.state == "needs-format" and args.format)]
+    if len(usable) == 1:
+        return usable[0]
+    if quiet:
+        return None
+    if usable:
+        err.print(f"[red]error:[/] {len(usable)} sticks could be written: name one with "
+                  "--device", highlight=False)
+        for d in usable:
+            err.print(f"  {d.node}  {d.title}", highlight=False)
+        return None
+    err.print("[red]error:[/] no USB stick that can be written")
+    for d in disks:
+        _refused(d, err)
+    return None
+
+
+def _wait(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None:
+    changed = threading.Event()
+    observer = devices.watch(lambda action, name: changed.set())
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    told: set[str] = set()
+    err.print("waiting for a USB stick ...")
+    try:
+        while True:
+            disks = devices.list_disks(policy)
+            found = _choose(disks, args, err, quiet=True)
+            if found is not None:
+                return found
+            for d in disks:
+                if d.identity not in told:
+                    told.add(d.identity)
+                    _refused(d, err)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                err.print("[red]error:[/] no USB stick was inserted")
+                return None
+            changed.wait(timeout=1 if left is None else min(1, left))
+            changed.clear()
+    finally:
+        observer.stop()
+
+
+def _confirm_format(disk: Disk, args: argparse.Namespace, err: Console) -> bool:
+    err.print(f"Formatting {fmt.describe(disk)}.", highlight=False)
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        err.print("[red]error:[/] --format needs --yes when there is no terminal to ask")
+        return False
+    return input("Type yes to format it: ").strip().lower() == "yes"
+
+
+def _write(policy: Policy, args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    try:
+        profile = profiles.load(args.profile)
+        check_fileset_id(args.fileset_id)
+    except (profiles.ProfileError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 2
+    if profile.filesystem != "fat":
+        err.print(f"[red]error:[/] {profile.id} is not a USB profile")
+        return 2
+    disk = _pick(policy, args, err)
+    if disk is None:
+        return EXIT_NO_STICK
+    try:
+        how = mounter()
+    except MountError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return 6
+    if disk.state == "needs-format":
+        if not _confirm_format(disk, args, err):
+            return EXIT_NO_STICK
+        try:
+            disk = fmt.format_stick(disk, how, policy)
+        except (fmt.FormatRefused, MountError) as exc:
+            err.print(f"[red]error:[/] {exc}")
+            return 6
+    options = Options.from_env(profile, fileset_id=args.fileset_id, viewer=args.viewer,
+                               skip_invalid=args.skip_invalid, workers=args.workers,
+                               update="append" if args.append else
+                               ("replace" if args.replace else ""))
+    cancel = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: cancel.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    lines = _Lines(err, enabled=not args.json)
+    try:
+        outcome = export.export(disk, args.inputs, options, how, policy,
+                                progress=lines.progress, cancel=cancel, stage=lines.stage)
+    finally:
+        how.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _emit(outcome, disk, args, err)
+
+
+class _Lines:
+    """One line per stage (grep-able, off a terminal too) and a rich bar on a terminal."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self.console, self.enabled = console, enabled
+        self.bar = None
+        self.task = None
+        self.current = ""
+
+    def stage(self, name: str) -> None:
+        if self.enabled:
+            self._stop()
+            self.console.print(f"{name} ...", highlight=False)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled or not self.console.is_terminal:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        if stage != self.current:
+            self._stop()
+            self.current = stage
+            self.bar = Progress(TextColumn(f"{stage:<22}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(stage, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def _stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar, self.current = None, ""
+
+
+def _emit(outcome: export.Outcome, disk: Disk, args: argparse.Namespace, err: Console) -> int:
+    if args.json:
+        import dataclasses
+
+        data = {"ok": outcome.ok, "message": outcome.message, "detail": outcome.detail,
+                "exit_code": outcome.exit_code, "powered_off": outcome.powered_off,
+                "removed": outcome.removed, "device": disk.to_json(),
+                "report": dataclasses.asdict(outcome.report) if outcome.report else None}
+        print(json.dumps(data, indent=2))
+        return outcome.exit_code
+    out = Console()
+    if outcome.ok:
+        r = outcome.report
+        assert r is not None
+        out.print(f"[green]✓[/] {disk.title}: {r.patients} patient(s), {r.studies} study(ies), "
+                  f"{r.instances} instance(s) on the stick, verified", highlight=False)
+        for w in r.warnings:
+            out.print(f"  [yellow]warning:[/] {w}", highlight=False)
+        out.print(f"[bold]{outcome.message}[/]")
+        return 0
+    err.print(f"[red]error:[/] {outcome.message}", highlight=False)
+    if outcome.detail and outcome.detail not in outcome.message:
+        err.print(f"  {outcome.detail}", highlight=False)
+    if outcome.report is not None:
+        for item in outcome.report.invalid:
+            err.print(f"  {item['path']}: {item['reason']}", highlight=False)
+        for v in outcome.report.violations:
+            err.print(f"  {v['code']} {v['path']}: {v['message']}", highlight=False)
+    return outcome.exit_code

@@ -1,0 +1,226 @@
+"""In-place writing into an existing folder and the File-set Updater (--append / --replace),
+judged by dciodvfy, dcmdump and pydicom's FileSet; the CLI's `fileset --append` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from threading import Event
+
+import pydicom
+import pytest
+from pydicom.fileset import FileSet
+
+from mastering import inplace, profiles
+from mastering.intake import Cancelled
+from mastering.pipeline import MasteringError, Options, master
+
+from .conftest import ct_series, dciodvfy_errors, dcmdump, make_ct, sample
+
+USB = "STD-GEN-USB-JPEG"
+
+
+def _options(**kw) -> Options:
+    return Options(profiles.load(USB), workers=1, **kw)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file below root."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _judge(root: Path, instances: int) -> FileSet:
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    assert "(0004,1220)" in dcmdump(root / "DICOMDIR")
+    fs = FileSet(root / "DICOMDIR")
+    assert len(list(fs)) == instances
+    for inst in fs:  # every referenced file is there and loads
+        assert inst.load().SOPInstanceUID == inst.SOPInstanceUID
+    from mastering.verify import verify
+
+    result = verify(root, profiles.load(USB))
+    assert result.ok, result.violations
+    return fs
+
+
+@pytest.fixture
+def stick(tmp_path: Path) -> Path:
+    """A folder standing for a stick's root, with a file of the owner's on it."""
+    root = tmp_path / "stick"
+    root.mkdir()
+    (root / "NOTES.TXT").write_text("not ours\n")
+    return root
+
+
+@pytest.mark.oracle
+def test_write_in_place_then_append(tmp_path: Path, stick: Path) -> None:
+    first = ct_series(tmp_path / "a", 2, 3)
+    r1 = master([first], stick, _options(fileset_id="STICK", verify=True), kind="inplace")
+    assert r1.ok and r1.instances == 6
+    fs1 = _judge(stick, 6)
+    uid = fs1.UID
+    assert not (stick / inplace.JOURNAL).exists() and not (stick / inplace.TEMP).exists()
+    before = {k: v for k, v in _tree(stick).items() if k != "DICOMDIR"}
+
+    # a new study of the same patient, one new patient, and a copy of an instance already there
+    second = tmp_path / "b"
+    for i in range(1, 3):
+        make_ct(second, f"n{i}.dcm", instance=i, study_uid="1.2.3.9", series_uid="1.2.3.9.1")
+    make_ct(second, "other.dcm", patient_id="PID2", patient_name="ROE^RICHARD",
+            study_uid="1.2.3.8", series_uid="1.2.3.8.1")
+    again = next((tmp_path / "a" / "s0").iterdir())
+    r2 = master([second, again], stick, _options(update="append", verify=True), kind="inplace")
+    assert r2.ok and r2.conversions["existing"] == 6 and len(r2.duplicates) == 1
+    fs2 = _judge(stick, 9)
+    assert uid == fs2.UID and fs2.ID == "STICK"  # the File-set keeps its UID and ID
+    after = _tree(stick)
+    assert all(after[k] == v for k, v in before.items())  # existing files untouched
+    assert after["NOTES.TXT"] == before["NOTES.TXT"]
+    assert len(fs2.find(PatientID="PID2")) == 1
+    # one PATIENT record for PID1 with two studies
+    ds = pydicom.dcmread(stick / "DICOMDIR")
+    patients = [r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT"]
+    assert sorted(p.PatientID for p in patients) == ["PID1", "PID2"]
+
+
+def test_existing_fileset_refused_without_a_mode(tmp_path: Path, stick: Path) -> None:
+    master([ct_series(tmp_path / "a", 1, 2)], stick, _options(), kind="inplace")
+    before = _tree(stick)
+    with pytest.raises(MasteringError) as err:
+        master([make_ct(tmp_path / "b", "x.dcm", sop_uid="1.2.9.9")], stick, _options(),
+               kind="inplace")
+    assert err.value.exit_code == 6 and "--append" in str(err.value)
+    assert _tree(stick) == before
+
+
+def test_append_refuses_a_uid_conflict(tmp_path: Path, stick: Path) -> None:
+    make_ct(tmp_path / "a", "1.dcm", sop_uid="1.2.3.77", value=1)
+    master([tmp_path / "a"], stick, _options(), kind="inplace")
+    before = _tree(stick)
+    make_ct(tmp_path / "b", "1.dcm", sop_uid="1.2.3.77", value=2)  # another object, same UID
+    with pytest.raises(MasteringError) as err:
+        master([tmp_path / "b"], stick, _options(update="append"), kind="inplace")
+    assert err.value.exit_code == 3
+    assert "already on the medium" in err.value.report.invalid[0]["reason"]
+    assert _tree(stick) == before
+
+
+@pytest.mark.oracle
+def test_replace_removes_the_old_fileset_and_nothing_else(tmp_path: Path, stick: Path) -> None:
+    master([ct_series(tmp_path / "a", 2, 2)], stick, _options(), kind="inplace")
+    old = set(_tree(stick)) - {"DICOMDIR", "NOTES.TXT"}
+    (stick / "DICOM" / "MINE.TXT").write_text("the owner's file inside DICOM/")
+    make_ct(tmp_path / "b", "1.dcm", patient_id="PID9", study_uid="1.9", series_uid="1.9.1")
+    r = master([tmp_path / "b"], stick, _options(update="replace", verify=True), kind="inplace")
+    assert r.ok
+    _judge(stick, 1)
+    now = set(_tree(stick))
+    assert not (old & now)  # every old File-set file is gone
+    assert {"NOTES.TXT", "DICOM/MINE.TXT"} <= now  # and nothing else
+
+
+def test_does_not_fit_refused_before_writing(tmp_path: Path, stick: Path, monkeypatch) -> None:
+    src = ct_series(tmp_path / "a", 1, 3, rows=256)
+    real = os.statvfs
+
+    class Small:
+        def __init__(self, st):
+            self.f_frsize = self.f_bsize = 32768
+            self.f_blocks, self.f_bavail = 1000, 4  # 128 KiB free; 3 files of 128 KiB need more
+    monkeypatch.setattr(inplace.os, "statvfs", lambda p: Small(real(p)))
+    with pytest.raises(MasteringError) as err:
+        master([src], stick, _options(), kind="inplace")
+    assert err.value.exit_code == 4
+    assert _tree(stick) == {"NOTES.TXT": hashlib.sha256(b"not ours\n").hexdigest()}
+
+
+def test_cancel_mid_write_removes_what_was_written(tmp_path: Path, stick: Path) -> None:
+    cancel = Event()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        master([ct_series(tmp_path / "a", 1, 5)], stick, _options(), kind="inplace",
+               progress=progress, cancel=cancel)
+    assert sorted(_tree(stick)) == ["NOTES.TXT"] and not (stick / "DICOM").exists()
+
+
+def test_interrupted_run_is_cleaned_by_the_next(tmp_path: Path, stick: Path, monkeypatch) -> None:
+    """A run killed mid-write leaves its journal and files, but no DICOMDIR; the next run
+    removes exactly what the journal lists and writes a conforming File-set."""
+    src = ct_series(tmp_path / "a", 1, 4)
+    monkeypatch.setattr(inplace.Target, "undo", lambda self: None)  # as if the power went
+
+    def die(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        master([src], stick, _options(), kind="inplace", progress=die)
+    assert (stick / inplace.JOURNAL).exists() and not (stick / "DICOMDIR").exists()
+    assert len(list((stick / "DICOM").rglob("IM*"))) == 2
+    monkeypatch.undo()
+    master([src], stick, _options(verify=True), kind="inplace")
+    _judge(stick, 4)
+    assert not (stick / inplace.JOURNAL).exists()
+
+
+def test_foreign_dicom_files_refused(tmp_path: Path, stick: Path) -> None:
+    make_ct(stick / "LOOSE", "IMG1", sop_uid="1.2.5.5")  # someone else's unindexed file
+    with pytest.raises(MasteringError) as err:
+        master([make_ct(tmp_path, "a.dcm")], stick, _options(), kind="inplace")
+    assert err.value.exit_code == 6 and "LOOSE/IMG1" in str(err.value)
+
+
+def test_read_back_mismatch_undoes_the_write(tmp_path: Path, stick: Path) -> None:
+    """A medium that returns other bytes than were written (a fake-capacity stick) fails the
+    check; the run's files and DICOMDIR are removed, the earlier DICOMDIR restored."""
+    master([ct_series(tmp_path / "a", 1, 2)], stick, _options(), kind="inplace")
+    before = _tree(stick)
+
+    def corrupt(root: Path) -> Path:
+        victim = sorted(p for p in root.rglob("IM*") if p.stat().st_mtime_ns > mark)[0]
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        return root
+
+    mark = max(p.stat().st_mtime_ns for p in stick.rglob("*"))
+    make_ct(tmp_path / "b", "1.dcm", study_uid="1.5", series_uid="1.5.1")
+    with pytest.raises(MasteringError) as err:
+        master([tmp_path / "b"], stick, _options(update="append", reread=corrupt),
+               kind="inplace")
+    assert err.value.exit_code == 5
+    assert _tree(stick) == before
+
+
+@pytest.mark.oracle
+def test_fat_rules_refuse_long_names(tmp_path: Path, stick: Path) -> None:
+    from mastering import fat
+
+    assert fat.short_name_ok("IM000001") and fat.short_name_ok("README.TXT")
+    assert not fat.short_name_ok("im000001") and not fat.short_name_ok("LONGNAME1")
+    assert not fat.short_name_ok("CON") and not fat.short_name_ok("A.HTML")
+    assert fat.size_problems([(("BIG",), 2**32)]) and not fat.size_problems([(("OK",), 2**32 - 1)])
+
+
+@pytest.mark.oracle
+def test_cli_fileset_append(tmp_path: Path, stick: Path) -> None:
+    cmd = [sys.executable, "-m", "mastering", "fileset"]
+    stick = stick.parent / "folder"  # a File-set folder made as usual, then appended to
+    a = subprocess.run([*cmd, str(sample("CT_small.dcm")), "-o", str(stick), "--verify"],
+                       capture_output=True, text=True)
+    assert a.returncode == 0, a.stderr
+    b = subprocess.run([*cmd, str(sample("MR_small.dcm")), "-o", str(stick)],
+                       capture_output=True, text=True)
+    assert b.returncode == 6 and "--append" in b.stderr
+    c = subprocess.run([*cmd, str(sample("MR_small.dcm")), "-o", str(stick), "--append",
+                        "--verify"], capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr
+    _judge(stick, 2)
