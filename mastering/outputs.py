@@ -98,8 +98,10 @@ class Target:
     #: kind "inplace": the output is an existing folder written into (a stick's root; see
     #: mastering.inplace), not a new one renamed into place
     in_place: bool = field(init=False)
-    #: where the lock and the record go: beside the output, or inside an in-place output whose
-    #: parent this user cannot write (a desktop's /media/USER/STICK)
+    #: where the lock and the record go: beside the output, or for an in-place output whose
+    #: parent this user cannot write (a desktop's /media/USER/STICK) the temporary folder,
+    #: never the medium itself: a lock held open there keeps it from being unmounted for
+    #: the read-back (an in-place run keeps no record)
     sidecars: Path = field(init=False)
     #: where the work folder goes: beside the output (its file system), or for an in-place
     #: output under an unwritable parent the system's temporary folder (a service's private
@@ -109,7 +111,7 @@ class Target:
     def __post_init__(self) -> None:
         self.in_place = self.kind == "inplace"
         parent_ok = os.access(self.folder, os.W_OK | os.X_OK) if self.folder.exists() else True
-        self.sidecars = self.output if self.in_place and not parent_ok else self.folder
+        self.sidecars = self.folder if parent_ok else Path(tempfile.gettempdir())
         self.work_parent = self.folder if parent_ok else Path(tempfile.gettempdir())
 
     @property
@@ -119,6 +121,9 @@ class Target:
     @property
     def base(self) -> str:
         name = self.output.name
+        if self.sidecars != self.folder:  # in a shared folder: named after the whole path
+            digest = hashlib.sha256(os.fsencode(os.path.realpath(self.output))).hexdigest()
+            return f"mastering-{digest[:24]}"
         if len(name.encode()) <= _MAX_BASE:
             return name
         digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
@@ -144,9 +149,8 @@ class Target:
         return re.match(pattern, name) is not None
 
     def ours_inside(self, name: str) -> bool:
-        """Names inside a mounted output that do not make it 'not empty'."""
-        return self.is_own_work(name) or (self.sidecars == self.output
-                                           and name == self.lock_path.name)
+        """Names inside an output folder that do not make it 'not empty'."""
+        return self.is_own_work(name)
 
     def prepare(self) -> None:
         """Create the folders up to the output's parent, remembering which were new."""

@@ -173,8 +173,9 @@ def master(inputs: Sequence[Path], output: Path, options: Options, *, kind: str 
     if kind == "iso" and not profile.writes_iso:
         raise MasteringError(f"profile {profile.id} is for {profile.filesystem.upper()} media: "
                              "use 'mastering fileset' and copy the folder to the stick", report, 2)
-    if kind == "folder" and output.is_dir() and outputs.is_mount(output):
-        kind = "inplace"  # a stick's root: a rename cannot replace a mount point
+    if kind == "folder" and output.is_dir() and outputs.is_mount(output) and \
+            outputs.empty_but_ours(outputs.Target(output.absolute(), "inplace"), output):
+        kind = "inplace"  # an empty stick's root: a rename cannot replace a mount point
     target = outputs.Target(output.absolute(), kind)
     try:
         _check_outputs(inputs, target, side_outputs, options)
@@ -213,7 +214,8 @@ def _check_outputs(inputs: Sequence[Path], target: outputs.Target, side_outputs:
             raise outputs.OutputError(f"{side}: is, or lies inside, a name the output "
                                       f"{target.output.name} uses for its volumes, labels or "
                                       "lock", 2)
-    if (options.label or options.viewer) and target.folder.exists() and not os.access(
+    labels = options.label or (options.viewer and target.kind != "inplace")  # none in place
+    if labels and target.folder.exists() and not os.access(
             target.folder, os.W_OK | os.X_OK):
         raise outputs.OutputError(f"{target.folder}: the labels go beside the output and "
                                   "this folder is not writable", 6)

@@ -854,3 +854,14 @@ def test_multi_volume_fileset_refused_before_writing(tmp_path: Path) -> None:
     res = run(*args)
     assert res.returncode == 6 and "OUT-1: exists and is not an empty folder" in res.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_fileset_into_a_mounted_disk_that_holds_files_is_refused(tmp_path: Path) -> None:
+    """A mount point is written in place only when it is empty: a disk holding someone's
+    files is refused like any folder that is not empty (mastering usb has its own policy)."""
+    make_ct(tmp_path / "in", "a.dcm")
+    with tmpfs("8m") as mnt:
+        (mnt / "taxes.xls").write_bytes(b"mine")
+        res = run("fileset", str(tmp_path / "in"), "-o", str(mnt))
+        assert res.returncode == 6 and "not an empty folder" in res.stderr
+        assert [p.name for p in mnt.iterdir()] == ["taxes.xls"]
