@@ -35,6 +35,7 @@ from . import workers as workers_mod
 from .cancel import Cancelled
 from .outputs import is_work_folder
 from .profiles import Profile
+from .reader import MediaError
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -258,7 +259,7 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
         stamp = file_stamp(path)
         layout = _layout(path, _wanted(profile))
     except part10.NotDicomError as exc:
-        return Problem(path, "not-dicom", str(exc))
+        return Problem(path, "not-dicom", _not_dicom(path, exc))
     except part10.StructureError as exc:
         return Problem(path, "invalid", f"corrupt DICOM: {exc}")
     except OSError as exc:
@@ -286,6 +287,14 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
 
 class _Invalid(Exception):
     pass
+
+
+def _not_dicom(path: str, exc: part10.NotDicomError) -> str:
+    """Why a file is not an instance; an ISO image found in a folder is said to be one: it is
+    not opened (an image of another patient's disc could sit in any export folder)."""
+    if os.path.lexists(path) and isosource.is_image(Path(path)):
+        return "an ISO image inside a folder is not opened; name it on the command line"
+    return str(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -671,7 +680,12 @@ def scan(
     paths = walk.files
     damaged: list[Problem] = []
     for image in images:
-        inside, damage = isosource.members(image)
+        try:
+            inside, damage = isosource.members(image)
+        except MediaError as exc:  # pycdlib cannot read it: no file of it can be read
+            damaged.append(Problem(str(image), "invalid",
+                                   str(exc).removeprefix(f"{image.name}: ")))
+            continue
         paths += inside
         damaged += [Problem(p, "invalid", why) for p, why in damage]
         st = os.stat(image)

@@ -266,6 +266,7 @@ class IsoMedium(Medium):
         self._fh = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._entries: dict[str, _IsoFile] = {}
+        self._records: dict[str, object] = {}  # name -> pycdlib DirectoryRecord
         self._raw: list[str] = []
         try:
             self._scan("/", "")
@@ -274,21 +275,39 @@ class IsoMedium(Medium):
             raise MediaError(f"{path.name}: unreadable ISO 9660 directory: {exc}") from exc
 
     def _scan(self, iso_dir: str, prefix: str) -> None:
-        """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped)."""
+        """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped).
+
+        A file is named without its version and the dot of an empty extension; when two
+        records of one directory would get one name that way (``IM1.;1`` and ``IM1.;2``,
+        ``IM1.;1`` and ``IM1;1``), version 1 keeps the short name and the others keep their
+        whole identifier: every record is a file of the medium, none hides another. Rock
+        Ridge placeholders of relocated directories (a CL entry, RRIP 4.1.5.1) are not
+        files: the directory they stand for is read where it was moved to (RR_MOVED)."""
         block = self._iso.logical_block_size
+        files: list[tuple[str, str, object]] = []
         for child in self._iso.list_children(iso_path=iso_dir):
             if child is None or child.is_dot() or child.is_dotdot():
                 continue
             raw = child.file_identifier().decode("ascii", "replace")
             iso_path = iso_dir.rstrip("/") + "/" + raw
+            rr = child.rock_ridge
+            if rr is not None and rr.child_link_record_exists():
+                continue  # a relocated directory's placeholder (RRIP 4.1.5.1)
             self._raw.append(iso_path)
             if child.is_dir():
                 self._scan(iso_path, f"{prefix}{raw}/")
                 continue
-            name = prefix + raw.split(";", 1)[0].removesuffix(".")
+            files.append((raw, iso_path, child))
+        for raw, iso_path, child in sorted(files, key=_version_first):
+            name = prefix + _short_name(raw)
+            if name in self._entries:
+                name = prefix + raw  # a second record with that short name: its whole name
+            while name in self._entries:
+                name += "#"  # a malformed directory repeating an identifier
             ino = child.inode
             start = ino.extent_location() * block if ino is not None else 0
             self._entries[name] = _IsoFile(iso_path, start, child.get_data_length())
+            self._records[name] = child
 
     def files(self) -> list[str]:
         return sorted(self._entries)
@@ -359,6 +378,20 @@ class IsoMedium(Medium):
             log.debug("ISO map still in use at close; left to the garbage collector")
         self._fh.close()
         self._iso.close()
+
+
+def _short_name(raw: str) -> str:
+    """An ISO 9660 file identifier without version and without the dot of an empty
+    extension (ECMA-119 7.5.1): ``IM000001.;1`` -> ``IM000001``."""
+    return raw.split(";", 1)[0].removesuffix(".")
+
+
+def _version_first(item: tuple[str, str, object]) -> tuple:
+    """Records of one short name: version 1 first (the File ID's, PS3.12 F.1.2), then the
+    identifier with the dot of an empty extension, then the rest in identifier order."""
+    raw = item[0]
+    version = raw.partition(";")[2] or "1"
+    return _short_name(raw), version.lstrip("0") != "1", ("." not in raw.split(";")[0], raw)
 
 
 def _is_iso(path: Path) -> bool:

@@ -170,8 +170,16 @@ def has_value(ds: Dataset, tag: int) -> bool:
         return False
     raw = ds.get_item(tag)
     if isinstance(raw, RawDataElement):
-        return bool(raw.length) and bool((raw.value or b"").strip(b" \0"))
+        return _non_empty(_vr_of(raw, tag), raw.value or b"")
     return not ds[tag].is_empty
+
+
+def _non_empty(vr: str, value: bytes) -> bool:
+    """A value is empty when it has no bytes, or, for text, only padding (PS3.5 6.2). Binary
+    values are never padding: Rows = 32 is the bytes 20 00, Columns = 8192 is 00 20."""
+    if vr in TEXT_VRS:
+        return bool(value.strip(b" \0"))
+    return bool(value)
 
 
 # -- header views ----------------------------------------------------------------------------
@@ -227,7 +235,7 @@ class RawHeader:
         if tag in self.oversized:
             return self.pydicom().has(tag)
         value = self._value(tag)
-        return bool(value) and bool(value.strip(b" \0"))
+        return value is not None and _non_empty(self._vr(tag), value)
 
     def text(self, tag: int) -> str:
         if tag in self.oversized:
