@@ -339,7 +339,8 @@ def _wanted_cached(extra: tuple) -> frozenset[int]:
         tags.update(records._tag(kw) for _req, kws in table for kw in kws)
     for keyword, rule in records.fill_rules().items():
         tags.add(records._tag(keyword))
-        tags.update(records._tag(kw) for kw in (*rule.get("copy", ()), *rule.get("from", ())))
+        tags.update(records._tag(kw) for kw in (*rule.get("copy", ()), *rule.get("from", ()),
+                                                *rule.get("invalid_from", ())))
     return frozenset(tags)
 
 
@@ -559,7 +560,7 @@ def _dataset(hdr: records.Header) -> Dataset:
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
            check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
-    why = ""
+    why, invalid = "", None
     encoded = _encoded(hdr, tag, _Checker(check.charsets, [])) if hdr.has(tag) else None
     if hdr.has(tag) and encoded is None:  # a derived value would disagree with the file
         raise _Invalid(f"the Type 1 directory key {keyword} is longer than a directory "
@@ -571,8 +572,8 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
                 check.fixes.append((keyword, records.value_text(result.element),
                                     result.reason))
             return result.element
-        why = result.reason
-    value = records.derive(keyword, hdr, known)
+        why, invalid = result.reason, records.value_bytes(encoded)
+    value = records.derive(keyword, hdr, known, invalid)
     if value is None:
         if why:
             raise _Invalid(f"the Type 1 directory key {keyword} is not valid for its VR "
@@ -581,7 +582,10 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
     known[keyword] = value
     filled.append((keyword, value))
     if why:
-        check.fixes.append((keyword, value, f"{why}; derived as for a missing key"))
+        how = ("derived from the file's value, the same for every file with it"
+               if "invalid_from" in records.fill_rules().get(keyword, {})
+               else "derived as for a missing key")
+        check.fixes.append((keyword, value, f"{why}; {how}"))
     if value == "":  # a running number: the planner assigns it
         return None
     return records.encode_value(tag, value)

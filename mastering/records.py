@@ -283,11 +283,15 @@ def derived_uid(*parts: str) -> str:
     return "2.25." + str(int.from_bytes(digest, "big"))
 
 
-def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
+def derive(keyword: str, hdr: Header, known: dict[str, str],
+           invalid: bytes | None = None) -> str | None:
     """A value for a missing Type 1 key, derived only from this instance; None if no rule.
 
     `known` holds values already filled for this instance (a derived Study Instance UID feeds
     the Series Instance UID and Study ID rules). "running" keys are left to the planner.
+    `invalid` is the key's own value when it is present but invalid for its VR: where the rule
+    has "invalid_from", the value is derived from it, so that one invalid Study Instance UID
+    gives every instance that has it one derived UID.
     """
     rule = fill_rules().get(keyword)
     if rule is None:
@@ -302,7 +306,11 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
     if kind == "running":
         return ""  # the planner numbers these in File-set order
     if kind in ("id", "uid"):
-        parts = [known.get(src) or hdr.text(_tag(src)) for src in rule["from"]]
+        if invalid is not None and "invalid_from" in rule:
+            parts = ["invalid", invalid.decode("latin-1"),
+                     *(known.get(src) or hdr.text(_tag(src)) for src in rule["invalid_from"])]
+        else:
+            parts = [known.get(src) or hdr.text(_tag(src)) for src in rule["from"]]
         if kind == "uid":
             return derived_uid(keyword, *parts)
         digest = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
@@ -424,6 +432,11 @@ def _parts(element: bytes) -> tuple[int, str, bytes]:
 def value_text(element: bytes) -> str:
     """The value of an encoded text element, for reports."""
     return _parts(element)[2].decode("latin-1").strip(" \0")
+
+
+def value_bytes(element: bytes) -> bytes:
+    """The value bytes of an encoded element, padding removed."""
+    return _parts(element)[2].rstrip(b" \0")
 
 
 def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checked:
