@@ -120,3 +120,31 @@ def test_verify_checks_record_values(tmp_path: Path) -> None:
     assert {v.code for v in result.violations} == {"record-value"}
     assert "StudyDate" in result.violations[0].message
     assert dciodvfy_errors(dicomdir)  # the oracle agrees
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("encoding", ["explicit", "implicit", "big_endian"])
+def test_binary_values_that_look_like_padding_are_values(tmp_path: Path, encoding: str) -> None:
+    """Rows 32 is the bytes 20 00, Columns 8192 is 00 20 and 8224 is 20 20: values, not
+    padding (32x32 spectroscopy and NM matrices are common)."""
+    from . import encodings as enc
+
+    sizes = {"a": (32, 32), "b": (1, 8192), "c": (1, 8224)}
+    for name, (rows, columns) in sizes.items():
+        path = make_ct(tmp_path / "src", f"{name}.dcm", rows=rows, Columns=columns,
+                       PixelData=bytes(2 * rows * columns), implicit=encoding == "implicit",
+                       instance=ord(name))
+        if encoding == "big_endian":
+            enc.big_endian(path, tmp_path / "in" / path.name)
+        else:
+            (tmp_path / "in").mkdir(exist_ok=True)
+            (tmp_path / "in" / path.name).write_bytes(path.read_bytes())
+    report = master([tmp_path / "in"], tmp_path / "out", Options(DVD, workers=1),
+                    kind="folder")
+    assert report.instances == 3 and not report.invalid
+    dicomdir = tmp_path / "out" / "DICOMDIR"
+    found = {(r.Rows, r.Columns) for r in pydicom.dcmread(dicomdir).DirectoryRecordSequence
+             if r.DirectoryRecordType == "IMAGE"}
+    assert found == set(sizes.values())
+    assert dciodvfy_errors(dicomdir) == []
+    assert verify(tmp_path / "out", DVD).ok
