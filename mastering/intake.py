@@ -482,7 +482,7 @@ def _keys(
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
-    charset = _charset(hdr)
+    charset = _charset(hdr, fixes)
     check = _Checker(records.charsets_of(charset), fixes)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
@@ -522,18 +522,25 @@ class _Checker:
         return result.element
 
 
-def _charset(hdr: records.Header) -> bytes | None:
-    """Specific Character Set goes into every record: one that cannot be a record key
-    (over 64 KiB, or not CS) refuses the file rather than every record."""
+def _charset(hdr: records.Header, fixes: list[tuple[str, str, str]]) -> bytes | None:
+    """Specific Character Set goes into every record, written as its Defined Terms where the
+    spelling has one clear meaning (reported); one that cannot be a record key (not CS, not
+    Defined Terms, over 64 KiB) refuses the file rather than every record."""
     try:
         charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
     except records.ValueTooLong as exc:
         raise _Invalid("Specific Character Set is longer than a directory record can hold") \
             from exc
-    if charset is not None and charset[4:6] not in (b"CS", b""):
-        raise _Invalid(f"Specific Character Set has the VR {charset[4:6].decode('latin-1')!r}, "
-                       "not CS")
-    return charset
+    if charset is None or not hdr.has(records.SPECIFIC_CHARACTER_SET):
+        return charset
+    result = records.check_element(records.SPECIFIC_CHARACTER_SET, charset, ())
+    if result.element is None:
+        shown = records.value_bytes(charset).decode("latin-1")
+        raise _Invalid(f"Specific Character Set {shown!r} cannot be read: {result.reason}")
+    if result.changed:
+        fixes.append(("SpecificCharacterSet", records.value_text(result.element),
+                      result.reason))
+    return result.element
 
 
 def _encoded(hdr: records.Header, tag: int, check: _Checker,
@@ -557,6 +564,30 @@ def _dataset(hdr: records.Header) -> Dataset:
     return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
 
 
+#: keys that identify the patient, study and series in the records and in every file: a
+#: value a record cannot carry as it is gets a derived one, unless its bytes are not text
+#: of the file's repertoire (see below)
+IDENTITY_KEYS = frozenset({0x00100020, 0x0020000D, 0x0020000E})
+
+
+def _refuse_unreadable_identity(tag: int, keyword: str | None, encoded: bytes,
+                                charsets: tuple[str, ...]) -> None:
+    """A Patient ID whose bytes are not characters of the file's repertoire (PS3.5 6.1; an
+    old file's "MÜLLER01" in Latin-1 without a Specific Character Set) is an identity that
+    viewers and archives read from the file as they guess it; a derived record value would
+    disagree with it, so the file is refused instead, with the reason."""
+    from . import values
+
+    vr, value = records.element_vr(encoded), records.value_bytes(encoded)
+    if tag not in IDENTITY_KEYS or vr not in values.RULES:
+        return
+    why = values.repertoire_error(vr, value, charsets)
+    if why:
+        raise _Invalid(f"the Type 1 directory key {keyword} is not text of its repertoire "
+                       f"({why}); a derived value would disagree with the file on this "
+                       "identity")
+
+
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
            check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
@@ -573,6 +604,7 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
                                     result.reason))
             return result.element
         why, invalid = result.reason, records.value_bytes(encoded)
+        _refuse_unreadable_identity(tag, keyword, encoded, check.charsets)
     value = records.derive(keyword, hdr, known, invalid)
     if value is None:
         if why:

@@ -411,10 +411,12 @@ class Checked:
 
 def charsets_of(encoded: bytes | None) -> tuple[str, ...]:
     """The terms of an encoded Specific Character Set element (PS3.3 C.12.1.1.2)."""
+    from . import values
+
     if not encoded:
         return ()
     value = encoded[8:].decode("ascii", "replace").rstrip(" \0")
-    return tuple(t.strip() for t in value.split("\\"))
+    return tuple(values.charset_term(t) or t.strip() for t in value.split("\\"))
 
 
 def dataset_charsets(ds: Dataset) -> tuple[str, ...]:
@@ -434,6 +436,11 @@ def value_text(element: bytes) -> str:
     return _parts(element)[2].decode("latin-1").strip(" \0")
 
 
+def element_vr(element: bytes) -> str:
+    """The VR of an encoded element."""
+    return _parts(element)[1]
+
+
 def value_bytes(element: bytes) -> bytes:
     """The value bytes of an encoded element, padding removed."""
     return _parts(element)[2].rstrip(b" \0")
@@ -446,20 +453,52 @@ def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checke
     from . import values
 
     _tag, vr, value = _parts(element)
+    if tag == SPECIFIC_CHARACTER_SET:
+        return _check_charset(element, vr, value)
     want = values.dictionary_vr(tag)
     note = ""
-    if want and vr != want and vr in TEXT_VRS and want in TEXT_VRS:
-        element, vr, note = encode_text(tag, want, value), want, f"encoded as {vr}, not {want}"
+    if want and vr != want and want != "SQ":  # PS3.6 gives the VR; the value may still be clear
+        note = f"encoded as {vr}, not {want}"
+        converted = value if vr in TEXT_VRS and want in TEXT_VRS else values.convert(
+            vr, want, value)
+        if converted is None:
+            return Checked(None, f"{note} (PS3.6), and its value has no one meaning as {want}")
+        element, vr, value = element_header(tag, want, len(converted)) + converted, want, converted
+        if vr in TEXT_VRS and len(value) % 2:
+            element = encode_text(tag, vr, value)
+            value = _parts(element)[2]
     if vr == "SQ":
         why = _check_items(element, charsets)
         return Checked(None, why) if why else Checked(element, note)
     why = values.check(tag, vr, value, charsets)
     if why is None:
-        return Checked(element, note)
+        meaning = values.meaning_error(tag, value)
+        return Checked(None, meaning) if meaning else Checked(element, note)
     fixed = values.normalize(tag, vr, value)
     if fixed is None:
         return Checked(None, why)
+    meaning = values.meaning_error(tag, fixed)
+    if meaning:
+        return Checked(None, meaning)
     return Checked(element_header(tag, vr, len(fixed)) + fixed, values.describe(vr, value))
+
+
+def _check_charset(element: bytes, vr: str, value: bytes) -> Checked:
+    """Specific Character Set: CS holding Defined Terms (PS3.3 C.12.1.1.2); spellings with one
+    clear meaning (case, ``-`` for ``_``, spacing, padding) are written as defined."""
+    from . import values
+
+    if vr != "CS":
+        return Checked(None, f"encoded as {vr}, not CS (PS3.6)")
+    try:
+        terms = values.charset_terms(value)
+    except ValueError as exc:
+        return Checked(None, str(exc))
+    fixed = "\\".join(terms).encode("ascii")
+    if value in (fixed, fixed + b" "):
+        return Checked(element)
+    return Checked(encode_text(SPECIFIC_CHARACTER_SET, "CS", fixed),
+                   "written as its Defined Term (PS3.3 C.12.1.1.2)")
 
 
 def _check_items(element: bytes, charsets: tuple[str, ...]) -> str | None:

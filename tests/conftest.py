@@ -133,7 +133,8 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 def dcmdump(path: Path) -> str:
-    res = subprocess.run([need("dcmdump"), "-q", str(path)], capture_output=True, text=True)
+    res = subprocess.run([need("dcmdump"), "-q", str(path)], capture_output=True, text=True,
+                         errors="replace")  # values in their own character sets
     assert res.returncode == 0, f"dcmdump failed on {path}: {res.stderr}"
     assert "E:" not in res.stderr, res.stderr
     return res.stdout
