@@ -627,11 +627,11 @@ def _conditional(hdr: records.Header, tag: int, rtype: str, check: _Checker) -> 
     """1C/3 keys; SR Content Sequence keeps only the HAS CONCEPT MOD items (F.5.24, F.5.25)."""
     if rtype in NEEDS_PYDICOM and tag in (0x0040A730, 0x0040A030):
         assert isinstance(hdr, records.PydicomHeader)
-        return _sr_key(hdr.ds, tag, rtype)
+        return _sr_key(hdr.ds, tag, rtype, check)
     return _encoded(hdr, tag, check, "left out") if hdr.has(tag) else None
 
 
-def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
+def _sr_key(ds: Dataset, tag: int, rtype: str, check: _Checker) -> bytes | None:
     if tag == 0x0040A730:
         items = [i for i in ds.get("ContentSequence", [])
                  if i.get("RelationshipType") == "HAS CONCEPT MOD"]
@@ -641,12 +641,49 @@ def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
         sub.SpecificCharacterSet = ds.get("SpecificCharacterSet", "ISO_IR 6")
         sub.ContentSequence = Sequence(items)
         return records.encode_element(sub, tag)
-    observers = ds.get("VerifyingObserverSequence")  # Verification DateTime, if VERIFIED
-    if rtype == "SR DOCUMENT" and ds.get("VerificationFlag") == "VERIFIED" and observers:
-        last = observers[-1]
-        if "VerificationDateTime" in last:
-            return records.encode_element(last, tag)
+    if rtype == "SR DOCUMENT" and ds.get("VerificationFlag") == "VERIFIED":
+        return _verification_datetime(ds, check)
     return None
+
+
+def _verification_datetime(ds: Dataset, check: _Checker) -> bytes:
+    """Verification DateTime of a VERIFIED SR document's record (PS3.3 F.5.24, 1C): the
+    latest valid one among the Verifying Observers (PS3.3 C.17.2: one item per verifier);
+    without any, derived by the rule in fill_rules.json; reported unless it is the last
+    observer's, as dcmtk takes it."""
+    from . import values
+
+    tag = 0x0040A030
+    observers = list(ds.get("VerifyingObserverSequence") or [])
+    found = []
+    for i, observer in enumerate(observers):
+        element = records.encode_element(observer, tag)
+        text = records.value_text(element) if element else ""
+        moment = values.instant(text) if element and records.check_element(
+            tag, element, ()).element == element else None
+        if moment is not None:
+            found.append((moment, i, element))
+    if found:
+        _moment, i, element = max(found)
+        if i != len(observers) - 1:
+            check.fixes.append(("VerificationDateTime", records.value_text(element),
+                                "taken from the latest Verifying Observer that has a valid "
+                                "one (PS3.3 F.5.24)"))
+        return element
+    rule = records.fill_rules()["VerificationDateTime"]
+    value, why = rule["default"], "the default of fill_rules.json"
+    for date_kw, time_kw in rule["datetime_from"]:
+        date, time = ds.get(date_kw), ds.get(time_kw)
+        text = f"{date or ''}{time or ''}".strip()
+        if date and values.instant(text) is not None and records.check_element(
+                tag, records.encode_text(tag, "DT", text.encode("ascii", "replace")),
+                ()).element is not None:
+            value, why = text, f"{date_kw} and {time_kw}"
+            break
+    check.fixes.append(("VerificationDateTime", value, "VERIFIED, but no Verifying Observer "
+                        f"has a valid Verification DateTime; derived from {why} "
+                        "(fill_rules.json)"))
+    return records.encode_text(tag, "DT", value.encode("ascii"))
 
 
 FILE_ID_COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,8}$")

@@ -29,6 +29,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from functools import cache
 
 import numpy as np
@@ -332,6 +333,34 @@ def meaning_error(tag: int, value: bytes) -> str | None:
         return "Image Orientation (Patient): the row and column vectors are not orthogonal " \
             "(PS3.3 C.7.6.2.1.1)"
     return None
+
+
+_DT_PARTS = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?"
+                       r"([+-]\d{4})?")
+
+
+def instant(datetime_text: str, offset: str = "") -> datetime | None:
+    """The moment a DT value (or a DA + TM concatenation) names, in UTC, for comparing
+    moments: missing components are their first value (PS3.5 Table 6.2-1 DT), the offset is
+    the value's own suffix, else `offset` (Timezone Offset From UTC, PS3.3 C.12.1.1.8), else
+    none (taken as UTC). A leap second counts as the last moment of its minute. None if the
+    text is not a valid DT."""
+    text = datetime_text.strip()
+    m = _DT_PARTS.fullmatch(text)
+    if m is None or check(0x0040A030, "DT", (text + " " * (len(text) % 2)).encode()):
+        return None
+    year, month, day, hour, minute, second, frac, suffix = m.groups()
+    zone = suffix or offset.strip()
+    tz = UTC
+    if zone:
+        if not re.fullmatch(r"[+-]\d{4}", zone):
+            return None
+        sign = -1 if zone[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])))
+    sec = int(second or 0)
+    micro = int((frac or "0").ljust(6, "0")) if sec < 60 else 999999
+    return datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
+                    min(sec, 59), micro, tzinfo=tz).astimezone(UTC)
 
 
 #: PS3.5 Table 6.2-1: binary numbers (struct format, little endian), and their ranges

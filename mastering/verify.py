@@ -84,6 +84,7 @@ Progress = Callable[[int, int], None]
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 FILESET_ID, CONSISTENCY_FLAG, PRIVATE_RECORD_UID = 0x00041130, 0x00041212, 0x00041432
 REF_SOP_CLASS, REF_SOP_INSTANCE, REF_TS = 0x00041510, 0x00041511, 0x00041512
+VERIFICATION_DATETIME = 0x0040A030
 #: the key that identifies each upper-level record; it must match every file below it
 IDENTITY = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E}
 FILESET_ID_RE = re.compile(r"[A-Z0-9_]{0,16}")
@@ -430,6 +431,11 @@ class _Run:
             if tag not in record:
                 self.add("record-key", _record_path(node),
                          f"{node.rtype} Type 2 key {_name(tag)} is absent (PS3.3 F.5)")
+        if node.rtype == "SR DOCUMENT" and node.text("VerificationFlag") == "VERIFIED" \
+                and not _filled(record, VERIFICATION_DATETIME):
+            self.add("record-key", _record_path(node), "SR DOCUMENT record says VERIFIED "
+                                                       "without Verification DateTime (1C, "
+                                                       "PS3.3 F.5.24)")
 
     def check_record_values(self, node: TreeNode) -> None:
         """Every element of the record, as stored, valid for its VR (PS3.5 Table 6.2-1)."""

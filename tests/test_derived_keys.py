@@ -73,3 +73,62 @@ def test_an_invalid_patient_id_keeps_its_patient_together(tmp_path: Path) -> Non
     assert report.patients == 1 and report.studies == 2
     (patient,) = _records(tmp_path / "out" / "DICOMDIR", "PATIENT")
     assert patient.PatientID.startswith("NOID")
+
+
+def _sr(folder: Path, name: str, edit) -> Path:
+    from .conftest import sample
+
+    ds = pydicom.dcmread(sample("test-SR.dcm"))
+    ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{len(name)}"
+    edit(ds)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / name)
+    return folder / name
+
+
+def _last_without(ds: pydicom.Dataset) -> None:
+    ds.VerifyingObserverSequence[0].VerificationDateTime = "20010213184700"
+    del ds.VerifyingObserverSequence[-1].VerificationDateTime
+
+
+def _all_invalid(ds: pydicom.Dataset) -> None:
+    for observer in ds.VerifyingObserverSequence:
+        observer.VerificationDateTime = "2001021318474X"
+
+
+def _no_observers(ds: pydicom.Dataset) -> None:
+    del ds.VerifyingObserverSequence
+    ds.ContentDate, ds.ContentTime = "20240102", "030405"
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(("edit", "expected", "reason"), [
+    (_last_without, "20010213184700", "latest Verifying Observer"),
+    (_all_invalid, "20010213184746", "derived from ContentDate and ContentTime"),
+    (_no_observers, "20240102030405", "derived from ContentDate and ContentTime"),
+])
+def test_verified_sr_records_have_a_verification_datetime(tmp_path: Path, edit, expected: str,
+                                                          reason: str) -> None:
+    _sr(tmp_path / "in", "sr.dcm", edit)
+    cd = profiles.load("STD-GEN-CD")
+    report = master([tmp_path / "in"], tmp_path / "out", Options(cd, verify=True),
+                    kind="folder")
+    (record,) = _records(tmp_path / "out" / "DICOMDIR", "SR DOCUMENT")
+    assert record.VerificationFlag == "VERIFIED" and record.VerificationDateTime == expected
+    (fix,) = [f for f in report.filled if f["key"] == "VerificationDateTime"]
+    assert reason in fix["reason"]
+    assert dciodvfy_errors(tmp_path / "out" / "DICOMDIR") == []
+
+
+def test_verify_flags_a_verified_sr_record_without_its_datetime(tmp_path: Path) -> None:
+    _sr(tmp_path / "in", "sr.dcm", lambda ds: None)
+    cd = profiles.load("STD-GEN-CD")
+    master([tmp_path / "in"], tmp_path / "out", Options(cd), kind="folder")
+    dicomdir = tmp_path / "out" / "DICOMDIR"
+    data = dicomdir.read_bytes()
+    old = b"\x40\x00\x30\xa0DT\x0e\x0020010213184746"
+    assert old in data
+    dicomdir.write_bytes(data.replace(old, b"\x40\x00\x31\xa0" + old[4:]))  # another tag
+    result = verify(tmp_path / "out", cd)
+    assert any(v.code == "record-key" and "Verification DateTime" in v.message
+               for v in result.violations)
