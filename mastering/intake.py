@@ -416,32 +416,54 @@ def _created(hdr: records.Header) -> str:
     return f"{date}{whole.ljust(6, '0')}.{frac.ljust(6, '0')}"
 
 
-def leaf_keys(path: str, profile: Profile) -> bytes:
+@dataclass(frozen=True, slots=True)
+class LeafKeys:
+    """The leaf record's keys of a file this program wrote, with what was filled in or
+    changed for them (as Instance.filled and Instance.fixes, leaf keys only)."""
+
+    leaf: bytes
+    filled: tuple[tuple[str, str], ...]
+    fixes: tuple[tuple[str, str, str], ...]
+    keywords: frozenset[str]  # every leaf key of the record type
+
+
+def leaf_keys(path: str, profile: Profile) -> LeafKeys:
     """The leaf record's keys of a file this program wrote (a transcoded copy): decoding
-    changes keys (Lossy Image Compression Ratio, Number of Frames), so a record describes
-    the file on the medium, not its source (PS3.3 F.5)."""
+    changes keys (Lossy Image Compression Ratio, Number of Frames) and may make a value
+    valid that was not (pydicom writes numbers anew), so a record describes the file on the
+    medium, not its source (PS3.3 F.5)."""
     layout = part10.inspect(Path(path), collect=_wanted(profile))
     hdr = _header(path, layout)
     rtype = records.record_type(hdr.text(SOP_CLASS_UID))
     if rtype is None:
         raise _Invalid("the converted file has no storage SOP Class")
-    keys, _filled = _keys(hdr, rtype, profile, [])
-    return records.concatenate(keys[LEAF])
+    fixes: list[tuple[str, str, str]] = []
+    keys, filled = _keys(hdr, rtype, profile, fixes)
+    spec = records.key_spec(rtype, profile)
+    keywords = frozenset(pydicom.datadict.keyword_for_tag(t) for t in spec.all_tags())
+    return LeafKeys(records.concatenate(keys[LEAF]),
+                    tuple(f for f in filled if f[0] in keywords),
+                    tuple(f for f in fixes if f[0] in keywords), keywords)
 
 
-def adopt_leaf(inst: Instance, leaf: bytes) -> None:
-    """Take the leaf keys of the converted file, keeping the values filled in for the
-    source (a derived or running Instance Number stays what the planner gave it)."""
-    old, new = records.split(inst.leaf), records.split(leaf)
-    for keyword in {k for k, _v in inst.filled} | {k for k, _v, _r in inst.fixes}:
-        tag = records._tag(keyword) if pydicom.datadict.tag_for_keyword(keyword) else None
-        if tag is None:
+def adopt_leaf(inst: Instance, converted: LeafKeys) -> None:
+    """Take the leaf keys of the converted file, and its account of what was filled in or
+    changed for them. Only a key the converted file still lacks keeps the value given to
+    the source (a running Instance Number stays the one the planner assigned)."""
+    old, new = records.split(inst.leaf), records.split(converted.leaf)
+    still_filled = {k for k, _v in converted.filled}
+    for keyword, _value in inst.filled:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if tag is None or keyword not in converted.keywords:
             continue
-        if tag in old:
+        if keyword in still_filled and tag in old:
             new[tag] = old[tag]
-        else:
-            new.pop(tag, None)
     inst.leaf = records.concatenate(new)
+    leaf_level = converted.keywords
+    source_filled = {k for k, _v in inst.filled}
+    inst.filled = [f for f in inst.filled if f[0] not in leaf_level or f[0] in still_filled]
+    inst.filled += [f for f in converted.filled if f[0] not in source_filled]
+    inst.fixes = [f for f in inst.fixes if f[0] not in leaf_level] + list(converted.fixes)
 
 
 def identity(hdr: records.Header, layout: part10.Layout
