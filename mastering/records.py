@@ -359,25 +359,31 @@ def concatenate(elements: dict[int, bytes]) -> bytes:
 
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 #: image keys that enhanced multi-frame IODs keep in a functional group macro, with the
-#: macro's sequence (PS3.3 C.7.6.16.2.1-3; PS3.11 Table H.3-2 takes them from there)
-FUNCTIONAL_GROUP_KEYS = {
+#: macro's sequence, or None for a macro whose attribute sits in the group item itself
+#: (PS3.3 C.7.6.16.2.1-3, C.7.6.16.2.5; PS3.11 Table H.3-2 takes them from there)
+FUNCTIONAL_GROUP_KEYS: dict[int, int | None] = {
     0x00200032: 0x00209113,  # Image Position (Patient) <- Plane Position Sequence
     0x00200037: 0x00209116,  # Image Orientation (Patient) <- Plane Orientation Sequence
     0x00280030: 0x00289110,  # Pixel Spacing <- Pixel Measures Sequence
+    0x00081140: None,  # Referenced Image Sequence (Referenced Image Macro)
 }
 
 
-def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
-    """A key an enhanced multi-frame image has in its Shared Functional Groups, or in the
-    Per-frame Functional Groups when every frame has the same value; encoded, else None."""
-    macro = FUNCTIONAL_GROUP_KEYS.get(tag)
-    if macro is None:
+def functional_group_key(ds: Dataset, tag: int, per_frame: bool = True) -> bytes | None:
+    """A key an enhanced multi-frame image has in its Shared Functional Groups, or (with
+    per_frame) in the Per-frame Functional Groups when every frame has the same value;
+    encoded, else None. PS3.11 Table H.3-2 asks for the key from the top level or the Shared
+    Functional Groups; one value of all frames may be written too, but is not required."""
+    if tag not in FUNCTIONAL_GROUP_KEYS:
         return None
+    macro = FUNCTIONAL_GROUP_KEYS[tag]
     shared = ds.get(SHARED_GROUPS)
     for group in (shared.value if shared is not None else ()) or ():
         found = _in_macro(group, macro, tag)
         if found is not None:
             return found
+    if not per_frame:
+        return None
     frames = ds.get(PER_FRAME_GROUPS)
     values = {_in_macro(group, macro, tag) for group in (frames.value if frames else ()) or ()}
     if len(values) == 1:
@@ -385,7 +391,9 @@ def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
     return None
 
 
-def _in_macro(group: Dataset, macro: int, tag: int) -> bytes | None:
+def _in_macro(group: Dataset, macro: int | None, tag: int) -> bytes | None:
+    if macro is None:
+        return encode_element(group, tag) if tag in group else None
     seq = group.get(macro)
     items = seq.value if seq is not None else None
     if not items or tag not in items[0]:

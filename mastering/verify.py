@@ -623,9 +623,11 @@ class _Run:
                 tag = tag_for_keyword(kw)
                 if tag is None or _filled(rec.record, tag):
                     continue
-                if not _filled(header, tag) and not records.functional_group_key(header, tag):
-                    continue  # neither at the top level nor in the functional groups
-                if not _usable(header, tag):
+                shared = None if _filled(header, tag) else records.functional_group_key(
+                    header, tag, per_frame=False)
+                if not _filled(header, tag) and not shared:
+                    continue  # neither at the top level nor shared by the frames (H.3-2)
+                if not _usable(header, tag, shared):
                     continue  # invalid for its VR in the file: a record leaves it out
                 if not self.first_time(rec, tag):
                     continue
@@ -670,10 +672,11 @@ class _Run:
         return True
 
 
-def _usable(ds: Dataset, tag: int) -> bool:
-    """The file's value of tag can be a record key: valid for its VR, or normalizable."""
+def _usable(ds: Dataset, tag: int, element: bytes | None = None) -> bool:
+    """The file's value of tag (or `element`, the encoded value the file has elsewhere, in
+    its Shared Functional Groups) can be a record key: valid for its VR, or normalizable."""
     try:
-        element = records.encode_element(ds, tag)
+        element = element or records.encode_element(ds, tag)
     except Exception:  # noqa: BLE001 - a value pydicom cannot encode is not usable
         return False
     charsets = records.dataset_charsets(ds)
