@@ -162,6 +162,8 @@ def text_value(ds: Dataset, tag: int) -> str:
     if isinstance(raw, RawDataElement) and raw.value is not None and _vr_of(raw, tag) in TEXT_VRS:
         return raw.value.decode("latin-1").strip(" \0")
     value = ds[tag].value
+    if isinstance(value, bytes):  # UN: a value read as bytes
+        return value.decode("latin-1").strip(" \0")
     return "" if value is None else str(value).strip()
 
 

@@ -71,9 +71,10 @@ from .reader import (
     TreeNode,
     build_tree,
     dicomdir_name,
+    hierarchy,
     name_key,
     open_medium,
-    read_dicomdir,
+    read_dicomdir_checked,
     uint,
 )
 
@@ -166,20 +167,6 @@ def _filled(ds: Dataset, tag: int) -> bool:
         return True
 
 
-def _hierarchy() -> dict[str, frozenset[str]]:
-    """Allowed children per parent record type (PS3.3 Table F.4-1); "" is the root."""
-    table = records.record_keys()
-    known = {k for k in table if not k.startswith("_")}
-    root_level = frozenset(table["_root_level"])
-    leaves = frozenset(known - set(records.LEVELS) - root_level)
-    allowed = {
-        "": root_level | {"PATIENT", "PRIVATE"},
-        "PATIENT": frozenset({"STUDY", "PRIVATE"}),
-        "STUDY": frozenset({"SERIES", "PRIVATE"}),
-        "SERIES": leaves | {"PRIVATE"},
-    }
-    allowed.update({t: frozenset({"PRIVATE"}) for t in leaves | root_level | {"PRIVATE"}})
-    return allowed
 
 
 class _Run:
@@ -287,10 +274,12 @@ class _Run:
         if not self.check_dicomdir_layout(name):
             return None
         try:
-            ds = read_dicomdir(self.medium)
+            ds, repaired = read_dicomdir_checked(self.medium)
         except MediaError as exc:
             self.add("dicomdir", name, str(exc))
             return None
+        for fault in repaired:
+            self.add("dicomdir", name, fault)
         self.check_dicomdir_meta(name, ds)
         self.check_fileset_id(name, ds)
         flag = uint(ds, CONSISTENCY_FLAG)
@@ -373,7 +362,7 @@ class _Run:
         if not tree.roots:
             self.add("hierarchy", DICOMDIR, "the DICOMDIR has no records; the profiles need "
                                             "PATIENT, STUDY, SERIES and leaf records (PS3.11)")
-        allowed = _hierarchy()
+        allowed = hierarchy()
         inactive = empty = 0
         for node, ancestors in tree.walk():
             if not node.in_use:
