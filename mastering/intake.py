@@ -41,6 +41,9 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 LEAF = "LEAF"
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+#: Instance Creation Date and Time, Timezone Offset From UTC: which copy is newest
+CREATION_TAGS = (0x00080012, 0x00080013, 0x00080201)
+TIMEZONE_OFFSET = 0x00080201
 RUNNING = ("SeriesNumber", "InstanceNumber")
 #: PATIENT keys that must agree between files with one Patient ID (dcmtk warns likewise)
 PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth Date",
@@ -331,7 +334,7 @@ def _header(path: str, layout: part10.Layout) -> records.Header:
 @cache
 def _wanted_cached(extra: tuple) -> frozenset[int]:
     tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET,
-            records.SHARED_GROUPS, records.PER_FRAME_GROUPS}
+            records.SHARED_GROUPS, records.PER_FRAME_GROUPS, *CREATION_TAGS}
     for table in records.record_keys().values():
         if isinstance(table, dict):
             tags.update(records._tag(kw) for kws in table.values() for kw in kws)
@@ -404,16 +407,26 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
 
 
 def _created(hdr: records.Header) -> str:
-    """Instance Creation Date/Time (PS3.3 C.12.1) comparable as text, "" if not valid."""
+    """Instance Creation Date/Time (PS3.3 C.12.1) in UTC by the Timezone Offset From UTC
+    (C.12.1.1.8; without one the time is taken as it is), as comparable text; the ACR-NEMA
+    forms (1997.04.24, 14:04:38) have one meaning and are read as such; "" if absent or
+    invalid."""
     from . import values
 
-    date, time = hdr.text(0x00080012), hdr.text(0x00080013)
-    if not date or values.check(0x00080012, "DA", date.encode()) is not None:
+    parts = []
+    for tag, vr in ((0x00080012, "DA"), (0x00080013, "TM")):
+        raw = hdr.text(tag).encode("latin-1")
+        raw += b" " * (len(raw) % 2)
+        if raw and values.check(tag, vr, raw) is not None:
+            raw = values.normalize(tag, vr, raw) or b""
+        parts.append(raw.decode("ascii", "replace").strip())
+    date, time = parts
+    if not date:
         return ""
-    if time and values.check(0x00080013, "TM", (time + " " * (len(time) % 2)).encode()):
-        time = ""
-    whole, _, frac = time.partition(".")
-    return f"{date}{whole.ljust(6, '0')}.{frac.ljust(6, '0')}"
+    moment = values.instant(date + time, hdr.text(TIMEZONE_OFFSET))
+    if moment is None:
+        moment = values.instant(date, hdr.text(TIMEZONE_OFFSET))  # an invalid time: the day
+    return moment.strftime("%Y%m%d%H%M%S.%f") if moment is not None else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -950,9 +963,11 @@ class _Merger:
 
     def _conflict(self, uid: str, group: list[Instance]) -> None:
         kept = _newest(group) if self.policy == "newest" else None
+        tie = self.policy == "newest" and kept is None
         files = [p for inst in group for p in (inst.path, *inst.duplicates)]
         self.result.conflicts.append({"uid": uid, "policy": self.policy, "files": files,
-                                      "kept": kept.path if kept else None})
+                                      "kept": kept.path if kept else None,
+                                      **({"tie": True} if tie else {})})
         current = self.by_uid.pop(uid)
         if kept is not None:
             self.by_uid[uid] = current
@@ -969,10 +984,13 @@ class _Merger:
                           f"{others}")
                 if kept is not None:
                     reason += f"; --on-conflict newest kept {kept.path}"
+                elif tie:
+                    reason += ("; --on-conflict newest cannot choose: the same Instance "
+                               "Creation Date/Time and the same file time")
                 elif self.policy == "skip":
                     reason += "; left out (--on-conflict skip)"
                 problem = Problem(path, "conflict", reason)
-                (self.result.invalid if self.policy == "refuse"
+                (self.result.invalid if self.policy == "refuse" or tie
                  else self.result.left_out).append(problem)
 
     def _swap_in(self, current: Instance, kept: Instance) -> None:
@@ -996,13 +1014,16 @@ class _Merger:
             self.series_first[key] = heir
 
 
-def _newest(group: list[Instance]) -> Instance:
-    """The latest Instance Creation Date/Time (PS3.3 C.12.1) when every variant has one and
-    they differ, else the latest file (modification time), then the last path."""
-    created = [i.created for i in group]
-    if all(created) and len(set(created)) > 1:
-        return max(group, key=lambda i: (i.created, i.stamp[3], i.path))
-    return max(group, key=lambda i: (i.stamp[3], i.path))
+def _newest(group: list[Instance]) -> Instance | None:
+    """The variant with the latest Instance Creation Date/Time in UTC (PS3.3 C.12.1); a
+    variant with one beats a variant without; among equals (or none dated) the latest file
+    (modification time). None when that still leaves more than one: a tie is not guessed."""
+    def rank(inst: Instance) -> tuple[bool, str, int]:
+        return bool(inst.created), inst.created, inst.stamp[3]
+
+    best = max(rank(i) for i in group)
+    top = [i for i in group if rank(i) == best]
+    return top[0] if len(top) == 1 else None
 
 
 def same_object(a: str, b: str) -> bool:

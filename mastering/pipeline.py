@@ -271,6 +271,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
         report.error = str(exc)
         raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
     _record_intake(report, scanned)
+    _refuse_undecided(report, scanned)
     if scanned.invalid and not options.skip_invalid:
         report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
@@ -284,6 +285,20 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
                                on_publish)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _refuse_undecided(report: Report, scanned: IntakeResult) -> None:
+    """Different objects with one SOP Instance UID that nothing decided between (refused,
+    or a tie --on-conflict newest cannot break): --skip-invalid does not skip them, that
+    would leave every copy out."""
+    undecided = [c for c in scanned.conflicts if c["kept"] is None and c["policy"] != "skip"]
+    if not undecided:
+        return
+    how = ("--on-conflict newest cannot tell which is newest" if any(
+        c.get("tie") for c in undecided) else "choose --on-conflict skip or newest")
+    report.error = (f"{len(undecided)} SOP Instance UID(s) used by different objects; {how}; "
+                    "nothing was written")
+    raise MasteringError(report.error, report, 3)
 
 
 def _record_intake(report: Report, scanned: IntakeResult) -> None:
@@ -302,10 +317,6 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
-    if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
-        report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
-                        "objects; choose --on-conflict skip or newest; nothing was written")
-        raise MasteringError(report.error, report, 3)
     place = None
     if kind == "inplace":  # what the folder holds: refused, appended to or to be replaced
         from .inplace import Target

@@ -259,3 +259,48 @@ def test_deflated_copies_are_compared_in_flat_memory(tmp_path: Path) -> None:
     same, grown_mb = run.stdout.split()
     assert same == "True"
     assert int(grown_mb) < 16, f"comparing grew the process by {grown_mb} MB"
+
+
+# -- --on-conflict newest: which variant is newest -------------------------------------------
+
+
+def _variant(folder: Path, name: str, mtime: float, **created) -> Path:
+    path = make_ct(folder, f"{name}.dcm", sop_uid=UID, patient_name=f"DOE^{name.upper()}",
+                   **created)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.mark.parametrize(("older", "newer"), [
+    # 10:00 at UTC+1 is 09:00 UTC: before 09:30 UTC
+    (dict(InstanceCreationDate="20250101", InstanceCreationTime="100000",
+          TimezoneOffsetFromUTC="+0100"),
+     dict(InstanceCreationDate="20250101", InstanceCreationTime="093000",
+          TimezoneOffsetFromUTC="+0000")),
+    # a file with a creation date beats one without, whatever the file times
+    ({}, dict(InstanceCreationDate="20250101", InstanceCreationTime="000000")),
+    # ACR-NEMA forms have one meaning
+    (dict(InstanceCreationDate="20240101", InstanceCreationTime="120000"),
+     dict(InstanceCreationDate="2025.01.01", InstanceCreationTime="10:00:00")),
+])
+def test_newest_compares_creation_moments(tmp_path: Path, older: dict, newer: dict) -> None:
+    old = _variant(tmp_path / "a", "old", 2_000_000_000, **older)  # the newer file
+    new = _variant(tmp_path / "b", "new", 1_000_000_000, **newer)
+    report = master([old, new], tmp_path / "o.iso", Options(CD, on_conflict="newest"))
+    assert report.conflicts[0]["kept"] == str(new)
+    assert [s["path"] for s in report.skipped] == [str(old)]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_newest_refuses_a_tie(tmp_path: Path, skip: bool) -> None:
+    created = dict(InstanceCreationDate="20250101", InstanceCreationTime="100000")
+    a = _variant(tmp_path / "a", "a", 1_500_000_000, **created)
+    b = _variant(tmp_path / "b", "b", 1_500_000_000, **created)
+    with pytest.raises(MasteringError) as err:
+        master([a, b], tmp_path / "o.iso", Options(CD, on_conflict="newest",
+                                                    skip_invalid=skip))
+    assert err.value.exit_code == 3 and not (tmp_path / "o.iso").exists()
+    (conflict,) = err.value.report.conflicts
+    assert conflict["kept"] is None and conflict["tie"]
+    assert all("cannot choose" in i["reason"] for i in err.value.report.invalid)
+    assert "cannot tell which is newest" in err.value.report.error
