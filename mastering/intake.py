@@ -355,6 +355,11 @@ def _wanted(profile: Profile) -> frozenset[int]:
 def _instance(path: str, layout: part10.Layout, hdr: records.Header,
               profile: Profile) -> Instance:
     sop_class, sop_uid, repairs = identity(hdr, layout)
+    if layout.meta_length is not None:
+        declared, actual = layout.meta_length
+        repairs.append({"uid": "File Meta Information Group Length (0002,0000)",
+                        "meta": str(declared), "dataset": f"{actual} (the group's bytes)",
+                        "repair": "the meta header is rebuilt (PS3.10 7.1)"})
     if not sop_class or not sop_uid:
         raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID in the "
                        "data set or its meta header")

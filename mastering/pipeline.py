@@ -287,6 +287,17 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _leave_out(report: Report, options: Options, problems: list[dict],
+               recorded: bool = False) -> None:
+    """Files refused after the scan (a series under two studies, a failed conversion): in
+    "invalid" with their reason and, under --skip-invalid, in "skipped" as every file left
+    out is."""
+    if not recorded:
+        report.invalid += problems
+    if options.skip_invalid:
+        report.skipped += problems
+
+
 def _refuse_undecided(report: Report, scanned: IntakeResult) -> None:
     """Different objects with one SOP Instance UID that nothing decided between (refused,
     or a tie --on-conflict newest cannot break): --skip-invalid does not skip them, that
@@ -326,12 +337,15 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
-    report.invalid += [{"path": p, "kind": "conflict", "reason": r} for p, r in conflicts]
+    _leave_out(report, options, [{"path": p, "kind": "conflict", "reason": r}
+                                 for p, r in conflicts])
     if conflicts and not options.skip_invalid:
         report.error = f"{len(report.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
     entries = [e for p in tree for st in p.studies for se in st.series for e in se.entries] + roots
+    known = len(report.invalid)
     _stage(entries, profile, work, report, options, progress, cancel)
+    _leave_out(report, options, report.invalid[known:], recorded=True)
     if report.invalid and not options.skip_invalid:
         report.error = "conversion failed; nothing was written"
         raise MasteringError(report.error, report, 3)

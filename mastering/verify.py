@@ -320,6 +320,7 @@ class _Run:
             return False
         if not layout.has_preamble or not layout.has_meta:
             self.add("dicomdir", name, "not a Part 10 file (preamble, 'DICM' and meta group)")
+        self.check_group_length(name, layout)
         if layout.meta_ts != part10.EXPLICIT_LE or layout.body_disagrees:
             self.add("dicomdir-ts", name, f"transfer syntax {layout.meta_ts or 'none'} (body "
                                           f"{layout.body_ts}); a DICOMDIR is always Explicit VR "
@@ -518,6 +519,7 @@ class _Run:
             return
         if not layout.has_preamble or not layout.has_meta:
             self.add("part10", name, "no preamble, 'DICM' or meta group (PS3.10 7.1)")
+        self.check_group_length(name, layout)
         self.check_transfer_syntax(name, layout)
         extra = [*self.conditional_tags(node, ancestors), *IDENTITY.values()]
         if any(t in records.FUNCTIONAL_GROUP_KEYS and t not in node.record for t in extra):
@@ -552,6 +554,12 @@ class _Run:
             if in_file and in_record and in_file != in_record and self.first_time(rec, tag):
                 self.add("record-mismatch", _record_path(rec),
                          f"{rec.rtype} record's {_name(tag)} differs from that of {name}")
+
+    def check_group_length(self, name: str, layout: part10.Layout) -> None:
+        if layout.meta_length is not None:
+            declared, actual = layout.meta_length
+            self.add("part10", name, f"File Meta Information Group Length (0002,0000) is "
+                                     f"{declared}, the group holds {actual} bytes (PS3.10 7.1)")
 
     def check_transfer_syntax(self, name: str, layout: part10.Layout) -> None:
         if layout.body_disagrees:
