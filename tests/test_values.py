@@ -211,19 +211,6 @@ def test_an_unknown_character_set_refuses_the_file(tmp_path: Path, value: bytes)
     assert "not a Defined Term (PS3.3 C.12.1.1.2)" in res.reason
 
 
-def test_verify_flags_a_character_set_that_is_no_defined_term(tmp_path: Path) -> None:
-    make_ct(tmp_path / "in", "a.dcm")
-    master([tmp_path / "in"], tmp_path / "out", Options(DVD), kind="folder")
-    dicomdir = tmp_path / "out" / "DICOMDIR"
-    data = dicomdir.read_bytes()
-    dicomdir.write_bytes(data.replace(b"ISO_IR 100", b"iso_ir 100"))
-    result = verify(tmp_path / "out", DVD)
-    assert {v.code for v in result.violations} == {"record-value"}
-    assert all("SpecificCharacterSet" in v.message for v in result.violations)
-    dicomdir.write_bytes(data.replace(b"ISO_IR 100", b"ISO_IR 999"))
-    assert {v.code for v in verify(tmp_path / "out", DVD).violations} == {"record-value"}
-
-
 @pytest.mark.oracle
 def test_numbers_encoded_with_a_binary_vr_become_text(tmp_path: Path) -> None:
     """Series Number as US, Instance Number as SS, Pixel Spacing as FD: the IS/DS text of the
@@ -244,17 +231,6 @@ def test_numbers_encoded_with_a_binary_vr_become_text(tmp_path: Path) -> None:
     assert by_type["PATIENT"].PatientID.startswith("NOID")
     assert "encoded as US, not IS" in fixes["binary", "SeriesNumber"]["reason"]
     assert "encoded as OB, not LO" in fixes["binary", "PatientID"]["reason"]
-
-
-def test_verify_flags_a_key_with_a_binary_vr(tmp_path: Path) -> None:
-    make_ct(tmp_path / "in", "a.dcm")
-    master([tmp_path / "in"], tmp_path / "out", Options(DVD), kind="folder")
-    dicomdir = tmp_path / "out" / "DICOMDIR"
-    _patch(dicomdir, b"\x20\x00\x11\x00IS\x02\x001 ", b"\x20\x00\x11\x00US\x02\x00\x01\x00")
-    result = verify(tmp_path / "out", DVD)
-    assert [(v.code, "SeriesNumber" in v.message) for v in result.violations] \
-        == [("record-value", True)]
-    assert dciodvfy_errors(dicomdir)  # the oracle agrees
 
 
 @pytest.mark.oracle
@@ -297,16 +273,6 @@ def test_a_patient_id_outside_the_repertoire_refuses_the_file(tmp_path: Path) ->
     assert "PatientID" in res.reason and "default repertoire" in res.reason
 
 
-def test_verify_flags_bytes_outside_the_repertoire(tmp_path: Path) -> None:
-    make_ct(tmp_path / "in", "a.dcm", patient_name="DOE^JANE")
-    master([tmp_path / "in"], tmp_path / "out", Options(DVD), kind="folder")
-    dicomdir = tmp_path / "out" / "DICOMDIR"
-    _patch(dicomdir, b"DOE^JANE", b"DOE\x7fJANE")
-    result = verify(tmp_path / "out", DVD)
-    assert [(v.code, "PatientName" in v.message) for v in result.violations] \
-        == [("record-value", True)]
-
-
 ORIENTATIONS = {"zeros": [0, 0, 0, 0, 0, 0], "not_unit": [0.707, 0.707, 0, 0, 0, -1],
                 "long": [1.1, 0, 0, 0, 1, 0], "skew": [1, 0, 0, 0.01, 1, 0],
                 "oblique": ["0.7071", "0.7071", 0, 0, 0, -1], "axial": [1, 0, 0, 0, 1, 0]}
@@ -327,12 +293,28 @@ def test_image_orientation_must_be_two_orthogonal_unit_vectors(tmp_path: Path) -
     assert ("oblique", "ImageOrientationPatient") not in fixes
 
 
-def test_verify_flags_an_orientation_without_meaning(tmp_path: Path) -> None:
-    make_ct(tmp_path / "in", "a.dcm")
+#: a record value changed as other tools' media have it: (bytes, changed to, key, whether
+#: dciodvfy reports it as an error too)
+RECORD_FAULTS = {
+    "character set spelling": (b"ISO_IR 100", b"iso_ir 100", "SpecificCharacterSet", True),
+    "character set unknown": (b"ISO_IR 100", b"ISO_IR 999", "SpecificCharacterSet", False),
+    "binary VR": (b"\x20\x00\x11\x00IS\x02\x001 ", b"\x20\x00\x11\x00US\x02\x00\x01\x00",
+                  "SeriesNumber", True),
+    "DEL in a name": (b"DOE^JANE", b"DOE\x7fJANE", "PatientName", True),
+    "orientation": (b"1.0\\0.0\\0.0\\0.0\\1.0\\0.0 ", b"1.0\\0.0\\0.0\\0.0\\0.0\\0.0 ",
+                    "ImageOrientationPatient", True),
+}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(RECORD_FAULTS))
+def test_verify_flags_record_values(tmp_path: Path, case: str) -> None:
+    old, new, key, oracle = RECORD_FAULTS[case]
+    make_ct(tmp_path / "in", "a.dcm", patient_name="DOE^JANE")
     master([tmp_path / "in"], tmp_path / "out", Options(DVD), kind="folder")
     dicomdir = tmp_path / "out" / "DICOMDIR"
-    _patch(dicomdir, b"1.0\\0.0\\0.0\\0.0\\1.0\\0.0 ", b"1.0\\0.0\\0.0\\0.0\\0.0\\0.0 ")
+    _patch(dicomdir, old, new)
     result = verify(tmp_path / "out", DVD)
-    assert [(v.code, "ImageOrientationPatient" in v.message) for v in result.violations] \
-        == [("record-value", True)]
-    assert dciodvfy_errors(dicomdir)  # the oracle agrees
+    assert {v.code for v in result.violations} == {"record-value"}
+    assert all(key in v.message for v in result.violations)
+    assert bool(dciodvfy_errors(dicomdir)) == oracle
