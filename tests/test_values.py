@@ -239,10 +239,11 @@ def test_bytes_outside_the_repertoire_never_reach_a_record(tmp_path: Path) -> No
     ISO_IR 100, Latin-1 under ISO_IR 192: Type 2 keys left empty, 1C keys left out."""
     latin = _one(0, tmp_path / "in", "latin", patient_name="MUELLER^JUERGEN",
                  SpecificCharacterSet=None, InstitutionName="KLINIK KOELN",
-                 StudyDescription="SCHAEDEL")
+                 StudyDescription="SCHAEDEL", StudyID="KOELN1")
     _patch(latin, b"MUELLER^JUERGEN ", "Müller^Jürgen".encode("latin-1") + b"   ")
     _patch(latin, b"KLINIK KOELN", "Klinik Köln ".encode("latin-1"))
     _patch(latin, b"SCHAEDEL", "Schädel ".encode("latin-1"))
+    _patch(latin, b"KOELN1", "KÖLN01".encode("latin-1"))  # a Type 1 key: derived
     controls = _one(1, tmp_path / "in", "controls", patient_name="DEL^X",
                     InstitutionName="C1 CHARS")
     _patch(controls, b"DEL^X ", b"DEL\x7fX ")
@@ -253,7 +254,8 @@ def test_bytes_outside_the_repertoire_never_reach_a_record(tmp_path: Path) -> No
     before = {p: p.read_bytes() for p in (latin, controls, utf8)}
     report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
     assert report.instances == 3 and not report.invalid
-    for name, key, outcome in [("latin", "PatientName", "left empty"),
+    for name, key, outcome in [("latin", "StudyID", "derived as for a missing key"),
+                               ("latin", "PatientName", "left empty"),
                                ("latin", "StudyDescription", "left empty"),
                                ("latin", "InstitutionName", "left out"),
                                ("controls", "PatientName", "left empty"),
