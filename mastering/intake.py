@@ -35,11 +35,15 @@ from . import workers as workers_mod
 from .cancel import Cancelled
 from .outputs import is_work_folder
 from .profiles import Profile
+from .reader import MediaError
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 LEAF = "LEAF"
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+#: Instance Creation Date and Time, Timezone Offset From UTC: which copy is newest
+CREATION_TAGS = (0x00080012, 0x00080013, 0x00080201)
+TIMEZONE_OFFSET = 0x00080201
 RUNNING = ("SeriesNumber", "InstanceNumber")
 #: PATIENT keys that must agree between files with one Patient ID (dcmtk warns likewise)
 PATIENT_CONSISTENT = {0x00100010: "Patient's Name", 0x00100030: "Patient's Birth Date",
@@ -258,7 +262,7 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
         stamp = file_stamp(path)
         layout = _layout(path, _wanted(profile))
     except part10.NotDicomError as exc:
-        return Problem(path, "not-dicom", str(exc))
+        return Problem(path, "not-dicom", _not_dicom(path, exc))
     except part10.StructureError as exc:
         return Problem(path, "invalid", f"corrupt DICOM: {exc}")
     except OSError as exc:
@@ -286,6 +290,14 @@ def scan_file(path: str, profile: Profile) -> Instance | Problem | DirectoryInde
 
 class _Invalid(Exception):
     pass
+
+
+def _not_dicom(path: str, exc: part10.NotDicomError) -> str:
+    """Why a file is not an instance; an ISO image found in a folder is said to be one: it is
+    not opened (an image of another patient's disc could sit in any export folder)."""
+    if os.path.lexists(path) and isosource.is_image(Path(path)):
+        return "an ISO image inside a folder is not opened; name it on the command line"
+    return str(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -322,7 +334,7 @@ def _header(path: str, layout: part10.Layout) -> records.Header:
 @cache
 def _wanted_cached(extra: tuple) -> frozenset[int]:
     tags = {SOP_CLASS_UID, SOP_INSTANCE_UID, records.SPECIFIC_CHARACTER_SET,
-            records.SHARED_GROUPS, records.PER_FRAME_GROUPS}
+            records.SHARED_GROUPS, records.PER_FRAME_GROUPS, *CREATION_TAGS}
     for table in records.record_keys().values():
         if isinstance(table, dict):
             tags.update(records._tag(kw) for kws in table.values() for kw in kws)
@@ -330,7 +342,8 @@ def _wanted_cached(extra: tuple) -> frozenset[int]:
         tags.update(records._tag(kw) for _req, kws in table for kw in kws)
     for keyword, rule in records.fill_rules().items():
         tags.add(records._tag(keyword))
-        tags.update(records._tag(kw) for kw in (*rule.get("copy", ()), *rule.get("from", ())))
+        tags.update(records._tag(kw) for kw in (*rule.get("copy", ()), *rule.get("from", ()),
+                                                *rule.get("invalid_from", ())))
     return frozenset(tags)
 
 
@@ -342,6 +355,11 @@ def _wanted(profile: Profile) -> frozenset[int]:
 def _instance(path: str, layout: part10.Layout, hdr: records.Header,
               profile: Profile) -> Instance:
     sop_class, sop_uid, repairs = identity(hdr, layout)
+    if layout.meta_length is not None:
+        declared, actual = layout.meta_length
+        repairs.append({"uid": "File Meta Information Group Length (0002,0000)",
+                        "meta": str(declared), "dataset": f"{actual} (the group's bytes)",
+                        "repair": "the meta header is rebuilt (PS3.10 7.1)"})
     if not sop_class or not sop_uid:
         raise _Invalid("not a storable instance: no SOP Class UID or SOP Instance UID in the "
                        "data set or its meta header")
@@ -394,44 +412,76 @@ def _instance(path: str, layout: part10.Layout, hdr: records.Header,
 
 
 def _created(hdr: records.Header) -> str:
-    """Instance Creation Date/Time (PS3.3 C.12.1) comparable as text, "" if not valid."""
+    """Instance Creation Date/Time (PS3.3 C.12.1) in UTC by the Timezone Offset From UTC
+    (C.12.1.1.8; without one the time is taken as it is), as comparable text; the ACR-NEMA
+    forms (1997.04.24, 14:04:38) have one meaning and are read as such; "" if absent or
+    invalid."""
     from . import values
 
-    date, time = hdr.text(0x00080012), hdr.text(0x00080013)
-    if not date or values.check(0x00080012, "DA", date.encode()) is not None:
+    parts = []
+    for tag, vr in ((0x00080012, "DA"), (0x00080013, "TM")):
+        raw = hdr.text(tag).encode("latin-1")
+        raw += b" " * (len(raw) % 2)
+        if raw and values.check(tag, vr, raw) is not None:
+            raw = values.normalize(tag, vr, raw) or b""
+        parts.append(raw.decode("ascii", "replace").strip())
+    date, time = parts
+    if not date:
         return ""
-    if time and values.check(0x00080013, "TM", (time + " " * (len(time) % 2)).encode()):
-        time = ""
-    whole, _, frac = time.partition(".")
-    return f"{date}{whole.ljust(6, '0')}.{frac.ljust(6, '0')}"
+    moment = values.instant(date + time, hdr.text(TIMEZONE_OFFSET))
+    if moment is None:
+        moment = values.instant(date, hdr.text(TIMEZONE_OFFSET))  # an invalid time: the day
+    return moment.strftime("%Y%m%d%H%M%S.%f") if moment is not None else ""
 
 
-def leaf_keys(path: str, profile: Profile) -> bytes:
+@dataclass(frozen=True, slots=True)
+class LeafKeys:
+    """The leaf record's keys of a file this program wrote, with what was filled in or
+    changed for them (as Instance.filled and Instance.fixes, leaf keys only)."""
+
+    leaf: bytes
+    filled: tuple[tuple[str, str], ...]
+    fixes: tuple[tuple[str, str, str], ...]
+    keywords: frozenset[str]  # every leaf key of the record type
+
+
+def leaf_keys(path: str, profile: Profile) -> LeafKeys:
     """The leaf record's keys of a file this program wrote (a transcoded copy): decoding
-    changes keys (Lossy Image Compression Ratio, Number of Frames), so a record describes
-    the file on the medium, not its source (PS3.3 F.5)."""
+    changes keys (Lossy Image Compression Ratio, Number of Frames) and may make a value
+    valid that was not (pydicom writes numbers anew), so a record describes the file on the
+    medium, not its source (PS3.3 F.5)."""
     layout = part10.inspect(Path(path), collect=_wanted(profile))
     hdr = _header(path, layout)
     rtype = records.record_type(hdr.text(SOP_CLASS_UID))
     if rtype is None:
         raise _Invalid("the converted file has no storage SOP Class")
-    keys, _filled = _keys(hdr, rtype, profile, [])
-    return records.concatenate(keys[LEAF])
+    fixes: list[tuple[str, str, str]] = []
+    keys, filled = _keys(hdr, rtype, profile, fixes)
+    spec = records.key_spec(rtype, profile)
+    keywords = frozenset(pydicom.datadict.keyword_for_tag(t) for t in spec.all_tags())
+    return LeafKeys(records.concatenate(keys[LEAF]),
+                    tuple(f for f in filled if f[0] in keywords),
+                    tuple(f for f in fixes if f[0] in keywords), keywords)
 
 
-def adopt_leaf(inst: Instance, leaf: bytes) -> None:
-    """Take the leaf keys of the converted file, keeping the values filled in for the
-    source (a derived or running Instance Number stays what the planner gave it)."""
-    old, new = records.split(inst.leaf), records.split(leaf)
-    for keyword in {k for k, _v in inst.filled} | {k for k, _v, _r in inst.fixes}:
-        tag = records._tag(keyword) if pydicom.datadict.tag_for_keyword(keyword) else None
-        if tag is None:
+def adopt_leaf(inst: Instance, converted: LeafKeys) -> None:
+    """Take the leaf keys of the converted file, and its account of what was filled in or
+    changed for them. Only a key the converted file still lacks keeps the value given to
+    the source (a running Instance Number stays the one the planner assigned)."""
+    old, new = records.split(inst.leaf), records.split(converted.leaf)
+    still_filled = {k for k, _v in converted.filled}
+    for keyword, _value in inst.filled:
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if tag is None or keyword not in converted.keywords:
             continue
-        if tag in old:
+        if keyword in still_filled and tag in old:
             new[tag] = old[tag]
-        else:
-            new.pop(tag, None)
     inst.leaf = records.concatenate(new)
+    leaf_level = converted.keywords
+    source_filled = {k for k, _v in inst.filled}
+    inst.filled = [f for f in inst.filled if f[0] not in leaf_level or f[0] in still_filled]
+    inst.filled += [f for f in converted.filled if f[0] not in source_filled]
+    inst.fixes = [f for f in inst.fixes if f[0] not in leaf_level] + list(converted.fixes)
 
 
 def identity(hdr: records.Header, layout: part10.Layout
@@ -472,7 +522,7 @@ def _keys(
     keys: dict[str, dict[int, bytes]] = {}
     filled: list[tuple[str, str]] = []
     known: dict[str, str] = {}
-    charset = _charset(hdr)
+    charset = _charset(hdr, fixes)
     check = _Checker(records.charsets_of(charset), fixes)
     for level in (*levels, LEAF):
         spec = records.key_spec(rtype if level == LEAF else level, profile)
@@ -512,18 +562,25 @@ class _Checker:
         return result.element
 
 
-def _charset(hdr: records.Header) -> bytes | None:
-    """Specific Character Set goes into every record: one that cannot be a record key
-    (over 64 KiB, or not CS) refuses the file rather than every record."""
+def _charset(hdr: records.Header, fixes: list[tuple[str, str, str]]) -> bytes | None:
+    """Specific Character Set goes into every record, written as its Defined Terms where the
+    spelling has one clear meaning (reported); one that cannot be a record key (not CS, not
+    Defined Terms, over 64 KiB) refuses the file rather than every record."""
     try:
         charset = hdr.encoded(records.SPECIFIC_CHARACTER_SET)
     except records.ValueTooLong as exc:
         raise _Invalid("Specific Character Set is longer than a directory record can hold") \
             from exc
-    if charset is not None and charset[4:6] not in (b"CS", b""):
-        raise _Invalid(f"Specific Character Set has the VR {charset[4:6].decode('latin-1')!r}, "
-                       "not CS")
-    return charset
+    if charset is None or not hdr.has(records.SPECIFIC_CHARACTER_SET):
+        return charset
+    result = records.check_element(records.SPECIFIC_CHARACTER_SET, charset, ())
+    if result.element is None:
+        shown = records.value_bytes(charset).decode("latin-1")
+        raise _Invalid(f"Specific Character Set {shown!r} cannot be read: {result.reason}")
+    if result.changed:
+        fixes.append(("SpecificCharacterSet", records.value_text(result.element),
+                      result.reason))
+    return result.element
 
 
 def _encoded(hdr: records.Header, tag: int, check: _Checker,
@@ -547,10 +604,34 @@ def _dataset(hdr: records.Header) -> Dataset:
     return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
 
 
+#: keys that identify the patient, study and series in the records and in every file: a
+#: value a record cannot carry as it is gets a derived one, unless its bytes are not text
+#: of the file's repertoire (see below)
+IDENTITY_KEYS = frozenset({0x00100020, 0x0020000D, 0x0020000E})
+
+
+def _refuse_unreadable_identity(tag: int, keyword: str | None, encoded: bytes,
+                                charsets: tuple[str, ...]) -> None:
+    """A Patient ID whose bytes are not characters of the file's repertoire (PS3.5 6.1; an
+    old file's "MÜLLER01" in Latin-1 without a Specific Character Set) is an identity that
+    viewers and archives read from the file as they guess it; a derived record value would
+    disagree with it, so the file is refused instead, with the reason."""
+    from . import values
+
+    vr, value = records.element_vr(encoded), records.value_bytes(encoded)
+    if tag not in IDENTITY_KEYS or vr not in values.RULES:
+        return
+    why = values.repertoire_error(vr, value, charsets)
+    if why:
+        raise _Invalid(f"the Type 1 directory key {keyword} is not text of its repertoire "
+                       f"({why}); a derived value would disagree with the file on this "
+                       "identity")
+
+
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
            check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
-    why = ""
+    why, invalid = "", None
     encoded = _encoded(hdr, tag, _Checker(check.charsets, [])) if hdr.has(tag) else None
     if hdr.has(tag) and encoded is None:  # a derived value would disagree with the file
         raise _Invalid(f"the Type 1 directory key {keyword} is longer than a directory "
@@ -562,8 +643,9 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
                 check.fixes.append((keyword, records.value_text(result.element),
                                     result.reason))
             return result.element
-        why = result.reason
-    value = records.derive(keyword, hdr, known)
+        why, invalid = result.reason, records.value_bytes(encoded)
+        _refuse_unreadable_identity(tag, keyword, encoded, check.charsets)
+    value = records.derive(keyword, hdr, known, invalid)
     if value is None:
         if why:
             raise _Invalid(f"the Type 1 directory key {keyword} is not valid for its VR "
@@ -572,7 +654,10 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
     known[keyword] = value
     filled.append((keyword, value))
     if why:
-        check.fixes.append((keyword, value, f"{why}; derived as for a missing key"))
+        how = ("derived from the file's value, the same for every file with it"
+               if "invalid_from" in records.fill_rules().get(keyword, {})
+               else "derived as for a missing key")
+        check.fixes.append((keyword, value, f"{why}; {how}"))
     if value == "":  # a running number: the planner assigns it
         return None
     return records.encode_value(tag, value)
@@ -582,11 +667,11 @@ def _conditional(hdr: records.Header, tag: int, rtype: str, check: _Checker) -> 
     """1C/3 keys; SR Content Sequence keeps only the HAS CONCEPT MOD items (F.5.24, F.5.25)."""
     if rtype in NEEDS_PYDICOM and tag in (0x0040A730, 0x0040A030):
         assert isinstance(hdr, records.PydicomHeader)
-        return _sr_key(hdr.ds, tag, rtype)
+        return _sr_key(hdr.ds, tag, rtype, check)
     return _encoded(hdr, tag, check, "left out") if hdr.has(tag) else None
 
 
-def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
+def _sr_key(ds: Dataset, tag: int, rtype: str, check: _Checker) -> bytes | None:
     if tag == 0x0040A730:
         items = [i for i in ds.get("ContentSequence", [])
                  if i.get("RelationshipType") == "HAS CONCEPT MOD"]
@@ -596,12 +681,49 @@ def _sr_key(ds: Dataset, tag: int, rtype: str) -> bytes | None:
         sub.SpecificCharacterSet = ds.get("SpecificCharacterSet", "ISO_IR 6")
         sub.ContentSequence = Sequence(items)
         return records.encode_element(sub, tag)
-    observers = ds.get("VerifyingObserverSequence")  # Verification DateTime, if VERIFIED
-    if rtype == "SR DOCUMENT" and ds.get("VerificationFlag") == "VERIFIED" and observers:
-        last = observers[-1]
-        if "VerificationDateTime" in last:
-            return records.encode_element(last, tag)
+    if rtype == "SR DOCUMENT" and ds.get("VerificationFlag") == "VERIFIED":
+        return _verification_datetime(ds, check)
     return None
+
+
+def _verification_datetime(ds: Dataset, check: _Checker) -> bytes:
+    """Verification DateTime of a VERIFIED SR document's record (PS3.3 F.5.24, 1C): the
+    latest valid one among the Verifying Observers (PS3.3 C.17.2: one item per verifier);
+    without any, derived by the rule in fill_rules.json; reported unless it is the last
+    observer's, as dcmtk takes it."""
+    from . import values
+
+    tag = 0x0040A030
+    observers = list(ds.get("VerifyingObserverSequence") or [])
+    found = []
+    for i, observer in enumerate(observers):
+        element = records.encode_element(observer, tag)
+        text = records.value_text(element) if element else ""
+        moment = values.instant(text) if element and records.check_element(
+            tag, element, ()).element == element else None
+        if moment is not None:
+            found.append((moment, i, element))
+    if found:
+        _moment, i, element = max(found)
+        if i != len(observers) - 1:
+            check.fixes.append(("VerificationDateTime", records.value_text(element),
+                                "taken from the latest Verifying Observer that has a valid "
+                                "one (PS3.3 F.5.24)"))
+        return element
+    rule = records.fill_rules()["VerificationDateTime"]
+    value, why = rule["default"], "the default of fill_rules.json"
+    for date_kw, time_kw in rule["datetime_from"]:
+        date, time = ds.get(date_kw), ds.get(time_kw)
+        text = f"{date or ''}{time or ''}".strip()
+        if date and values.instant(text) is not None and records.check_element(
+                tag, records.encode_text(tag, "DT", text.encode("ascii", "replace")),
+                ()).element is not None:
+            value, why = text, f"{date_kw} and {time_kw}"
+            break
+    check.fixes.append(("VerificationDateTime", value, "VERIFIED, but no Verifying Observer "
+                        f"has a valid Verification DateTime; derived from {why} "
+                        "(fill_rules.json)"))
+    return records.encode_text(tag, "DT", value.encode("ascii"))
 
 
 FILE_ID_COMPONENT = re.compile(r"^[A-Za-z0-9_]{1,8}$")
@@ -671,7 +793,12 @@ def scan(
     paths = walk.files
     damaged: list[Problem] = []
     for image in images:
-        inside, damage = isosource.members(image)
+        try:
+            inside, damage = isosource.members(image)
+        except MediaError as exc:  # pycdlib cannot read it: no file of it can be read
+            damaged.append(Problem(str(image), "invalid",
+                                   str(exc).removeprefix(f"{image.name}: ")))
+            continue
         paths += inside
         damaged += [Problem(p, "invalid", why) for p, why in damage]
         st = os.stat(image)
@@ -841,9 +968,11 @@ class _Merger:
 
     def _conflict(self, uid: str, group: list[Instance]) -> None:
         kept = _newest(group) if self.policy == "newest" else None
+        tie = self.policy == "newest" and kept is None
         files = [p for inst in group for p in (inst.path, *inst.duplicates)]
         self.result.conflicts.append({"uid": uid, "policy": self.policy, "files": files,
-                                      "kept": kept.path if kept else None})
+                                      "kept": kept.path if kept else None,
+                                      **({"tie": True} if tie else {})})
         current = self.by_uid.pop(uid)
         if kept is not None:
             self.by_uid[uid] = current
@@ -860,10 +989,13 @@ class _Merger:
                           f"{others}")
                 if kept is not None:
                     reason += f"; --on-conflict newest kept {kept.path}"
+                elif tie:
+                    reason += ("; --on-conflict newest cannot choose: the same Instance "
+                               "Creation Date/Time and the same file time")
                 elif self.policy == "skip":
                     reason += "; left out (--on-conflict skip)"
                 problem = Problem(path, "conflict", reason)
-                (self.result.invalid if self.policy == "refuse"
+                (self.result.invalid if self.policy == "refuse" or tie
                  else self.result.left_out).append(problem)
 
     def _swap_in(self, current: Instance, kept: Instance) -> None:
@@ -887,13 +1019,16 @@ class _Merger:
             self.series_first[key] = heir
 
 
-def _newest(group: list[Instance]) -> Instance:
-    """The latest Instance Creation Date/Time (PS3.3 C.12.1) when every variant has one and
-    they differ, else the latest file (modification time), then the last path."""
-    created = [i.created for i in group]
-    if all(created) and len(set(created)) > 1:
-        return max(group, key=lambda i: (i.created, i.stamp[3], i.path))
-    return max(group, key=lambda i: (i.stamp[3], i.path))
+def _newest(group: list[Instance]) -> Instance | None:
+    """The variant with the latest Instance Creation Date/Time in UTC (PS3.3 C.12.1); a
+    variant with one beats a variant without; among equals (or none dated) the latest file
+    (modification time). None when that still leaves more than one: a tie is not guessed."""
+    def rank(inst: Instance) -> tuple[bool, str, int]:
+        return bool(inst.created), inst.created, inst.stamp[3]
+
+    best = max(rank(i) for i in group)
+    top = [i for i in group if rank(i) == best]
+    return top[0] if len(top) == 1 else None
 
 
 def same_object(a: str, b: str) -> bool:

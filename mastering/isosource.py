@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -52,13 +53,19 @@ class IsoSource(IsoMedium):
         self.by_shown = {v: k for k, v in self.shown.items()}
 
     def _shown_names(self) -> dict[str, str]:
+        """Each file's name as mounted; names that would collide (Linux shows ``IM1.;1`` and
+        ``IM1;1`` both as ``im1``) are shown as their ISO 9660 paths instead, as a mount with
+        ``map=off`` shows them, so that every file of the image is an input of its own."""
+        shown = self._mounted_names()
+        count = Counter(shown.values())
+        return {name: (self._entries[name].iso_path.lstrip("/") if count[s] > 1 else s)
+                for name, s in shown.items()}
+
+    def _mounted_names(self) -> dict[str, str]:
         iso = self._iso
-        if iso.has_rock_ridge():
-            out = {}
-            for name, entry in self._entries.items():
-                rec = iso.get_record(iso_path=entry.iso_path)
-                out[name] = iso.full_path_from_dirrecord(rec, rockridge=True).lstrip("/")
-            return out
+        if iso.has_rock_ridge():  # relocated directories shown where they belong (RRIP PL)
+            return {name: iso.full_path_from_dirrecord(rec, rockridge=True).lstrip("/")
+                    for name, rec in self._records.items()}
         if iso.has_joliet():
             by_extent = {}
             for root, _dirs, files in iso.walk(joliet_path="/"):
@@ -67,7 +74,8 @@ class IsoSource(IsoMedium):
                     rec = iso.get_record(joliet_path=jpath)
                     by_extent[rec.extent_location() * iso.logical_block_size] = jpath
             return {n: by_extent.get(e.start, n).lstrip("/") for n, e in self._entries.items()}
-        return {n: n.lower() for n in self._entries}  # Linux map=normal
+        return {n: "/".join(map(_linux_name, e.iso_path.strip("/").split("/")))
+                for n, e in self._entries.items()}
 
     def member(self, shown: str) -> Member | None:
         name = self.by_shown.get(shown)
@@ -75,6 +83,16 @@ class IsoSource(IsoMedium):
             return None
         entry = self._entries[name]
         return Member(str(self.path), name, entry.start, entry.size)
+
+
+def _linux_name(raw: str) -> str:
+    """An ISO 9660 identifier as Linux shows it (isofs ``map=normal``): lower case, a final
+    ``;1`` or ``.;1`` dropped, any other ``;`` shown as ``.`` (``IM1.;2`` is ``im1..2``)."""
+    name = raw.lower()
+    for tail in (".;1", ";1"):
+        if name.endswith(tail):
+            return name[: -len(tail)].replace(";", ".")
+    return name.replace(";", ".")
 
 
 def is_image(path: Path) -> bool:

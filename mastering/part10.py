@@ -67,6 +67,9 @@ class Layout:
     meta_sop_class_uid: str = ""
     meta_missing: bool = False  # a Type 1 meta element is absent (PS3.10 Table 7.1-1)
     oversized: frozenset[int] = frozenset()  # asked-for elements too large to collect
+    #: (declared, actual) when (0002,0000) File Meta Information Group Length is not the
+    #: length of the group's elements after it (PS3.10 7.1); None when it is right or absent
+    meta_length: tuple[int, int] | None = None
 
     @property
     def has_meta(self) -> bool:
@@ -80,7 +83,7 @@ class Layout:
     def meta_complete(self) -> bool:
         """Preamble, DICM and a meta group naming the body's real transfer syntax."""
         return (self.has_preamble and bool(self.meta_ts) and not self.body_disagrees
-                and not self.meta_missing)
+                and not self.meta_missing and self.meta_length is None)
 
 
 class _Walker:
@@ -243,6 +246,7 @@ class _Meta:
     sop_instance_uid: str
     sop_class_uid: str
     missing: bool  # a Type 1 element is absent
+    length: tuple[int, int] | None = None  # (declared, actual) group length when they differ
 
 
 def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> _Meta:
@@ -250,6 +254,7 @@ def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> _Meta:
     walker = _Walker(buf, explicit=True, little=True, origin=origin)
     texts: dict[int, str] = {}
     seen: set[int] = set()
+    declared, counted_from = None, 0
     while pos + 4 <= len(buf) and walker.tag_at(pos) >> 16 == 0x0002:
         tag, vr, length, value = walker.header(pos, False)
         if length == UNDEFINED or value + length > len(buf):
@@ -258,9 +263,13 @@ def _read_meta(buf: mmap.mmap, pos: int, origin: str) -> _Meta:
         if tag in (0x00020002, 0x00020003, 0x00020010):
             raw = bytes(buf[value : value + length]).rstrip(b"\0 ")
             texts[tag] = raw.decode("ascii", "replace")
+        if tag == 0x00020000 and length == 4:
+            declared, counted_from = struct.unpack_from("<I", buf, value)[0], value + 4
         pos = value + length
+    wrong = (declared, pos - counted_from) if declared not in (None, pos - counted_from) \
+        else None
     return _Meta(pos, texts.get(0x00020010, ""), texts.get(0x00020003, ""),
-                 texts.get(0x00020002, ""), not seen >= META_TYPE1)
+                 texts.get(0x00020002, ""), not seen >= META_TYPE1, wrong)
 
 
 def _encoding(ts: str) -> tuple[bool, bool]:
@@ -327,7 +336,7 @@ def _inspect(buf: mmap.mmap, size: int, collect: frozenset[int] = frozenset()) -
         raise StructureError(f"data set ends at byte {end} but the file has {size} bytes")
     return Layout(size, has_preamble, meta_start, start, meta_ts, body_ts,
                   walker.pixel_data_offset, walker.collected, meta.sop_instance_uid,
-                  meta.sop_class_uid, meta.missing, frozenset(walker.oversized))
+                  meta.sop_class_uid, meta.missing, frozenset(walker.oversized), meta.length)
 
 
 def _body_ts(buf: mmap.mmap, start: int, meta_ts: str | None) -> str:
@@ -366,7 +375,7 @@ def _inspect_deflated(
     # the pixel data offset is one in the inflated body: only its presence means anything
     return Layout(size, has_preamble, meta_start, start, DEFLATED_LE, DEFLATED_LE,
                   walker.pixel_data_offset, None, meta.sop_instance_uid, meta.sop_class_uid,
-                  meta.missing)
+                  meta.missing, meta_length=meta.length)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -273,6 +273,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
         report.error = str(exc)
         raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
     _record_intake(report, scanned)
+    _refuse_undecided(report, scanned)
     if scanned.invalid and not options.skip_invalid:
         report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
@@ -286,6 +287,31 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
                                on_publish)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _leave_out(report: Report, options: Options, problems: list[dict],
+               recorded: bool = False) -> None:
+    """Files refused after the scan (a series under two studies, a failed conversion): in
+    "invalid" with their reason and, under --skip-invalid, in "skipped" as every file left
+    out is."""
+    if not recorded:
+        report.invalid += problems
+    if options.skip_invalid:
+        report.skipped += problems
+
+
+def _refuse_undecided(report: Report, scanned: IntakeResult) -> None:
+    """Different objects with one SOP Instance UID that nothing decided between (refused,
+    or a tie --on-conflict newest cannot break): --skip-invalid does not skip them, that
+    would leave every copy out."""
+    undecided = [c for c in scanned.conflicts if c["kept"] is None and c["policy"] != "skip"]
+    if not undecided:
+        return
+    how = ("--on-conflict newest cannot tell which is newest" if any(
+        c.get("tie") for c in undecided) else "choose --on-conflict skip or newest")
+    report.error = (f"{len(undecided)} SOP Instance UID(s) used by different objects; {how}; "
+                    "nothing was written")
+    raise MasteringError(report.error, report, 3)
 
 
 def _record_intake(report: Report, scanned: IntakeResult) -> None:
@@ -304,10 +330,6 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
-    if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
-        report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
-                        "objects; choose --on-conflict skip or newest; nothing was written")
-        raise MasteringError(report.error, report, 3)
     place = None
     if kind == "inplace":  # what the folder holds: refused, appended to or to be replaced
         from .inplace import Target
@@ -317,12 +339,15 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     t0 = time.monotonic()
     conflicts: list[tuple[str, str]] = []
     tree, roots = plan.build_tree(scanned.instances, profile, report.warnings, conflicts)
-    report.invalid += [{"path": p, "kind": "conflict", "reason": r} for p, r in conflicts]
+    _leave_out(report, options, [{"path": p, "kind": "conflict", "reason": r}
+                                 for p, r in conflicts])
     if conflicts and not options.skip_invalid:
         report.error = f"{len(report.invalid)} invalid input file(s); nothing was written"
         raise MasteringError(report.error, report, 3)
     entries = [e for p in tree for st in p.studies for se in st.series for e in se.entries] + roots
+    known = len(report.invalid)
     _stage(entries, profile, work, report, options, progress, cancel)
+    _leave_out(report, options, report.invalid[known:], recorded=True)
     if report.invalid and not options.skip_invalid:
         report.error = "conversion failed; nothing was written"
         raise MasteringError(report.error, report, 3)

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -30,9 +31,11 @@ from typing import BinaryIO
 import pycdlib
 import pydicom
 from pycdlib.pycdlibexception import PyCdlibException
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_partial
+from pydicom.valuerep import VR as _VR_ENUM
 
 from . import part10, records
 
@@ -44,6 +47,7 @@ NEXT, IN_USE, LOWER, RECORD_TYPE = 0x00041400, 0x00041410, 0x00041420, 0x0004143
 FILE_ID = 0x00041500
 ISO_MAGIC_OFFSET = 16 * 2048 + 1  # "CD001" in the first volume descriptor (ECMA-119 8.4)
 HEADER_TAGS = (0x00080016, 0x00080018)  # SOP Class UID, SOP Instance UID
+_VRS = frozenset(str(v) for v in _VR_ENUM if len(str(v)) == 2)  # the VRs PS3.5 6.2 defines
 
 
 class MediaError(Exception):
@@ -266,6 +270,7 @@ class IsoMedium(Medium):
         self._fh = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         self._entries: dict[str, _IsoFile] = {}
+        self._records: dict[str, object] = {}  # name -> pycdlib DirectoryRecord
         self._raw: list[str] = []
         try:
             self._scan("/", "")
@@ -274,21 +279,39 @@ class IsoMedium(Medium):
             raise MediaError(f"{path.name}: unreadable ISO 9660 directory: {exc}") from exc
 
     def _scan(self, iso_dir: str, prefix: str) -> None:
-        """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped)."""
+        """Walk the ISO 9660 directory records below iso_dir (dot and dot-dot skipped).
+
+        A file is named without its version and the dot of an empty extension; when two
+        records of one directory would get one name that way (``IM1.;1`` and ``IM1.;2``,
+        ``IM1.;1`` and ``IM1;1``), version 1 keeps the short name and the others keep their
+        whole identifier: every record is a file of the medium, none hides another. Rock
+        Ridge placeholders of relocated directories (a CL entry, RRIP 4.1.5.1) are not
+        files: the directory they stand for is read where it was moved to (RR_MOVED)."""
         block = self._iso.logical_block_size
+        files: list[tuple[str, str, object]] = []
         for child in self._iso.list_children(iso_path=iso_dir):
             if child is None or child.is_dot() or child.is_dotdot():
                 continue
             raw = child.file_identifier().decode("ascii", "replace")
             iso_path = iso_dir.rstrip("/") + "/" + raw
+            rr = child.rock_ridge
+            if rr is not None and rr.child_link_record_exists():
+                continue  # a relocated directory's placeholder (RRIP 4.1.5.1)
             self._raw.append(iso_path)
             if child.is_dir():
                 self._scan(iso_path, f"{prefix}{raw}/")
                 continue
-            name = prefix + raw.split(";", 1)[0].removesuffix(".")
+            files.append((raw, iso_path, child))
+        for raw, iso_path, child in sorted(files, key=_version_first):
+            name = prefix + _short_name(raw)
+            if name in self._entries:
+                name = prefix + raw  # a second record with that short name: its whole name
+            while name in self._entries:
+                name += "#"  # a malformed directory repeating an identifier
             ino = child.inode
             start = ino.extent_location() * block if ino is not None else 0
             self._entries[name] = _IsoFile(iso_path, start, child.get_data_length())
+            self._records[name] = child
 
     def files(self) -> list[str]:
         return sorted(self._entries)
@@ -361,6 +384,20 @@ class IsoMedium(Medium):
         self._iso.close()
 
 
+def _short_name(raw: str) -> str:
+    """An ISO 9660 file identifier without version and without the dot of an empty
+    extension (ECMA-119 7.5.1): ``IM000001.;1`` -> ``IM000001``."""
+    return raw.split(";", 1)[0].removesuffix(".")
+
+
+def _version_first(item: tuple[str, str, object]) -> tuple:
+    """Records of one short name: version 1 first (the File ID's, PS3.12 F.1.2), then the
+    identifier with the dot of an empty extension, then the rest in identifier order."""
+    raw = item[0]
+    version = raw.partition(";")[2] or "1"
+    return _short_name(raw), version.lstrip("0") != "1", ("." not in raw.split(";")[0], raw)
+
+
 def _is_iso(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -392,6 +429,13 @@ def dicomdir_name(medium: Medium) -> str:
 
 def read_dicomdir(medium: Medium) -> FileDataset:
     """The DICOMDIR parsed by pydicom from a byte copy, so item positions are file offsets."""
+    return read_dicomdir_checked(medium)[0]
+
+
+def read_dicomdir_checked(medium: Medium) -> tuple[FileDataset, list[str]]:
+    """The DICOMDIR, and the faults of elements that could only be read by repairing them: an
+    element whose VR is none (a corrupt byte) is read with its dictionary VR (PS3.5 6.2.2, as
+    for UN), one that does not convert is kept as bytes; MediaError if it cannot be parsed."""
     name = dicomdir_name(medium)
     with medium.open(name) as fp:
         data = fp.read()
@@ -400,11 +444,56 @@ def read_dicomdir(medium: Medium) -> FileDataset:
         if "DirectoryRecordSequence" not in ds:
             raise MediaError(f"{name}: no Directory Record Sequence (not a Basic Directory)")
         len(ds.DirectoryRecordSequence)  # parse the records now, inside this try
+        faults = _repair(ds, "the DICOMDIR")
+        for item in ds.DirectoryRecordSequence:
+            faults += _repair(item, f"the record at byte {getattr(item, 'seq_item_tell', '?')}")
     except MediaError:
         raise
     except Exception as exc:  # any parser failure means the DICOMDIR is unreadable
         raise MediaError(f"{name}: cannot be parsed: {exc}") from exc
-    return ds
+    return ds, faults
+
+
+def _repair(ds: Dataset, where: str) -> list[str]:
+    """Make every element of ds (nested items too) readable; say what was repaired. Values
+    stay raw (the records' keys are read as stored); sequences are read into items."""
+    faults = []
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if tag == 0x00041220 or not isinstance(raw, RawDataElement):
+            continue  # the records are repaired one by one, with their offsets
+        if raw.VR is not None and raw.VR not in _VRS:
+            vr, bad = _dictionary_vr(tag), raw.VR
+            raw = raw._replace(VR=vr)
+            ds[tag] = raw
+            faults.append(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) of {where} has the VR "
+                          f"{bad!r}, which is none (PS3.5 6.2); read as {vr}")
+        if raw.VR == "SQ" or (raw.VR is None and _dictionary_vr(tag) == "SQ"):
+            try:
+                items = ds[tag].value or ()
+            except Exception as exc:  # noqa: BLE001 - a sequence that does not parse
+                ds[tag] = raw._replace(VR="UN")
+                faults.append(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) of {where} cannot be "
+                              f"read ({exc}); kept as bytes")
+                continue
+            for item in items:
+                faults += _repair(item, where)
+            continue
+        try:
+            convert_raw_data_element(raw, encoding=getattr(ds, "_character_set", None), ds=ds)
+        except Exception as exc:  # noqa: BLE001 - a value that does not convert stays bytes
+            ds[tag] = raw._replace(VR="UN")
+            faults.append(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) of {where} cannot be read "
+                          f"({exc}); kept as bytes")
+    return faults
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return vr if " or " not in vr else "UN"
 
 
 # -- the record tree -------------------------------------------------------------------------
@@ -540,6 +629,23 @@ def _check_last(ds: Dataset, roots: list[TreeNode], problems: list[LinkProblem])
                                           f"is at byte {expected}", harmless=True))
 
 
+@cache
+def hierarchy() -> dict[str, frozenset[str]]:
+    """Allowed children per parent record type (PS3.3 Table F.4-1); "" is the root."""
+    table = records.record_keys()
+    known = {k for k in table if not k.startswith("_")}
+    root_level = frozenset(table["_root_level"])
+    leaves = frozenset(known - set(records.LEVELS) - root_level)
+    allowed = {
+        "": root_level | {"PATIENT", "PRIVATE"},
+        "PATIENT": frozenset({"STUDY", "PRIVATE"}),
+        "STUDY": frozenset({"SERIES", "PRIVATE"}),
+        "SERIES": leaves | {"PRIVATE"},
+    }
+    allowed.update({t: frozenset({"PRIVATE"}) for t in leaves | root_level | {"PRIVATE"}})
+    return allowed
+
+
 # -- summary ---------------------------------------------------------------------------------
 
 
@@ -573,15 +679,50 @@ def _patient(node: TreeNode) -> dict:
     }
 
 
+def _misplaced(tree: RecordTree) -> list[dict]:
+    """Records whose type is not allowed where they stand (an unknown or corrupt type,
+    PS3.3 Table F.4-1): neither they nor their lower-level records are read; that loses
+    data when any of them references a file."""
+    allowed, faults = hierarchy(), []
+    for node, ancestors in tree.walk():
+        parent = ancestors[-1] if ancestors else None
+        if not node.in_use or (parent is not None and not _placed(parent, ancestors[:-1],
+                                                                   allowed)):
+            continue  # inactive, or below a misplaced record (counted with it)
+        if node.rtype in allowed.get(parent.rtype if parent else "", frozenset()):
+            continue
+        below = [n for n, _a in _subtree(node) if n.in_use]
+        files = sum(1 for n in below if n.file_id)
+        where = f"under a {parent.rtype} record" if parent else "at the root"
+        faults.append({"fault": f"the record at byte {node.offset} has the type "
+                                f"{node.rtype!r}, not allowed {where} (PS3.3 Table F.4-1): it "
+                                f"and its {len(below) - 1} lower-level record(s) are not read, "
+                                f"{files} referenced file(s) among them", "harmless": not files})
+    return faults
+
+
+def _placed(node: TreeNode, ancestors: tuple[TreeNode, ...],
+            allowed: dict[str, frozenset[str]]) -> bool:
+    chain = [*ancestors, node]
+    return all(n.rtype in allowed.get(p.rtype if p else "", frozenset())
+               for p, n in zip([None, *chain[:-1]], chain, strict=True))
+
+
+def _subtree(node: TreeNode) -> Iterator[tuple[TreeNode, tuple[TreeNode, ...]]]:
+    return RecordTree([node], {}, []).walk()
+
+
 def summarize(medium: Medium) -> dict:
     """Patient -> study -> series -> instances as linked by the offsets, as a tolerant File-set
     Reader sees them: whatever can be reached is read, and every fault is listed ("faults").
     "complete" is False when a fault loses data (records out of reach, referenced files
     absent, a truncated image); MediaError only when there is no DICOMDIR to read."""
-    ds = read_dicomdir(medium)
+    ds, repaired = read_dicomdir_checked(medium)
     tree = build_tree(ds)
     faults = [{"fault": f"DICOMDIR offsets: {p.message}", "harmless": p.harmless}
               for p in tree.problems]
+    faults += [{"fault": f"DICOMDIR: {r}", "harmless": True} for r in repaired]
+    faults += _misplaced(tree)
     faults += [{"fault": d, "harmless": False} for d in medium.damage()]
     missing = [n for n, _a in tree.walk() if n.in_use and n.file_id
                and medium.resolve("/".join(n.file_id)) is None]

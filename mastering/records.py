@@ -162,6 +162,8 @@ def text_value(ds: Dataset, tag: int) -> str:
     if isinstance(raw, RawDataElement) and raw.value is not None and _vr_of(raw, tag) in TEXT_VRS:
         return raw.value.decode("latin-1").strip(" \0")
     value = ds[tag].value
+    if isinstance(value, bytes):  # UN: a value read as bytes
+        return value.decode("latin-1").strip(" \0")
     return "" if value is None else str(value).strip()
 
 
@@ -170,8 +172,16 @@ def has_value(ds: Dataset, tag: int) -> bool:
         return False
     raw = ds.get_item(tag)
     if isinstance(raw, RawDataElement):
-        return bool(raw.length) and bool((raw.value or b"").strip(b" \0"))
+        return _non_empty(_vr_of(raw, tag), raw.value or b"")
     return not ds[tag].is_empty
+
+
+def _non_empty(vr: str, value: bytes) -> bool:
+    """A value is empty when it has no bytes, or, for text, only padding (PS3.5 6.2). Binary
+    values are never padding: Rows = 32 is the bytes 20 00, Columns = 8192 is 00 20."""
+    if vr in TEXT_VRS:
+        return bool(value.strip(b" \0"))
+    return bool(value)
 
 
 # -- header views ----------------------------------------------------------------------------
@@ -227,7 +237,7 @@ class RawHeader:
         if tag in self.oversized:
             return self.pydicom().has(tag)
         value = self._value(tag)
-        return bool(value) and bool(value.strip(b" \0"))
+        return value is not None and _non_empty(self._vr(tag), value)
 
     def text(self, tag: int) -> str:
         if tag in self.oversized:
@@ -275,11 +285,15 @@ def derived_uid(*parts: str) -> str:
     return "2.25." + str(int.from_bytes(digest, "big"))
 
 
-def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
+def derive(keyword: str, hdr: Header, known: dict[str, str],
+           invalid: bytes | None = None) -> str | None:
     """A value for a missing Type 1 key, derived only from this instance; None if no rule.
 
     `known` holds values already filled for this instance (a derived Study Instance UID feeds
     the Series Instance UID and Study ID rules). "running" keys are left to the planner.
+    `invalid` is the key's own value when it is present but invalid for its VR: where the rule
+    has "invalid_from", the value is derived from it, so that one invalid Study Instance UID
+    gives every instance that has it one derived UID.
     """
     rule = fill_rules().get(keyword)
     if rule is None:
@@ -294,7 +308,11 @@ def derive(keyword: str, hdr: Header, known: dict[str, str]) -> str | None:
     if kind == "running":
         return ""  # the planner numbers these in File-set order
     if kind in ("id", "uid"):
-        parts = [known.get(src) or hdr.text(_tag(src)) for src in rule["from"]]
+        if invalid is not None and "invalid_from" in rule:
+            parts = ["invalid", invalid.decode("latin-1"),
+                     *(known.get(src) or hdr.text(_tag(src)) for src in rule["invalid_from"])]
+        else:
+            parts = [known.get(src) or hdr.text(_tag(src)) for src in rule["from"]]
         if kind == "uid":
             return derived_uid(keyword, *parts)
         digest = int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
@@ -343,25 +361,31 @@ def concatenate(elements: dict[int, bytes]) -> bytes:
 
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 #: image keys that enhanced multi-frame IODs keep in a functional group macro, with the
-#: macro's sequence (PS3.3 C.7.6.16.2.1-3; PS3.11 Table H.3-2 takes them from there)
-FUNCTIONAL_GROUP_KEYS = {
+#: macro's sequence, or None for a macro whose attribute sits in the group item itself
+#: (PS3.3 C.7.6.16.2.1-3, C.7.6.16.2.5; PS3.11 Table H.3-2 takes them from there)
+FUNCTIONAL_GROUP_KEYS: dict[int, int | None] = {
     0x00200032: 0x00209113,  # Image Position (Patient) <- Plane Position Sequence
     0x00200037: 0x00209116,  # Image Orientation (Patient) <- Plane Orientation Sequence
     0x00280030: 0x00289110,  # Pixel Spacing <- Pixel Measures Sequence
+    0x00081140: None,  # Referenced Image Sequence (Referenced Image Macro)
 }
 
 
-def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
-    """A key an enhanced multi-frame image has in its Shared Functional Groups, or in the
-    Per-frame Functional Groups when every frame has the same value; encoded, else None."""
-    macro = FUNCTIONAL_GROUP_KEYS.get(tag)
-    if macro is None:
+def functional_group_key(ds: Dataset, tag: int, per_frame: bool = True) -> bytes | None:
+    """A key an enhanced multi-frame image has in its Shared Functional Groups, or (with
+    per_frame) in the Per-frame Functional Groups when every frame has the same value;
+    encoded, else None. PS3.11 Table H.3-2 asks for the key from the top level or the Shared
+    Functional Groups; one value of all frames may be written too, but is not required."""
+    if tag not in FUNCTIONAL_GROUP_KEYS:
         return None
+    macro = FUNCTIONAL_GROUP_KEYS[tag]
     shared = ds.get(SHARED_GROUPS)
     for group in (shared.value if shared is not None else ()) or ():
         found = _in_macro(group, macro, tag)
         if found is not None:
             return found
+    if not per_frame:
+        return None
     frames = ds.get(PER_FRAME_GROUPS)
     values = {_in_macro(group, macro, tag) for group in (frames.value if frames else ()) or ()}
     if len(values) == 1:
@@ -369,7 +393,9 @@ def functional_group_key(ds: Dataset, tag: int) -> bytes | None:
     return None
 
 
-def _in_macro(group: Dataset, macro: int, tag: int) -> bytes | None:
+def _in_macro(group: Dataset, macro: int | None, tag: int) -> bytes | None:
+    if macro is None:
+        return encode_element(group, tag) if tag in group else None
     seq = group.get(macro)
     items = seq.value if seq is not None else None
     if not items or tag not in items[0]:
@@ -395,10 +421,12 @@ class Checked:
 
 def charsets_of(encoded: bytes | None) -> tuple[str, ...]:
     """The terms of an encoded Specific Character Set element (PS3.3 C.12.1.1.2)."""
+    from . import values
+
     if not encoded:
         return ()
     value = encoded[8:].decode("ascii", "replace").rstrip(" \0")
-    return tuple(t.strip() for t in value.split("\\"))
+    return tuple(values.charset_term(t) or t.strip() for t in value.split("\\"))
 
 
 def dataset_charsets(ds: Dataset) -> tuple[str, ...]:
@@ -418,6 +446,16 @@ def value_text(element: bytes) -> str:
     return _parts(element)[2].decode("latin-1").strip(" \0")
 
 
+def element_vr(element: bytes) -> str:
+    """The VR of an encoded element."""
+    return _parts(element)[1]
+
+
+def value_bytes(element: bytes) -> bytes:
+    """The value bytes of an encoded element, padding removed."""
+    return _parts(element)[2].rstrip(b" \0")
+
+
 def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checked:
     """Check a key element's VR, value format and multiplicity for the DICOMDIR (PS3.5
     Table 6.2-1, PS3.6); repair what has one meaning (:func:`values.normalize`, a text VR
@@ -425,20 +463,52 @@ def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checke
     from . import values
 
     _tag, vr, value = _parts(element)
+    if tag == SPECIFIC_CHARACTER_SET:
+        return _check_charset(element, vr, value)
     want = values.dictionary_vr(tag)
     note = ""
-    if want and vr != want and vr in TEXT_VRS and want in TEXT_VRS:
-        element, vr, note = encode_text(tag, want, value), want, f"encoded as {vr}, not {want}"
+    if want and vr != want and want != "SQ":  # PS3.6 gives the VR; the value may still be clear
+        note = f"encoded as {vr}, not {want}"
+        converted = value if vr in TEXT_VRS and want in TEXT_VRS else values.convert(
+            vr, want, value)
+        if converted is None:
+            return Checked(None, f"{note} (PS3.6), and its value has no one meaning as {want}")
+        element, vr, value = element_header(tag, want, len(converted)) + converted, want, converted
+        if vr in TEXT_VRS and len(value) % 2:
+            element = encode_text(tag, vr, value)
+            value = _parts(element)[2]
     if vr == "SQ":
         why = _check_items(element, charsets)
         return Checked(None, why) if why else Checked(element, note)
     why = values.check(tag, vr, value, charsets)
     if why is None:
-        return Checked(element, note)
+        meaning = values.meaning_error(tag, value)
+        return Checked(None, meaning) if meaning else Checked(element, note)
     fixed = values.normalize(tag, vr, value)
     if fixed is None:
         return Checked(None, why)
+    meaning = values.meaning_error(tag, fixed)
+    if meaning:
+        return Checked(None, meaning)
     return Checked(element_header(tag, vr, len(fixed)) + fixed, values.describe(vr, value))
+
+
+def _check_charset(element: bytes, vr: str, value: bytes) -> Checked:
+    """Specific Character Set: CS holding Defined Terms (PS3.3 C.12.1.1.2); spellings with one
+    clear meaning (case, ``-`` for ``_``, spacing, padding) are written as defined."""
+    from . import values
+
+    if vr != "CS":
+        return Checked(None, f"encoded as {vr}, not CS (PS3.6)")
+    try:
+        terms = values.charset_terms(value)
+    except ValueError as exc:
+        return Checked(None, str(exc))
+    fixed = "\\".join(terms).encode("ascii")
+    if value in (fixed, fixed + b" "):
+        return Checked(element)
+    return Checked(encode_text(SPECIFIC_CHARACTER_SET, "CS", fixed),
+                   "written as its Defined Term (PS3.3 C.12.1.1.2)")
 
 
 def _check_items(element: bytes, charsets: tuple[str, ...]) -> str | None:

@@ -12,15 +12,27 @@ padding with NULs where PS3.5 6.2 asks for spaces.
 Values are bytes as stored. In a repertoire with multi-byte characters (a Specific Character
 Set other than the default) lengths count characters and values are split after decoding
 (PS3.5 6.1.2.5.3: a byte of a multi-byte character may look like a backslash).
+
+Every byte must be a character of the value's repertoire (PS3.5 6.1): the Specific Character
+Set's for SH, LO, ST, LT, PN, UC and UT (PS3.5 6.1.2.3), the default repertoire (ASCII
+graphic characters, PS3.5 6.1.2.1) for every other text VR and whenever no Specific Character
+Set (or ISO_IR 6) is given. No repertoire has DEL (7FH) or the C1 controls (80H-9FH), and
+control characters are limited to those PS3.5 6.1.3 allows the VR (ESC only with code
+extensions, ISO 2022). :func:`charset_terms` checks the Specific Character Set itself against
+its Defined Terms (PS3.3 C.12.1.1.2) and writes the spellings with one clear meaning as
+defined (``iso-ir 100`` is ``ISO_IR 100``).
 """
 
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from functools import cache
 
+import numpy as np
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VM, dictionary_VR
 
@@ -78,6 +90,108 @@ WIDTHS = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2
 #: PS3.5 Table 6.2-1 notes: ACR-NEMA Standard 300 forms, not allowed in DICOM values
 _ACR_NEMA_DATE = re.compile(rb"(\d{4})\.(\d{2})\.(\d{2})")
 _ACR_NEMA_TIME = re.compile(rb"(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?")
+
+
+#: PS3.3 C.12.1.1.2, Tables C.12-2 to C.12-5: Defined Terms of Specific Character Set, with
+#: the codec of their repertoire (single-byte sets and the multi-byte ones without code
+#: extensions; ISO 2022 terms are decoded by pydicom). ISO_IR 6 is not defined, but written
+#: by many toolkits for the default repertoire: its meaning is clear, so it is taken as is.
+_G1 = {"100": "latin_1", "101": "iso8859_2", "109": "iso8859_3", "110": "iso8859_4",
+       "144": "iso8859_5", "127": "iso8859_6", "126": "iso8859_7", "138": "iso8859_8",
+       "148": "iso8859_9", "203": "iso8859_15", "166": "tis_620", "13": "jis_x_0201"}
+CODECS: dict[str, str] = {"ISO_IR 6": "ascii", **{f"ISO_IR {n}": c for n, c in _G1.items()},
+                          "ISO_IR 192": "utf_8", "GB18030": "gb18030", "GBK": "gbk"}
+CHARSET_TERMS = frozenset({*CODECS, "ISO 2022 IR 6", *(f"ISO 2022 IR {n}" for n in _G1),
+                           "ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149",
+                           "ISO 2022 IR 58"})
+_TERM = re.compile(r"ISO[ _-]*(2022[ _-]*)?IR[ _-]*0*(\d+)", re.IGNORECASE)
+#: text VRs whose repertoire is the Specific Character Set's (PS3.5 6.1.2.3)
+CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+
+
+def charset_term(term: str) -> str | None:
+    """A Specific Character Set value as its Defined Term, None if it is none: case, ``-``
+    for ``_``, missing or doubled spaces and padding have one clear meaning."""
+    text = term.strip(" \0")
+    if text.upper() in CHARSET_TERMS or not text:
+        return text.upper()
+    m = _TERM.fullmatch(text)
+    if m is None:
+        return None
+    found = f"ISO 2022 IR {m[2]}" if m[1] else f"ISO_IR {m[2]}"
+    return found if found in CHARSET_TERMS else None
+
+
+def charset_terms(value: bytes) -> tuple[str, ...]:
+    """The Defined Terms of a Specific Character Set value; ValueError naming what is not
+    one (PS3.3 C.12.1.1.2)."""
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError("not ASCII (PS3.3 C.12.1.1.2)") from None
+    terms = []
+    for raw in text.split("\\"):
+        term = charset_term(raw)
+        if term is None:
+            raise ValueError(f"{raw.strip()!r} is not a Defined Term (PS3.3 C.12.1.1.2)")
+        terms.append(term)
+    if len(terms) > 1 and any(t and not t.startswith("ISO 2022") for t in terms[1:]):
+        raise ValueError("several values without ISO 2022 code extensions (PS3.3 "
+                         "C.12.1.1.2)")
+    return tuple(terms)
+
+
+def repertoire_error(vr: str, value: bytes, charsets: tuple[str, ...]) -> str | None:
+    """Why value holds a byte that is not a character of its repertoire, or None."""
+    rule = RULES[vr]
+    terms = tuple(charsets) if vr in CHARSET_VRS else ()
+    named = tuple(t for t in terms if t)
+    extended = any(t.startswith("ISO 2022") for t in named)
+    if extended or len(named) > 1:
+        text = _strict_2022(value, terms)
+        if text is None:
+            return "bytes that are no characters of the Specific Character Set (PS3.5 6.1)"
+    else:
+        term = named[0] if named else "ISO_IR 6"
+        codec = CODECS.get(term)
+        if codec is None:
+            return None  # an unknown term: the Specific Character Set itself is refused
+        text = _decode_strict(value, codec)
+        if text is None:
+            where = f"the repertoire of {term}" if named else "the default repertoire"
+            return f"bytes that are no characters of {where} (PS3.5 6.1)"
+    allowed = rule.controls if extended else rule.controls - {_ESC}
+    bad = next((c for c in text if (ord(c) < 0x20 and ord(c) not in allowed)
+                or 0x7F <= ord(c) <= 0x9F), None)
+    if bad is not None:
+        return f"control character 0x{ord(bad):02X} not allowed in {vr} (PS3.5 6.1.3)"
+    return None
+
+
+def _decode_strict(value: bytes, codec: str) -> str | None:
+    if codec == "jis_x_0201":  # ISO_IR 13: JIS X 0201 Romaji G0 and Katakana G1, one byte each
+        ok = all(b < 0x80 or 0xA1 <= b <= 0xDF for b in value)
+        return value.decode("latin-1") if ok else None
+    try:
+        return value.decode(codec)
+    except UnicodeDecodeError:
+        return None
+
+
+def _strict_2022(value: bytes, terms: tuple[str, ...]) -> str | None:
+    """ISO 2022 code extensions (PS3.5 6.1.2.5), decoded by pydicom; a byte it has to replace
+    is invalid, and so is a byte above 7FH before any escape when the first set has no G1
+    (empty or ISO 2022 IR 6: the default repertoire, PS3.5 6.1.2.5.2)."""
+    if terms[0] in ("", "ISO 2022 IR 6", "ISO_IR 6") and any(
+            b > 0x7F for b in value.split(b"\x1b", 1)[0]):
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            text = decode_bytes(value, convert_encodings(list(terms)), {0x5C, 0x3D, 0x5E})
+        except (LookupError, UnicodeDecodeError, ValueError):
+            return None
+    return None if caught or "\ufffd" in text else text
 
 
 @cache
@@ -149,6 +263,9 @@ def check(tag: int, vr: str, value: bytes, charsets: tuple[str, ...] = ()) -> st
         return None  # empty (zero length or only padding)
     if rule.pad == b" " and b"\0" in value:
         return "NUL bytes in a text value (PS3.5 6.2 pads with spaces)"
+    why = repertoire_error(vr, value.rstrip(rule.pad), charsets)
+    if why:
+        return why
     parts = split(vr, value, charsets)
     for part in parts:
         why = _check_one(vr, rule, part)
@@ -188,6 +305,135 @@ def _check_vm(tag: int, count: int) -> str | None:
         shown = f"{low}" if high == low else f"{low}-{high or 'n'}"
         return f"{count} values, the dictionary allows {shown} (PS3.6)"
     return None
+
+
+#: Image Orientation (Patient), PS3.3 C.7.6.2.1.1: two direction cosines, each a unit vector,
+#: orthogonal to each other. PS3.3 names no tolerance; these are within dciodvfy's (it
+#: accepts 0.7071\0.7071\0, |v| = 0.99999, and a dot product of 0.0001), so a value kept is
+#: one every checker takes.
+IMAGE_ORIENTATION = 0x00200037
+UNIT_TOLERANCE, ORTHOGONAL_TOLERANCE = 1e-5, 5e-5
+
+
+def meaning_error(tag: int, value: bytes) -> str | None:
+    """Why a value valid for its VR still has no meaning for its attribute, or None."""
+    if tag != IMAGE_ORIENTATION:
+        return None
+    try:
+        cosines = [float(v) for v in value.decode("ascii").rstrip(" ").split("\\")]
+    except ValueError:
+        return "Image Orientation (Patient) is not six numbers (PS3.3 C.7.6.2.1.1)"
+    if len(cosines) != 6:
+        return "Image Orientation (Patient) is not six numbers (PS3.3 C.7.6.2.1.1)"
+    row, col = np.array(cosines[:3]), np.array(cosines[3:])
+    if any(abs(np.linalg.norm(v) - 1) > UNIT_TOLERANCE for v in (row, col)):
+        return "Image Orientation (Patient) holds a vector that is not a unit vector (PS3.3 " \
+            "C.7.6.2.1.1)"
+    if abs(float(row @ col)) > ORTHOGONAL_TOLERANCE:
+        return "Image Orientation (Patient): the row and column vectors are not orthogonal " \
+            "(PS3.3 C.7.6.2.1.1)"
+    return None
+
+
+_DT_PARTS = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?"
+                       r"([+-]\d{4})?")
+
+
+def instant(datetime_text: str, offset: str = "") -> datetime | None:
+    """The moment a DT value (or a DA + TM concatenation) names, in UTC, for comparing
+    moments: missing components are their first value (PS3.5 Table 6.2-1 DT), the offset is
+    the value's own suffix, else `offset` (Timezone Offset From UTC, PS3.3 C.12.1.1.8), else
+    none (taken as UTC). A leap second counts as the last moment of its minute. None if the
+    text is not a valid DT."""
+    text = datetime_text.strip()
+    m = _DT_PARTS.fullmatch(text)
+    if m is None or check(0x0040A030, "DT", (text + " " * (len(text) % 2)).encode()):
+        return None
+    year, month, day, hour, minute, second, frac, suffix = m.groups()
+    zone = suffix or offset.strip()
+    tz = UTC
+    if zone:
+        if not re.fullmatch(r"[+-]\d{4}", zone):
+            return None
+        sign = -1 if zone[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5])))
+    sec = int(second or 0)
+    micro = int((frac or "0").ljust(6, "0")) if sec < 60 else 999999
+    return datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
+                    min(sec, 59), micro, tzinfo=tz).astimezone(UTC)
+
+
+#: PS3.5 Table 6.2-1: binary numbers (struct format, little endian), and their ranges
+_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "UV": "Q", "SV": "q", "FL": "f",
+            "FD": "d"}
+
+
+def convert(vr: str, want: str, value: bytes) -> bytes | None:
+    """A numeric value encoded with another VR than the dictionary's, in the dictionary's VR
+    (Series Number written as US is the IS text "1"), where that is exact: integers for IS
+    and the integer VRs, at most 16 characters for DS. UN bytes (PS3.5 6.2.2) are taken as
+    the dictionary's VR. None when there is no one clear meaning (an OB Patient ID)."""
+    if vr == "UN":
+        return value if want in RULES or want in _NUMBERS else None
+    numbers = _numbers(vr, value)
+    if numbers is None:
+        return None
+    if want in ("IS", "DS"):
+        texts = [_number_text(n, want, single=vr == "FL") for n in numbers]
+        if any(t is None for t in texts):
+            return None
+        out = "\\".join(texts).encode("ascii")  # type: ignore[arg-type]
+        return out + b" " * (len(out) % 2)
+    fmt = _NUMBERS.get(want)
+    if fmt is None:
+        return None
+    try:
+        packed = struct.pack("<" + fmt * len(numbers), *(
+            float(n) if fmt in "fd" else _exact_int(n) for n in numbers))
+    except (struct.error, TypeError, ValueError):
+        return None
+    return packed if _numbers(want, packed) == numbers else None  # exact, or not at all
+
+
+def _numbers(vr: str, value: bytes) -> list[float | int] | None:
+    fmt = _NUMBERS.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        if not value or len(value) % size:
+            return None
+        return list(struct.unpack("<" + fmt * (len(value) // size), value))
+    if vr not in ("IS", "DS"):
+        return None
+    try:
+        parts = [p.strip() for p in value.decode("ascii").rstrip(" ").split("\\")]
+        return [int(p) if vr == "IS" else float(p) for p in parts]
+    except ValueError:
+        return None
+
+
+def _exact_int(number: float | int) -> int:
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError("not an integer")
+    return int(number)
+
+
+def _number_text(number: float | int, vr: str, single: bool = False) -> str | None:
+    """IS or DS text of a number, exact, or None (PS3.5 Table 6.2-1: 12 and 16 bytes); a
+    32-bit float is written as the shortest text that reads back as that float."""
+    if isinstance(number, float):
+        if number != number or number in (float("inf"), float("-inf")):
+            return None
+        if number.is_integer() and abs(number) < 1e15:
+            number = int(number)
+    if isinstance(number, int):
+        text = str(number)
+        ok = len(text) <= (12 if vr == "IS" else 16) and (vr == "DS" or -(2**31) <= number
+                                                           < 2**31)
+        return text if ok else None
+    if vr == "IS":
+        return None
+    text = str(np.float32(number)) if single else repr(number)
+    return text if len(text) <= 16 else None
 
 
 def normalize(tag: int, vr: str, value: bytes) -> bytes | None:

@@ -71,9 +71,10 @@ from .reader import (
     TreeNode,
     build_tree,
     dicomdir_name,
+    hierarchy,
     name_key,
     open_medium,
-    read_dicomdir,
+    read_dicomdir_checked,
     uint,
 )
 
@@ -84,6 +85,7 @@ Progress = Callable[[int, int], None]
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 FILESET_ID, CONSISTENCY_FLAG, PRIVATE_RECORD_UID = 0x00041130, 0x00041212, 0x00041432
 REF_SOP_CLASS, REF_SOP_INSTANCE, REF_TS = 0x00041510, 0x00041511, 0x00041512
+VERIFICATION_DATETIME = 0x0040A030
 #: the key that identifies each upper-level record; it must match every file below it
 IDENTITY = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E}
 FILESET_ID_RE = re.compile(r"[A-Z0-9_]{0,16}")
@@ -165,20 +167,6 @@ def _filled(ds: Dataset, tag: int) -> bool:
         return True
 
 
-def _hierarchy() -> dict[str, frozenset[str]]:
-    """Allowed children per parent record type (PS3.3 Table F.4-1); "" is the root."""
-    table = records.record_keys()
-    known = {k for k in table if not k.startswith("_")}
-    root_level = frozenset(table["_root_level"])
-    leaves = frozenset(known - set(records.LEVELS) - root_level)
-    allowed = {
-        "": root_level | {"PATIENT", "PRIVATE"},
-        "PATIENT": frozenset({"STUDY", "PRIVATE"}),
-        "STUDY": frozenset({"SERIES", "PRIVATE"}),
-        "SERIES": leaves | {"PRIVATE"},
-    }
-    allowed.update({t: frozenset({"PRIVATE"}) for t in leaves | root_level | {"PRIVATE"}})
-    return allowed
 
 
 class _Run:
@@ -286,10 +274,12 @@ class _Run:
         if not self.check_dicomdir_layout(name):
             return None
         try:
-            ds = read_dicomdir(self.medium)
+            ds, repaired = read_dicomdir_checked(self.medium)
         except MediaError as exc:
             self.add("dicomdir", name, str(exc))
             return None
+        for fault in repaired:
+            self.add("dicomdir", name, fault)
         self.check_dicomdir_meta(name, ds)
         self.check_fileset_id(name, ds)
         flag = uint(ds, CONSISTENCY_FLAG)
@@ -330,6 +320,7 @@ class _Run:
             return False
         if not layout.has_preamble or not layout.has_meta:
             self.add("dicomdir", name, "not a Part 10 file (preamble, 'DICM' and meta group)")
+        self.check_group_length(name, layout)
         if layout.meta_ts != part10.EXPLICIT_LE or layout.body_disagrees:
             self.add("dicomdir-ts", name, f"transfer syntax {layout.meta_ts or 'none'} (body "
                                           f"{layout.body_ts}); a DICOMDIR is always Explicit VR "
@@ -372,7 +363,7 @@ class _Run:
         if not tree.roots:
             self.add("hierarchy", DICOMDIR, "the DICOMDIR has no records; the profiles need "
                                             "PATIENT, STUDY, SERIES and leaf records (PS3.11)")
-        allowed = _hierarchy()
+        allowed = hierarchy()
         inactive = empty = 0
         for node, ancestors in tree.walk():
             if not node.in_use:
@@ -430,6 +421,11 @@ class _Run:
             if tag not in record:
                 self.add("record-key", _record_path(node),
                          f"{node.rtype} Type 2 key {_name(tag)} is absent (PS3.3 F.5)")
+        if node.rtype == "SR DOCUMENT" and node.text("VerificationFlag") == "VERIFIED" \
+                and not _filled(record, VERIFICATION_DATETIME):
+            self.add("record-key", _record_path(node), "SR DOCUMENT record says VERIFIED "
+                                                       "without Verification DateTime (1C, "
+                                                       "PS3.3 F.5.24)")
 
     def check_record_values(self, node: TreeNode) -> None:
         """Every element of the record, as stored, valid for its VR (PS3.5 Table 6.2-1)."""
@@ -523,6 +519,7 @@ class _Run:
             return
         if not layout.has_preamble or not layout.has_meta:
             self.add("part10", name, "no preamble, 'DICM' or meta group (PS3.10 7.1)")
+        self.check_group_length(name, layout)
         self.check_transfer_syntax(name, layout)
         extra = [*self.conditional_tags(node, ancestors), *IDENTITY.values()]
         if any(t in records.FUNCTIONAL_GROUP_KEYS and t not in node.record for t in extra):
@@ -557,6 +554,12 @@ class _Run:
             if in_file and in_record and in_file != in_record and self.first_time(rec, tag):
                 self.add("record-mismatch", _record_path(rec),
                          f"{rec.rtype} record's {_name(tag)} differs from that of {name}")
+
+    def check_group_length(self, name: str, layout: part10.Layout) -> None:
+        if layout.meta_length is not None:
+            declared, actual = layout.meta_length
+            self.add("part10", name, f"File Meta Information Group Length (0002,0000) is "
+                                     f"{declared}, the group holds {actual} bytes (PS3.10 7.1)")
 
     def check_transfer_syntax(self, name: str, layout: part10.Layout) -> None:
         if layout.body_disagrees:
@@ -617,9 +620,11 @@ class _Run:
                 tag = tag_for_keyword(kw)
                 if tag is None or _filled(rec.record, tag):
                     continue
-                if not _filled(header, tag) and not records.functional_group_key(header, tag):
-                    continue  # neither at the top level nor in the functional groups
-                if not _usable(header, tag):
+                shared = None if _filled(header, tag) else records.functional_group_key(
+                    header, tag, per_frame=False)
+                if not _filled(header, tag) and not shared:
+                    continue  # neither at the top level nor shared by the frames (H.3-2)
+                if not _usable(header, tag, shared):
                     continue  # invalid for its VR in the file: a record leaves it out
                 if not self.first_time(rec, tag):
                     continue
@@ -664,10 +669,11 @@ class _Run:
         return True
 
 
-def _usable(ds: Dataset, tag: int) -> bool:
-    """The file's value of tag can be a record key: valid for its VR, or normalizable."""
+def _usable(ds: Dataset, tag: int, element: bytes | None = None) -> bool:
+    """The file's value of tag (or `element`, the encoded value the file has elsewhere, in
+    its Shared Functional Groups) can be a record key: valid for its VR, or normalizable."""
     try:
-        element = records.encode_element(ds, tag)
+        element = element or records.encode_element(ds, tag)
     except Exception:  # noqa: BLE001 - a value pydicom cannot encode is not usable
         return False
     charsets = records.dataset_charsets(ds)

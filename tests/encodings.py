@@ -17,11 +17,25 @@ from pydicom.uid import (
 
 from .conftest import need
 
+_WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: pydicom.Dataset) -> None:
+    """Other-word values (bytes to pydicom) in big endian order, nested ones too (PS3.5 7.3)."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_words(item)
+        elif elem.VR in _WORDS and isinstance(elem.value, bytes) and elem.tag != 0x7FE00010:
+            width = _WORDS[elem.VR]
+            elem.value = np.frombuffer(elem.value, f"<u{width}").astype(f">u{width}").tobytes()
+
 
 def big_endian(src: Path, dst: Path) -> Path:
-    """The same object in Explicit VR Big Endian (PS3.5 A.3): OW pixel words byte-swapped,
-    numbers swapped by pydicom."""
+    """The same object in Explicit VR Big Endian (PS3.5 A.3): OW pixel words and other word
+    values byte-swapped, numbers swapped by pydicom."""
     ds = pydicom.dcmread(src)
+    _swap_words(ds)
     if "PixelData" in ds and int(ds.BitsAllocated) > 8:
         width = int(ds.BitsAllocated) // 8
         ds.PixelData = np.frombuffer(ds.PixelData, f"<u{width}").astype(f">u{width}").tobytes()

@@ -79,3 +79,27 @@ def test_lossy_jpeg_decoded_for_j2k_profile_keeps_its_ratio(tmp_path: Path) -> N
     report = master([tmp_path / "in"], tmp_path / "d.iso", Options(profile, verify=True))
     assert report.ok
     assert verify(tmp_path / "d.iso", profile).ok
+
+
+@pytest.mark.oracle
+def test_keys_the_conversion_made_valid_are_taken_from_the_converted_file(
+        tmp_path: Path) -> None:
+    """A big endian source whose Image Orientation holds a TAB (invalid, left out of its
+    record); the converted file holds it valid: its record carries it, as the file has it."""
+    be = enc.big_endian(make_ct(tmp_path / "src", "a.dcm", instance=None),
+                        tmp_path / "in" / "be.dcm")
+    data = be.read_bytes()
+    old = b"1.0\\0.0\\0.0\\0.0\\1.0\\0.0 "
+    assert old in data
+    be.write_bytes(data.replace(old, b"1\\0\\0\\0\\1.0\t\\0".ljust(len(old), b" ")))
+    profile = profiles.load("STD-GEN-USB-JPEG")
+    report = master([tmp_path / "in"], tmp_path / "usb", Options(profile, workers=1,
+                                                                  verify=True), kind="folder")
+    assert report.ok and report.conversions == {"transcode": 1}
+    (image,) = [r for r in pydicom.dcmread(tmp_path / "usb" / "DICOMDIR").DirectoryRecordSequence
+                if r.DirectoryRecordType == "IMAGE"]
+    written = pydicom.dcmread(tmp_path / "usb" / Path(*image.ReferencedFileID))
+    assert image.ImageOrientationPatient == written.ImageOrientationPatient
+    assert image.InstanceNumber == 1  # the running number the planner gave the source
+    assert not [f for f in report.filled if f["key"] == "ImageOrientationPatient"]
+    assert dciodvfy_errors(tmp_path / "usb" / "DICOMDIR") == []

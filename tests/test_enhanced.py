@@ -91,3 +91,70 @@ def test_verify_wants_the_shared_keys(tmp_path: Path) -> None:
     result = verify(tmp_path / "fs", DVD)
     assert any("PixelSpacing" in v.message and v.code == "record-key"
                for v in result.violations)
+
+
+def _dcmmkdir(folder: Path) -> None:
+    """dcmmkdir's DICOMDIR for the USB profile over every file below folder (File IDs)."""
+    import subprocess
+
+    from .conftest import need
+
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    res = subprocess.run([need("dcmmkdir"), "-Pfl", "+I", *files], cwd=folder,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.oracle
+def test_per_frame_keys_are_not_demanded_of_other_tools_media(tmp_path: Path) -> None:
+    """Every frame has the same orientation, spacing and position, but only per frame:
+    dcmmkdir writes no such keys, and Table H.3-2 asks only for the top level or the Shared
+    Functional Groups; we write them, and demand neither."""
+    enhanced(tmp_path / "D", "IM2", 3, shared=False, positions_differ=False)
+    _dcmmkdir(tmp_path / "D")
+    result = verify(tmp_path / "D", DVD)
+    assert result.ok, result.violations
+    report = master([tmp_path / "D" / "IM2"], tmp_path / "fs", Options(DVD), kind="folder")
+    assert report.ok and verify(tmp_path / "fs", DVD).ok
+    (image,) = [r for r in pydicom.dcmread(tmp_path / "fs" / "DICOMDIR").DirectoryRecordSequence
+                if r.DirectoryRecordType == "IMAGE"]
+    assert image.ImageOrientationPatient == [1, 0, 0, 0, 1, 0]  # written all the same
+
+
+def _referenced(ds: pydicom.Dataset) -> None:
+    ref = _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                ReferencedSOPInstanceUID="1.2.3.8.99")
+    ds.SharedFunctionalGroupsSequence[0].ReferencedImageSequence = Sequence([ref])
+
+
+@pytest.mark.oracle
+def test_referenced_image_sequence_comes_from_the_shared_groups(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    path = enhanced(tmp_path / "in", "a.dcm", 2, shared=True, positions_differ=True)
+    ds = pydicom.dcmread(path)
+    _referenced(ds)
+    ds.save_as(path)
+    report = master([tmp_path / "in"], tmp_path / "fs", Options(DVD), kind="folder")
+    assert report.ok
+    dicomdir = tmp_path / "fs" / "DICOMDIR"
+    (image,) = [r for r in pydicom.dcmread(dicomdir).DirectoryRecordSequence
+                if r.DirectoryRecordType == "IMAGE"]
+    assert image.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.8.99"
+    assert dciodvfy_errors(dicomdir) == []
+    assert verify(tmp_path / "fs", DVD).ok
+    # a medium whose records lack it (as this program wrote them before): verify notices
+    from mastering import records
+
+    without = {k: v for k, v in records.FUNCTIONAL_GROUP_KEYS.items() if k != 0x00081140}
+    monkeypatch.setattr(records, "FUNCTIONAL_GROUP_KEYS", without)
+    master([tmp_path / "in"], tmp_path / "old", Options(DVD), kind="folder")
+    monkeypatch.undo()
+    result = verify(tmp_path / "old", DVD)
+    assert [(v.code, "ReferencedImageSequence" in v.message) for v in result.violations] \
+        == [("record-key", True)]
+    # dcmmkdir copies it too: its medium passes
+    folder = tmp_path / "D"
+    folder.mkdir()
+    (folder / "IM1").write_bytes(path.read_bytes())
+    _dcmmkdir(folder)
+    assert verify(folder, DVD).ok

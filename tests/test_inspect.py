@@ -76,3 +76,51 @@ def test_truncated_iso_fails_inspect_and_verify(tmp_path: Path) -> None:
     result = verify(tmp_path / "cut.iso", CD)
     assert "medium" in {v.code for v in result.violations}
     assert _inspect(tmp_path / "o.iso").returncode == 0
+
+
+def _verify_cli(medium: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mastering", "verify", str(medium),
+                           "--profile", "STD-GEN-USB-JPEG", "--json"],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("element", [b"\x10\x00\x10\x00PN", b"\x04\x00\x00\x14UL",
+                                     b"\x04\x00\x00\x15CS", b"\x04\x00\x11\x15UI"])
+def test_a_corrupt_vr_in_a_record_is_a_fault_not_a_crash(fileset: Path,
+                                                         element: bytes) -> None:
+    """Patient's Name, the next-record offset, the File ID, the SOP Instance UID: a VR byte
+    that is no VR. Read with the dictionary's VR and reported (exit 0: nothing lost), or,
+    where pydicom took the element's length another way and records were lost, reported
+    with exit 5; verify fails the medium. Never a traceback."""
+    dicomdir = fileset / "DICOMDIR"
+    data = dicomdir.read_bytes()
+    at = data.index(element) + 4
+    dicomdir.write_bytes(data[:at] + b"Q\x01" + data[at + 2:])
+    run = _inspect(fileset)
+    assert run.returncode in (0, 5) and not run.stderr, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["faults"] and summary["complete"] == (run.returncode == 0)
+    tag = f"({element[1]:02X}{element[0]:02X},{element[3]:02X}{element[2]:02X})"
+    if run.returncode == 0:
+        assert summary["counts"]["instances"] == 4
+        assert any(tag in f["fault"] and "'Q\\x01'" in f["fault"] for f in summary["faults"])
+    checked = _verify_cli(fileset)
+    assert checked.returncode == 5 and not checked.stderr, checked.stderr
+    assert json.loads(checked.stdout)["violations"]
+
+
+@pytest.mark.parametrize("rtype", [b"STUDY", b"PATIENT"])
+def test_a_corrupt_record_type_loses_its_subtree_loudly(fileset: Path, rtype: bytes) -> None:
+    dicomdir = fileset / "DICOMDIR"
+    data = dicomdir.read_bytes()
+    at = data.index(rtype)
+    dicomdir.write_bytes(data[:at] + rtype[:2] + b"\x02" + rtype[3:] + data[at + len(rtype):])
+    run = _inspect(fileset)
+    assert run.returncode == 5, run.stdout
+    summary = json.loads(run.stdout)
+    assert not summary["complete"] and summary["counts"]["instances"] == 2
+    (fault,) = [f for f in summary["faults"] if "Table F.4-1" in f["fault"]]
+    assert "2 referenced file(s)" in fault["fault"] and not fault["harmless"]
+    checked = _verify_cli(fileset)
+    assert checked.returncode == 5
+    assert "hierarchy" in {v["code"] for v in json.loads(checked.stdout)["violations"]}

@@ -139,3 +139,96 @@ def test_viewer_pages_from_an_iso(old_cd: Path, tmp_path: Path) -> None:
     assert report.web["images"] == 6 and not report.web["unreadable"]
     ds = pydicom.dcmread(extract_iso(tmp_path / "v.iso", tmp_path / "x") / "DICOMDIR")
     assert len([r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]) == 6
+
+
+# -- names that collide, relocated directories, images that cannot be read -----------------
+
+USB = profiles.load("STD-GEN-USB-JPEG")
+
+
+def _image(tmp_path: Path, level: int, names: list[str]) -> Path:
+    """A pycdlib image holding one different instance under each ISO 9660 name."""
+    import io
+
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=level)
+    for i, name in enumerate(names, 1):
+        data = make_ct(tmp_path / "src", f"{i}.dcm", instance=i).read_bytes()
+        iso.add_fp(io.BytesIO(data), len(data), name)
+    iso.write(str(tmp_path / "names.iso"))
+    iso.close()
+    return tmp_path / "names.iso"
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(("level", "names"), [
+    (1, ["/IM1.;1", "/IM1.;2"]),  # two versions of one name
+    (1, ["/IM1.;1", "/IM1;1"]),  # with and without the dot of an empty extension
+    (4, ["/IM1;1", "/im1;1"]),  # names that differ only in case
+])
+def test_names_that_collide_are_all_read(tmp_path: Path, level: int, names: list[str]) -> None:
+    image = _image(tmp_path, level, names)
+    paths = [i.path for i in intake.scan([image], CD, workers=1).instances]
+    assert len(paths) == len(set(paths)) == 2
+    report = master([image], tmp_path / "fs", Options(USB, workers=1), kind="folder")
+    assert report.instances == 2 and not report.invalid and not report.duplicates
+    assert len(list(FileSet(tmp_path / "fs" / "DICOMDIR"))) == 2
+    assert dciodvfy_errors(tmp_path / "fs" / "DICOMDIR") == []
+
+
+def test_versions_are_named_as_linux_shows_them(tmp_path: Path) -> None:
+    image = _image(tmp_path, 1, ["/IM1.;1", "/IM1.;2"])
+    assert sorted(isosource.members(image)[0]) == [f"{image}/im1", f"{image}/im1..2"]
+
+
+@pytest.mark.oracle
+def test_rock_ridge_relocated_directories_are_followed(tmp_path: Path) -> None:
+    """genisoimage -R moves trees deeper than 8 levels to RR_MOVED and leaves a placeholder
+    (a CL entry) where they were; a mounted disc shows them in place."""
+    deep = tmp_path / "disc" / "a" / "b" / "c" / "d" / "e" / "f" / "g" / "h" / "i"
+    make_ct(deep, "IM1", instance=1)
+    make_ct(deep / "j", "IM2", instance=2)
+    make_ct(tmp_path / "disc" / "a", "IM3", instance=3)
+    res = subprocess.run([need("genisoimage"), "-quiet", "-R", "-o", str(tmp_path / "rr.iso"),
+                          str(tmp_path / "disc")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert any("RR_MOVED" in n for n in isosource.open_image(tmp_path / "rr.iso").iso_names())
+    report = master([tmp_path / "rr.iso"], tmp_path / "fs", Options(USB, workers=1),
+                    kind="folder")
+    assert report.instances == 3 and not report.invalid
+    shown = {p.removeprefix(f"{tmp_path / 'rr.iso'}/") for p in (
+        i.path for i in intake.scan([tmp_path / "rr.iso"], CD, workers=1).instances)}
+    assert shown == {"a/IM3", "a/b/c/d/e/f/g/h/i/IM1", "a/b/c/d/e/f/g/h/i/j/IM2"}
+    assert dciodvfy_errors(tmp_path / "fs" / "DICOMDIR") == []
+
+
+def test_an_image_inside_a_folder_says_so(old_cd: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "disc.iso").write_bytes(old_cd.read_bytes())
+    make_ct(tmp_path / "in", "a.dcm")
+    res = intake.scan([tmp_path / "in"], CD, workers=1)
+    (ignored,) = res.ignored
+    assert ignored.reason == ("an ISO image inside a folder is not opened; name it on the "
+                              "command line")
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_an_image_pycdlib_cannot_open_is_invalid_input(old_cd: Path, tmp_path: Path,
+                                                       damage: str) -> None:
+    data = bytearray(old_cd.read_bytes())
+    if damage == "cut":
+        data = data[: 17 * 2048]  # the volume descriptors are cut off
+    else:
+        data[16 * 2048 + 7] ^= 0xFF  # the PVD's unused byte after its type (ECMA-119 8.4.4)
+    bad = tmp_path / "bad.iso"
+    bad.write_bytes(bytes(data))
+    run = subprocess.run([sys.executable, "-m", "mastering", "iso", str(bad), "-o",
+                          str(tmp_path / "o.iso")], capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr
+    assert f"{bad}: not a readable ISO 9660 image" in run.stderr + run.stdout
+    make_ct(tmp_path / "in", "a.dcm")
+    report = master([bad, tmp_path / "in"], tmp_path / "o.iso",
+                    Options(CD, skip_invalid=True))
+    assert report.instances == 1 and [s["path"] for s in report.skipped] == [str(bad)]

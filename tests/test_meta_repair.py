@@ -111,3 +111,55 @@ def test_two_anonymized_copies_with_one_meta_uid_conflict_by_data_set(tmp_path: 
     with pytest.raises(MasteringError) as err:
         master([a, b, c], tmp_path / "p.iso", Options(CD, workers=1))
     assert "1.2.826.0.1.6.2" in err.value.report.invalid[0]["reason"]
+
+
+def _wrong_group_length(path: Path, by: int = 2) -> Path:
+    """(0002,0000) File Meta Information Group Length off by `by` bytes (PS3.10 7.1)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x02\x00\x00\x00UL\x04\x00") + 8
+    (length,) = struct.unpack_from("<I", data, at)
+    struct.pack_into("<I", data, at, length + by)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _group_length_right(path: Path) -> bool:
+    layout = part10.inspect(path)
+    return layout.meta_length is None and layout.has_meta
+
+
+@pytest.mark.oracle
+def test_a_wrong_group_length_is_rebuilt_and_reported(tmp_path: Path) -> None:
+    src = _wrong_group_length(make_ct(tmp_path / "in", "a.dcm"))
+    assert not _group_length_right(src)
+    before = src.read_bytes()
+    report = master([tmp_path / "in"], tmp_path / "o.iso", Options(CD, workers=1, verify=True))
+    assert report.conversions == {"remeta": 1}
+    (fix,) = report.repaired
+    assert fix["uid"].startswith("File Meta Information Group Length")
+    from .conftest import extract_iso
+
+    root = extract_iso(tmp_path / "o.iso", tmp_path / "x")
+    (rec,) = list(FileSet(root / "DICOMDIR"))
+    written = Path(rec.path)
+    assert _group_length_right(written)
+    start = part10.inspect(src).dataset_start
+    assert written.read_bytes().endswith(before[start:])  # the data set as it was
+    assert src.read_bytes() == before
+    assert dciodvfy_errors(root / "DICOMDIR") == []
+    assert not [e for e in dcmdump(written).splitlines() if "E:" in e]
+
+
+def test_verify_flags_a_wrong_group_length(tmp_path: Path) -> None:
+    make_ct(tmp_path / "in", "a.dcm")
+    usb = profiles.load("STD-GEN-USB-JPEG")
+    master([tmp_path / "in"], tmp_path / "fs", Options(usb), kind="folder")
+    (image,) = [p for p in (tmp_path / "fs").rglob("IM*") if p.is_file()]
+    _wrong_group_length(image)
+    result = verify(tmp_path / "fs", usb)
+    assert [(v.code, "(0002,0000)" in v.message) for v in result.violations] \
+        == [("part10", True)]
+    _wrong_group_length(tmp_path / "fs" / "DICOMDIR", by=-4)
+    assert "DICOMDIR" in {v.path for v in verify(tmp_path / "fs", usb).violations}

@@ -350,3 +350,17 @@ def test_a_new_run_replaces_the_whole_earlier_set(tmp_path: Path) -> None:
     master([tmp_path / "in"], tmp_path / "o.iso", Options(profiles.load("STD-GEN-CD")))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
         ".o.iso.mastering.json", "o.iso", "other.iso"]
+
+
+def test_files_left_out_after_the_scan_are_listed_as_skipped(tmp_path: Path) -> None:
+    """A series under two studies: the second file is refused when the tree is planned; with
+    --skip-invalid it is in "invalid" (why) and in "skipped" (left out), like every other."""
+    make_ct(tmp_path / "in", "a.dcm", study_uid="1.2.3.4.1", series_uid="1.2.3.4.9")
+    make_ct(tmp_path / "in", "b.dcm", study_uid="1.2.3.4.2", series_uid="1.2.3.4.9",
+            instance=2)
+    make_ct(tmp_path / "in", "c.dcm", study_uid="1.2.3.4.3", series_uid="1.2.3.4.8")
+    report = master([tmp_path / "in"], tmp_path / "o.iso",
+                    Options(profiles.load("STD-GEN-CD"), skip_invalid=True))
+    assert report.instances == 2
+    assert [i["path"] for i in report.invalid] == [str(tmp_path / "in" / "b.dcm")]
+    assert report.skipped == report.invalid

@@ -137,3 +137,170 @@ def test_cli_on_conflict(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert f"kept {new}" in run.stdout.replace("\n", "")
+
+
+# -- what makes two objects, whatever the encodings ------------------------------------------
+
+
+def _icon(ds: pydicom.Dataset, value: int) -> None:
+    from pydicom.sequence import Sequence
+
+    icon = pydicom.Dataset()
+    icon.Rows = icon.Columns = 2
+    icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+    icon.BitsAllocated = icon.BitsStored = 8
+    icon.HighBit, icon.PixelRepresentation = 7, 0
+    icon.PixelData = bytes([value, 1, 2, 3])
+    ds.IconImageSequence = Sequence([icon])
+
+
+def _private(ds: pydicom.Dataset, vr: str, value: object) -> None:
+    ds.add_new(0x00090010, "LO", "SAMENESS TEST")
+    ds.add_new(0x00091001, vr, value)
+
+
+def _high_bit(ds: pydicom.Dataset) -> None:
+    pixels = bytearray(ds.PixelData)
+    pixels[1] |= 0x80  # a bit above Bits Stored (12) of the first pixel
+    ds.PixelData = bytes(pixels)
+
+
+#: (what the first file has, what the second has instead): different objects
+DIFFERENCES = {
+    "bits above Bits Stored": (lambda ds: None, _high_bit),
+    "icon pixels": (lambda ds: _icon(ds, 1), lambda ds: _icon(ds, 2)),
+    "trailing NULs in OB": (lambda ds: _private(ds, "OB", b"ab"),
+                            lambda ds: _private(ds, "OB", b"ab\0\0")),
+    "bytes after the last frame": (lambda ds: None,
+                                   lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\1\2")),
+    "DS 1 and 1.0": (lambda ds: setattr(ds, "SliceThickness", "1"),
+                     lambda ds: setattr(ds, "SliceThickness", "1.0")),
+    "FD 0.0 and -0.0": (lambda ds: ds.add_new(0x00189087, "FD", 0.0),
+                        lambda ds: ds.add_new(0x00189087, "FD", -0.0)),
+}
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    ds = pydicom.dcmread(src)
+    edit(ds)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", sorted(DIFFERENCES))
+def test_differences_in_any_encoding_make_two_objects(tmp_path: Path, case: str) -> None:
+    first, second = DIFFERENCES[case]
+    src = make_ct(tmp_path, "src.dcm", sop_uid=UID)
+    a = _edited(src, tmp_path / "a.dcm", first)
+    b = _edited(src, tmp_path / "b.dcm", second)
+    copies = {"be": enc.big_endian, "implicit": enc.implicit, "deflated": enc.deflated}
+    for kind, encode in copies.items():
+        assert sameness.same_object(str(a), str(encode(a, tmp_path / kind / "a.dcm"))), kind
+        other = encode(b, tmp_path / kind / "b.dcm")
+        assert not sameness.same_object(str(a), str(other)), (case, kind)
+    assert not sameness.same_object(str(a), str(b)), case
+
+
+def test_planar_configuration_only_orders_the_samples(tmp_path: Path) -> None:
+    """One RGB image by pixel and by plane in one transfer syntax: the same values."""
+    import numpy as np
+
+    rgb = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    src = make_ct(tmp_path, "rgb.dcm", sop_uid=UID, rows=4, SamplesPerPixel=3,
+                  PhotometricInterpretation="RGB", PlanarConfiguration=0, BitsAllocated=8,
+                  BitsStored=8, HighBit=7)
+    by_pixel = _edited(src, tmp_path / "pixel.dcm",
+                       lambda ds: setattr(ds, "PixelData", rgb.tobytes()))
+
+    def by_plane(ds: pydicom.Dataset) -> None:
+        ds.PlanarConfiguration = 1
+        ds.PixelData = np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()
+
+    planes = _edited(src, tmp_path / "plane.dcm", by_plane)
+    assert sameness.same_object(str(by_pixel), str(planes))
+    assert sameness.same_object(str(enc.big_endian(planes, tmp_path / "be.dcm")), str(by_pixel))
+    swapped = rgb.copy()
+    swapped[0, 0] = swapped[0, 0, ::-1]  # one pixel's samples in another order
+    other = _edited(src, tmp_path / "other.dcm",
+                    lambda ds: setattr(ds, "PixelData", swapped.tobytes()))
+    assert not sameness.same_object(str(other), str(planes))
+
+
+def test_other_word_values_are_compared_in_their_byte_order(tmp_path: Path) -> None:
+    """A palette's OW table words (not pixel data) in big endian are the same numbers."""
+    import numpy as np
+
+    words = np.arange(0x0102, 0x0102 + 16, dtype="<u2").tobytes()
+    src = make_ct(tmp_path, "src.dcm", sop_uid=UID)
+    a = _edited(src, tmp_path / "a.dcm", lambda ds: _private(ds, "OW", words))
+    big = enc.big_endian(a, tmp_path / "a_be.dcm")
+    raw = big.read_bytes()
+    assert np.frombuffer(words, "<u2").astype(">u2").tobytes() in raw  # really swapped
+    assert sameness.same_object(str(a), str(big))
+    changed = bytearray(words)
+    changed[0:2] = changed[1::-1]  # one word with its bytes in the other order
+    b = _edited(src, tmp_path / "b.dcm", lambda ds: _private(ds, "OW", bytes(changed)))
+    assert not sameness.same_object(str(b), str(big))
+
+
+def test_deflated_copies_are_compared_in_flat_memory(tmp_path: Path) -> None:
+    """A 32 MB image against its deflated copy: memory stays near one block, not the object."""
+    src = make_ct(tmp_path, "big.dcm", sop_uid=UID, rows=4096)
+    deflated = enc.deflated(src, tmp_path / "big_deflated.dcm")
+    code = ("import resource, sys\n"
+            "from mastering import sameness\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "same = sameness.same_object(sys.argv[1], sys.argv[2])\n"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(same, (after - before) // 1024)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(src), str(deflated)],
+                         capture_output=True, text=True, check=True)
+    same, grown_mb = run.stdout.split()
+    assert same == "True"
+    assert int(grown_mb) < 16, f"comparing grew the process by {grown_mb} MB"
+
+
+# -- --on-conflict newest: which variant is newest -------------------------------------------
+
+
+def _variant(folder: Path, name: str, mtime: float, **created) -> Path:
+    path = make_ct(folder, f"{name}.dcm", sop_uid=UID, patient_name=f"DOE^{name.upper()}",
+                   **created)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.mark.parametrize(("older", "newer"), [
+    # 10:00 at UTC+1 is 09:00 UTC: before 09:30 UTC
+    (dict(InstanceCreationDate="20250101", InstanceCreationTime="100000",
+          TimezoneOffsetFromUTC="+0100"),
+     dict(InstanceCreationDate="20250101", InstanceCreationTime="093000",
+          TimezoneOffsetFromUTC="+0000")),
+    # a file with a creation date beats one without, whatever the file times
+    ({}, dict(InstanceCreationDate="20250101", InstanceCreationTime="000000")),
+    # ACR-NEMA forms have one meaning
+    (dict(InstanceCreationDate="20240101", InstanceCreationTime="120000"),
+     dict(InstanceCreationDate="2025.01.01", InstanceCreationTime="10:00:00")),
+])
+def test_newest_compares_creation_moments(tmp_path: Path, older: dict, newer: dict) -> None:
+    old = _variant(tmp_path / "a", "old", 2_000_000_000, **older)  # the newer file
+    new = _variant(tmp_path / "b", "new", 1_000_000_000, **newer)
+    report = master([old, new], tmp_path / "o.iso", Options(CD, on_conflict="newest"))
+    assert report.conflicts[0]["kept"] == str(new)
+    assert [s["path"] for s in report.skipped] == [str(old)]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_newest_refuses_a_tie(tmp_path: Path, skip: bool) -> None:
+    created = dict(InstanceCreationDate="20250101", InstanceCreationTime="100000")
+    a = _variant(tmp_path / "a", "a", 1_500_000_000, **created)
+    b = _variant(tmp_path / "b", "b", 1_500_000_000, **created)
+    with pytest.raises(MasteringError) as err:
+        master([a, b], tmp_path / "o.iso", Options(CD, on_conflict="newest",
+                                                    skip_invalid=skip))
+    assert err.value.exit_code == 3 and not (tmp_path / "o.iso").exists()
+    (conflict,) = err.value.report.conflicts
+    assert conflict["kept"] is None and conflict["tie"]
+    assert all("cannot choose" in i["reason"] for i in err.value.report.invalid)
+    assert "cannot tell which is newest" in err.value.report.error

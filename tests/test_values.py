@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.fileset import FileSet
 
-from mastering import profiles, values
+from mastering import intake, profiles, values
 from mastering.pipeline import Options, master
 from mastering.verify import verify
 
@@ -120,3 +120,203 @@ def test_verify_checks_record_values(tmp_path: Path) -> None:
     assert {v.code for v in result.violations} == {"record-value"}
     assert "StudyDate" in result.violations[0].message
     assert dciodvfy_errors(dicomdir)  # the oracle agrees
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("encoding", ["explicit", "implicit", "big_endian"])
+def test_binary_values_that_look_like_padding_are_values(tmp_path: Path, encoding: str) -> None:
+    """Rows 32 is the bytes 20 00, Columns 8192 is 00 20 and 8224 is 20 20: values, not
+    padding (32x32 spectroscopy and NM matrices are common)."""
+    from . import encodings as enc
+
+    sizes = {"a": (32, 32), "b": (1, 8192), "c": (1, 8224)}
+    for name, (rows, columns) in sizes.items():
+        path = make_ct(tmp_path / "src", f"{name}.dcm", rows=rows, Columns=columns,
+                       PixelData=bytes(2 * rows * columns), implicit=encoding == "implicit",
+                       instance=ord(name))
+        if encoding == "big_endian":
+            enc.big_endian(path, tmp_path / "in" / path.name)
+        else:
+            (tmp_path / "in").mkdir(exist_ok=True)
+            (tmp_path / "in" / path.name).write_bytes(path.read_bytes())
+    report = master([tmp_path / "in"], tmp_path / "out", Options(DVD, workers=1),
+                    kind="folder")
+    assert report.instances == 3 and not report.invalid
+    dicomdir = tmp_path / "out" / "DICOMDIR"
+    found = {(r.Rows, r.Columns) for r in pydicom.dcmread(dicomdir).DirectoryRecordSequence
+             if r.DirectoryRecordType == "IMAGE"}
+    assert found == set(sizes.values())
+    assert dciodvfy_errors(dicomdir) == []
+    assert verify(tmp_path / "out", DVD).ok
+
+
+# -- Specific Character Set, VRs, repertoires and meanings -----------------------------------
+
+
+def _patch(path: Path, old: bytes, new: bytes) -> Path:
+    """Replace bytes in a file (same length: no element length changes)."""
+    data = path.read_bytes()
+    assert old in data and len(old) == len(new), old
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+CHARSET_ELEMENT = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100"
+
+
+def _with_charset(path: Path, value: bytes) -> Path:
+    value += b" " * (len(value) % 2)
+    data = path.read_bytes()
+    new = b"\x08\x00\x05\x00CS" + len(value).to_bytes(2, "little") + value
+    path.write_bytes(data.replace(CHARSET_ELEMENT, new))
+    return path
+
+
+def _master_checked(folder: Path, out: Path) -> tuple:
+    report = master([folder], out, Options(DVD, workers=1, verify=True), kind="folder")
+    dicomdir = out / "DICOMDIR"
+    assert dciodvfy_errors(dicomdir) == []
+    dcmdump(dicomdir)
+    assert len(list(FileSet(dicomdir))) == report.instances
+    fixes = {(Path(f["path"]).stem, f["key"]): f for f in report.filled if "reason" in f}
+    return report, fixes, pydicom.dcmread(dicomdir)
+
+
+def _one(index: int, folder: Path, name: str, **kw) -> Path:
+    kw.setdefault("patient_id", f"P{index}")
+    return make_ct(folder, f"{name}.dcm", study_uid=f"1.2.3.8.{index}",
+                   series_uid=f"1.2.3.8.{index}.1", **kw)
+
+
+@pytest.mark.oracle
+def test_specific_character_set_is_written_as_its_defined_term(tmp_path: Path) -> None:
+    spellings = {"hyphen": b"ISO-IR 100", "lower": b"iso_ir 100", "joined": b"ISO_IR100",
+                 "padded": b"ISO_IR 100" + b" " * 10}
+    for i, (name, value) in enumerate(spellings.items()):
+        _with_charset(_one(i, tmp_path / "in", name, patient_name="MÜLLER^JÜRGEN"), value)
+    report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
+    assert report.instances == len(spellings) and not report.invalid
+    assert {r.SpecificCharacterSet for r in dd.DirectoryRecordSequence} == {"ISO_IR 100"}
+    assert {str(r.PatientName) for r in dd.DirectoryRecordSequence if "PatientName" in r} \
+        == {"MÜLLER^JÜRGEN"}  # decoded through the normalized term
+    for name in spellings:
+        assert "Defined Term" in fixes[name, "SpecificCharacterSet"]["reason"]
+
+
+@pytest.mark.parametrize("value", [b"ISO_IR 999", b"LATIN1", b"ISO_IR 100 (LATIN-1)"])
+def test_an_unknown_character_set_refuses_the_file(tmp_path: Path, value: bytes) -> None:
+    path = _with_charset(make_ct(tmp_path, "a.dcm"), value)
+    res = intake.scan_file(str(path), DVD)
+    assert isinstance(res, intake.Problem) and "Specific Character Set" in res.reason
+    assert "not a Defined Term (PS3.3 C.12.1.1.2)" in res.reason
+
+
+@pytest.mark.oracle
+def test_numbers_encoded_with_a_binary_vr_become_text(tmp_path: Path) -> None:
+    """Series Number as US, Instance Number as SS, Pixel Spacing as FD: the IS/DS text of the
+    same numbers; a Patient ID as OB has no one meaning and is derived (Type 1)."""
+    path = _one(0, tmp_path / "in", "binary")
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00200011, "US", 7)
+    ds.add_new(0x00200013, "SS", 3)
+    ds.add_new(0x00280030, "FD", [0.5, 0.25])
+    ds.add_new(0x00100020, "OB", b"PID1")
+    ds.save_as(path)
+    report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
+    assert report.instances == 1
+    by_type = {r.DirectoryRecordType: r for r in dd.DirectoryRecordSequence}
+    assert by_type["SERIES"]["SeriesNumber"].VR == "IS" and by_type["SERIES"].SeriesNumber == 7
+    assert by_type["IMAGE"]["InstanceNumber"].VR == "IS" and by_type["IMAGE"].InstanceNumber == 3
+    assert by_type["IMAGE"].PixelSpacing == [0.5, 0.25]
+    assert by_type["PATIENT"].PatientID.startswith("NOID")
+    assert "encoded as US, not IS" in fixes["binary", "SeriesNumber"]["reason"]
+    assert "encoded as OB, not LO" in fixes["binary", "PatientID"]["reason"]
+
+
+@pytest.mark.oracle
+def test_bytes_outside_the_repertoire_never_reach_a_record(tmp_path: Path) -> None:
+    """Latin-1 names without a Specific Character Set (old files), DEL, C1 controls under
+    ISO_IR 100, Latin-1 under ISO_IR 192: Type 2 keys left empty, 1C keys left out."""
+    latin = _one(0, tmp_path / "in", "latin", patient_name="MUELLER^JUERGEN",
+                 SpecificCharacterSet=None, InstitutionName="KLINIK KOELN",
+                 StudyDescription="SCHAEDEL", StudyID="KOELN1")
+    _patch(latin, b"MUELLER^JUERGEN ", "Müller^Jürgen".encode("latin-1") + b"   ")
+    _patch(latin, b"KLINIK KOELN", "Klinik Köln ".encode("latin-1"))
+    _patch(latin, b"SCHAEDEL", "Schädel ".encode("latin-1"))
+    _patch(latin, b"KOELN1", "KÖLN01".encode("latin-1"))  # a Type 1 key: derived
+    controls = _one(1, tmp_path / "in", "controls", patient_name="DEL^X",
+                    InstitutionName="C1 CHARS")
+    _patch(controls, b"DEL^X ", b"DEL\x7fX ")
+    _patch(controls, b"C1 CHARS", b"C1\x85CHARS")
+    utf8 = _with_charset(_one(2, tmp_path / "in", "utf8", patient_name="MUELLER^X"),
+                         b"ISO_IR 192")
+    _patch(utf8, b"MUELLER^X ", "Müller^X  ".encode("latin-1"))
+    before = {p: p.read_bytes() for p in (latin, controls, utf8)}
+    report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
+    assert report.instances == 3 and not report.invalid
+    for name, key, outcome in [("latin", "StudyID", "derived as for a missing key"),
+                               ("latin", "PatientName", "left empty"),
+                               ("latin", "StudyDescription", "left empty"),
+                               ("latin", "InstitutionName", "left out"),
+                               ("controls", "PatientName", "left empty"),
+                               ("controls", "InstitutionName", "left out"),
+                               ("utf8", "PatientName", "left empty")]:
+        assert fixes[name, key]["reason"].endswith(outcome), (name, key)
+    names = [str(r.PatientName) for r in dd.DirectoryRecordSequence if "PatientName" in r]
+    assert sorted(names) == ["", "", ""]
+    assert all(p.read_bytes() == data for p, data in before.items())  # files untouched
+
+
+def test_a_patient_id_outside_the_repertoire_refuses_the_file(tmp_path: Path) -> None:
+    path = make_ct(tmp_path, "a.dcm", patient_id="MUELLER01", SpecificCharacterSet=None)
+    _patch(path, b"MUELLER01 ", "MÜLLER01  ".encode("latin-1"))
+    res = intake.scan_file(str(path), DVD)
+    assert isinstance(res, intake.Problem) and res.kind == "invalid"
+    assert "PatientID" in res.reason and "default repertoire" in res.reason
+
+
+ORIENTATIONS = {"zeros": [0, 0, 0, 0, 0, 0], "not_unit": [0.707, 0.707, 0, 0, 0, -1],
+                "long": [1.1, 0, 0, 0, 1, 0], "skew": [1, 0, 0, 0.01, 1, 0],
+                "oblique": ["0.7071", "0.7071", 0, 0, 0, -1], "axial": [1, 0, 0, 0, 1, 0]}
+
+
+@pytest.mark.oracle
+def test_image_orientation_must_be_two_orthogonal_unit_vectors(tmp_path: Path) -> None:
+    for i, (name, value) in enumerate(ORIENTATIONS.items()):
+        _one(i, tmp_path / "in", name, ImageOrientationPatient=value)
+    report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
+    assert report.instances == len(ORIENTATIONS)
+    kept = {tuple(r.ReferencedFileID) for r in dd.DirectoryRecordSequence
+            if "ImageOrientationPatient" in r}
+    assert len(kept) == 2
+    for name in ("zeros", "not_unit", "long", "skew"):
+        reason = fixes[name, "ImageOrientationPatient"]["reason"]
+        assert "C.7.6.2.1.1" in reason and reason.endswith("left out")
+    assert ("oblique", "ImageOrientationPatient") not in fixes
+
+
+#: a record value changed as other tools' media have it: (bytes, changed to, key, whether
+#: dciodvfy reports it as an error too)
+RECORD_FAULTS = {
+    "character set spelling": (b"ISO_IR 100", b"iso_ir 100", "SpecificCharacterSet", True),
+    "character set unknown": (b"ISO_IR 100", b"ISO_IR 999", "SpecificCharacterSet", False),
+    "binary VR": (b"\x20\x00\x11\x00IS\x02\x001 ", b"\x20\x00\x11\x00US\x02\x00\x01\x00",
+                  "SeriesNumber", True),
+    "DEL in a name": (b"DOE^JANE", b"DOE\x7fJANE", "PatientName", True),
+    "orientation": (b"1.0\\0.0\\0.0\\0.0\\1.0\\0.0 ", b"1.0\\0.0\\0.0\\0.0\\0.0\\0.0 ",
+                    "ImageOrientationPatient", True),
+}
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("case", sorted(RECORD_FAULTS))
+def test_verify_flags_record_values(tmp_path: Path, case: str) -> None:
+    old, new, key, oracle = RECORD_FAULTS[case]
+    make_ct(tmp_path / "in", "a.dcm", patient_name="DOE^JANE")
+    master([tmp_path / "in"], tmp_path / "out", Options(DVD), kind="folder")
+    dicomdir = tmp_path / "out" / "DICOMDIR"
+    _patch(dicomdir, old, new)
+    result = verify(tmp_path / "out", DVD)
+    assert {v.code for v in result.violations} == {"record-value"}
+    assert all(key in v.message for v in result.violations)
+    assert bool(dciodvfy_errors(dicomdir)) == oracle
