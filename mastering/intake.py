@@ -604,30 +604,6 @@ def _dataset(hdr: records.Header) -> Dataset:
     return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
 
 
-#: keys that identify the patient, study and series in the records and in every file: a
-#: value a record cannot carry as it is gets a derived one, unless its bytes are not text
-#: of the file's repertoire (see below)
-IDENTITY_KEYS = frozenset({0x00100020, 0x0020000D, 0x0020000E})
-
-
-def _refuse_unreadable_identity(tag: int, keyword: str | None, encoded: bytes,
-                                charsets: tuple[str, ...]) -> None:
-    """A Patient ID whose bytes are not characters of the file's repertoire (PS3.5 6.1; an
-    old file's "MÜLLER01" in Latin-1 without a Specific Character Set) is an identity that
-    viewers and archives read from the file as they guess it; a derived record value would
-    disagree with it, so the file is refused instead, with the reason."""
-    from . import values
-
-    vr, value = records.element_vr(encoded), records.value_bytes(encoded)
-    if tag not in IDENTITY_KEYS or vr not in values.RULES:
-        return
-    why = values.repertoire_error(vr, value, charsets)
-    if why:
-        raise _Invalid(f"the Type 1 directory key {keyword} is not text of its repertoire "
-                       f"({why}); a derived value would disagree with the file on this "
-                       "identity")
-
-
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
            check: _Checker) -> bytes | None:
     keyword = pydicom.datadict.keyword_for_tag(tag)
@@ -644,7 +620,6 @@ def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
                                     result.reason))
             return result.element
         why, invalid = result.reason, records.value_bytes(encoded)
-        _refuse_unreadable_identity(tag, keyword, encoded, check.charsets)
     value = records.derive(keyword, hdr, known, invalid)
     if value is None:
         if why:

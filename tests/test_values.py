@@ -267,12 +267,20 @@ def test_bytes_outside_the_repertoire_never_reach_a_record(tmp_path: Path) -> No
     assert all(p.read_bytes() == data for p, data in before.items())  # files untouched
 
 
-def test_a_patient_id_outside_the_repertoire_refuses_the_file(tmp_path: Path) -> None:
-    path = make_ct(tmp_path, "a.dcm", patient_id="MUELLER01", SpecificCharacterSet=None)
-    _patch(path, b"MUELLER01 ", "MÜLLER01  ".encode("latin-1"))
-    res = intake.scan_file(str(path), DVD)
-    assert isinstance(res, intake.Problem) and res.kind == "invalid"
-    assert "PatientID" in res.reason and "default repertoire" in res.reason
+def test_a_patient_id_outside_the_repertoire_is_derived(tmp_path: Path) -> None:
+    """An old file's "MÜLLER01" in Latin-1 without a Specific Character Set: the record gets
+    a Patient ID derived from that value (the same for every file of the patient, issue 7:
+    "a Type 1 key that cannot be normalized is derived as for a missing one"), reported; the
+    file keeps its bytes, and the disc can still be made."""
+    for i in range(2):
+        path = make_ct(tmp_path / "in", f"{i}.dcm", patient_id="MUELLER01", instance=i + 1,
+                       SpecificCharacterSet=None)
+        _patch(path, b"MUELLER01 ", "MÜLLER01  ".encode("latin-1"))
+    report, fixes, dd = _master_checked(tmp_path / "in", tmp_path / "out")
+    assert report.instances == 2 and report.patients == 1
+    patient = next(r for r in dd.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT")
+    assert patient.PatientID.isascii() and "MÜLLER01" not in str(patient.PatientID)
+    assert "default repertoire" in fixes["0", "PatientID"]["reason"]
 
 
 ORIENTATIONS = {"zeros": [0, 0, 0, 0, 0, 0], "not_unit": [0.707, 0.707, 0, 0, 0, -1],
