@@ -347,9 +347,9 @@ class _SwapAtReadBack(UDisks):
         super().__init__()
         self.loops, self.other, self.mounted = loops, other, []
 
-    def unmount(self, disk, point, *, lazy: bool = True) -> None:
-        super().unmount(disk, point, lazy=lazy)
-        if not lazy and self.loops[0].attached:
+    def unmount(self, disk, point, **kw) -> None:
+        super().unmount(disk, point, **kw)
+        if self.loops[0].attached:  # the first unmount: the read-back's
             self.loops[0].detach()
             self.loops.append(Loop(self.other, node=self.loops[0].node))
 
