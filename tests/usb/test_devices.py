@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from mastering.usb import devices
-
 from mastering.usb.cli import load_policy
 
 from .beds import MACHINE, machine_bed
