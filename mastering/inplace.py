@@ -230,7 +230,7 @@ class Target:
                          "the earlier studies; append without --viewer", self.report, 2)
         self.report.warnings.append(f"the output held {what}; "
                                     f"{'added to it' if self.mode == 'append' else 'replaced'}")
-        if self.mode == "append" and _lookup(self.root, "INDEX.HTM") is not None:
+        if self.mode == "append" and (self.root / "INDEX.HTM").exists():
             self.report.warnings.append("the web pages on the medium (INDEX.HTM) show only the "
                                         "earlier studies")
 
@@ -313,7 +313,7 @@ class Target:
         problems = []
         for comps in planned:
             for depth in range(1, len(comps)):
-                kind = entries.get("/".join(comps[:depth]).upper())
+                kind = entries.get("/".join(comps[:depth]).upper(), ("", None))[1]
                 if kind not in (None, "dir"):
                     problems.append(f"{'/'.join(comps[:depth])} is on the medium and is not a "
                                     f"folder ({kind}); {'/'.join(comps)} would go inside it")
@@ -686,7 +686,8 @@ def interrupted(root: Path, referenced: set[str]) -> Leftovers:
     names, and files whose journal record (size and SHA-256, or size and SOP Instance UID for
     a --replace removal) they still match; never a file the DICOMDIR there now references.
     Files that only bear a name the journal lists are kept and reported."""
-    name = _lookup(root, JOURNAL, any_kind=True) if root.is_dir() else None
+    index = _Index(root)
+    name = index.get(JOURNAL, kind=None)
     if name is None:
         return Leftovers()
     path = root / name
@@ -707,7 +708,7 @@ def interrupted(root: Path, referenced: set[str]) -> Leftovers:
     left = Leftovers(journal=name)
     done: set[str] = set()
     for proof in proofs:
-        stored = _lookup(root, proof.name)
+        stored = index.get(proof.name)
         if stored is None or stored.upper() in refs or stored.upper() in done:
             continue
         done.add(stored.upper())
@@ -719,7 +720,7 @@ def interrupted(root: Path, referenced: set[str]) -> Leftovers:
     folders = {""} | {n.rsplit("/", 1)[0] for n in planned if "/" in n}
     pattern = re.compile(rf"{token}[0-9A-Z]{{4}}\.TMP", re.IGNORECASE)
     for folder in sorted(folders):
-        stored_folder = _lookup(root, folder, folder=True) if folder else ""
+        stored_folder = index.get(folder, kind="dir") if folder else ""
         if stored_folder is None:
             continue
         with contextlib.suppress(OSError), os.scandir(root / stored_folder) as it:
@@ -727,7 +728,7 @@ def interrupted(root: Path, referenced: set[str]) -> Leftovers:
                 if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                     left.ours.append(f"{stored_folder}/{entry.name}".lstrip("/"))
     for planned_name in planned:
-        stored = _lookup(root, planned_name)
+        stored = index.get(planned_name)
         if stored is not None and stored.upper() not in refs and stored.upper() not in done:
             done.add(stored.upper())
             left.kept.append((stored, "an interrupted copy of this program meant to write it "
@@ -762,7 +763,8 @@ def our_web(root: Path) -> OldWeb:
     """This program's web content on the medium: the files its manifest lists (in the web
     layout only) that are still as written. Changed files are kept and reported."""
     found = OldWeb()
-    name = _lookup(root, MANIFEST)
+    index = _Index(root)
+    name = index.get(MANIFEST)
     if name is None:
         return found
     try:
@@ -778,7 +780,7 @@ def our_web(root: Path) -> OldWeb:
         m = re.fullmatch(r"([0-9a-f]{64})  (\S+)", line)
         if not m or not _plain_name(m.group(2)) or not is_web_name(m.group(2)):
             continue
-        stored = _lookup(root, m.group(2))
+        stored = index.get(m.group(2))
         if stored is None:
             continue
         proof = Proof(stored, _lsize(root / stored), "sha256", m.group(1))
@@ -864,57 +866,48 @@ def _new_folders(files: list[tuple[tuple[str, ...], int]], root: Path) -> dict[s
     return {f: n for f, n in counts.items() if not (root / f).is_dir()}
 
 
-def _entries(root: Path) -> dict[str, str]:
-    """Every entry below root ('/'-joined, upper case, as FAT compares names) and its kind:
-    "dir", "file", "link" or "other"; links are not followed."""
-    found: dict[str, str] = {}
+def _entries(root: Path) -> dict[str, tuple[str, str]]:
+    """Every entry below root: '/'-joined upper-case name (FAT compares names so) -> (the
+    stored name, its kind: "dir", "file", "link", "other" or "unlisted" for a folder that
+    cannot be read); links are not followed."""
+    found: dict[str, tuple[str, str]] = {}
     todo = [""]
     while todo:
         rel = todo.pop()
         try:
             with os.scandir(root / rel if rel else root) as it:
-                for entry in it:
-                    name = f"{rel}/{entry.name}" if rel else entry.name
-                    if entry.is_symlink():
-                        kind = "link"
-                    elif entry.is_dir(follow_symlinks=False):
-                        kind = "dir"
-                        todo.append(name)
-                    elif entry.is_file(follow_symlinks=False):
-                        kind = "file"
-                    else:
-                        kind = "other"
-                    found[name.upper()] = kind
+                listed = sorted(it, key=lambda e: e.name)
         except OSError:
+            if rel:
+                found[rel.upper()] = (rel, "unlisted")
             continue
+        for entry in listed:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_symlink():
+                kind = "link"
+            elif entry.is_dir(follow_symlinks=False):
+                kind = "dir"
+                todo.append(name)
+            elif entry.is_file(follow_symlinks=False):
+                kind = "file"
+            else:
+                kind = "other"
+            found.setdefault(name.upper(), (name, kind))
     return found
 
 
-def _lookup(root: Path, name: str, *, folder: bool = False, any_kind: bool = False
-            ) -> str | None:
-    """The stored name of a '/'-joined path below root, ignoring case (FAT); a regular file
-    (or with folder, a folder; with any_kind, anything) reached without following links."""
-    cur, parts = root, []
-    want = name.split("/")
-    for i, part in enumerate(want):
-        try:
-            with os.scandir(cur) as it:
-                listed = list(it)
-        except OSError:
+class _Index:
+    """Names on the medium, looked up ignoring case (FAT), read once."""
+
+    def __init__(self, root: Path):
+        self.entries = _entries(root) if root.is_dir() else {}
+
+    def get(self, name: str, kind: str | None = "file") -> str | None:
+        """The stored name of a '/'-joined path of that kind (None: any kind)."""
+        found = self.entries.get(name.upper())
+        if found is None or (kind is not None and found[1] != kind):
             return None
-        match = next((e for e in listed if e.name == part), None) or next(
-            (e for e in listed if e.name.upper() == part.upper()), None)
-        if match is None:
-            return None
-        last = i == len(want) - 1
-        if not last and not match.is_dir(follow_symlinks=False):
-            return None
-        if last and not any_kind and not (match.is_dir(follow_symlinks=False) if folder
-                                          else match.is_file(follow_symlinks=False)):
-            return None
-        cur = Path(match.path)
-        parts.append(match.name)
-    return "/".join(parts)
+        return found[0]
 
 
 def foreign_dicom(root: Path, known: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -924,29 +917,18 @@ def foreign_dicom(root: Path, known: set[str]) -> tuple[list[str], list[tuple[st
     known_upper = _upper(known)
     found: list[str] = []
     odd: list[tuple[str, str]] = []
-    todo = [""]
-    while todo:
-        rel = todo.pop()
-        try:
-            with os.scandir(root / rel if rel else root) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            odd.append((rel or ".", f"cannot be listed: {exc.strerror or exc}"))
-            continue
-        for entry in entries:
-            name = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.is_symlink():
-                odd.append((name, "a symbolic link: not followed, not read"))
-            elif entry.is_dir(follow_symlinks=False):
-                todo.append(name)
-            elif not entry.is_file(follow_symlinks=False):
-                odd.append((name, "not a regular file (a FIFO, device or socket): not read"))
-            elif name.upper() not in known_upper and _is_dicom(entry.path):
-                found.append(name)
+    why = {"link": "a symbolic link: not followed, not read",
+           "other": "not a regular file (a FIFO, device or socket): not read",
+           "unlisted": "a folder that cannot be read: what it holds was not checked"}
+    for upper, (name, kind) in _entries(root).items():
+        if kind in why:
+            odd.append((name, why[kind]))
+        elif kind == "file" and upper not in known_upper and _is_dicom(root / name):
+            found.append(name)
     return sorted(found), sorted(odd)
 
 
-def _is_dicom(path: str) -> bool:
+def _is_dicom(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:

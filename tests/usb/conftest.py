@@ -215,14 +215,20 @@ class Loop:
                 subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True)
 
 
-@pytest.fixture
-def loops() -> Iterator[list[Loop]]:
-    made: list[Loop] = []
-    yield made
+def release(made: list[Loop]) -> None:
+    """Unmount and detach what a test attached, and only that: a device number another agent
+    reused after our detach is theirs (mounts by device number, only while it is ours)."""
     for loop in made:
         for point in loop.mount_points():  # a mount a failed test left, of our device only
             subprocess.run(["umount", "-l", point], capture_output=True)
         loop.detach()
+
+
+@pytest.fixture
+def loops() -> Iterator[list[Loop]]:
+    made: list[Loop] = []
+    yield made
+    release(made)
 
 
 #: the tests' device policy: no bus at all, only the loop images a test names (never a real

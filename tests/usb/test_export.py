@@ -31,6 +31,7 @@ from .conftest import (
     mount_point_of,
     need_tool,
     pull,
+    release,
     stick_policy,
     usb_config,
 )
@@ -435,3 +436,21 @@ def test_format_looks_the_stick_up_again(stack, tmp_path: Path, loops) -> None:
     blkid = subprocess.run([need_tool("blkid"), "-p", "-o", "value", "-s", "TYPE", str(second)],
                            capture_output=True, text=True)
     assert blkid.stdout.strip() == "exfat"  # untouched
+
+
+def test_loop_cleanup_touches_only_our_own_devices(tmp_path: Path) -> None:
+    """The loops fixture after a test whose stick was pulled: another agent has attached its
+    own image to the same loop number and mounted it; the cleanup leaves both alone."""
+    mine = Loop(ext4_image(tmp_path / "mine.img"))
+    mine.detach()
+    theirs = Loop(ext4_image(tmp_path / "theirs.img"), node=mine.node)
+    point = tmp_path / "theirs"
+    point.mkdir()
+    subprocess.run(["mount", theirs.node, str(point)], check=True)
+    try:
+        mine.attached = True  # as a test that failed half-way may leave it
+        release([mine])
+        assert os.path.ismount(point) and theirs.ours()
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+        theirs.detach()
