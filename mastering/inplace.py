@@ -385,9 +385,9 @@ class Target:
     def _mark(self, exc: BaseException) -> None:
         if self.old_removed:
             exc.old_removed = True  # type: ignore[attr-defined]
-            if isinstance(exc, MasteringError) and "earlier File-set" not in str(exc):
-                self.report.warnings.append("the earlier File-set had already been removed "
-                                            "from the medium")
+            gone = "the earlier File-set had already been removed from the medium"
+            if isinstance(exc, MasteringError) and gone not in self.report.warnings:
+                self.report.warnings.append(gone)
 
     def _remove_leftovers(self) -> None:
         """What an interrupted run provably left, then its journal."""
@@ -669,9 +669,10 @@ def _parse_journal(text: str) -> tuple[str, list[str], list[Proof]] | None:
     for line in lines[3:]:
         if line.startswith("+ ") and _plain_name(line[2:]):
             planned.append(line[2:])
-        m = re.fullmatch(r"[-=] (\d+) (sha256|uid):([0-9a-f]{64}|[0-9.]{1,64}) (\S+)", line)
-        if m and _plain_name(m.group(4)) and (m.group(2) == "uid") != (len(m.group(3)) == 64):
-            proofs.append(Proof(m.group(4), int(m.group(1)), m.group(2), m.group(3)))
+        m = re.fullmatch(r"[-=] (\d+) (sha256:[0-9a-f]{64}|uid:[0-9.]{1,64}) (\S+)", line)
+        if m and _plain_name(m.group(3)):
+            kind, value = m.group(2).split(":")
+            proofs.append(Proof(m.group(3), int(m.group(1)), kind, value))
     return token, planned, proofs
 
 
@@ -717,16 +718,12 @@ def interrupted(root: Path, referenced: set[str]) -> Leftovers:
         else:
             left.kept.append((stored, "an interrupted copy of this program listed it, but it "
                                       "is not what that copy wrote: left alone"))
-    folders = {""} | {n.rsplit("/", 1)[0] for n in planned if "/" in n}
+    folders = {""} | {n.rsplit("/", 1)[0].upper() for n in planned if "/" in n}
     pattern = re.compile(rf"{token}[0-9A-Z]{{4}}\.TMP", re.IGNORECASE)
-    for folder in sorted(folders):
-        stored_folder = index.get(folder, kind="dir") if folder else ""
-        if stored_folder is None:
-            continue
-        with contextlib.suppress(OSError), os.scandir(root / stored_folder) as it:
-            for entry in it:
-                if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                    left.ours.append(f"{stored_folder}/{entry.name}".lstrip("/"))
+    for stored, kind in index.entries.values():  # this run's temporary names, where it wrote
+        folder, _, base = stored.rpartition("/")
+        if kind == "file" and folder.upper() in folders and pattern.fullmatch(base):
+            left.ours.append(stored)
     for planned_name in planned:
         stored = index.get(planned_name)
         if stored is not None and stored.upper() not in refs and stored.upper() not in done:

@@ -190,6 +190,31 @@ def test_interrupted_run_is_cleaned_by_the_next(tmp_path: Path, stick: Path, mon
     assert any("interrupted earlier copy left" in w for w in r.warnings)
 
 
+def test_interrupted_replace_is_finished_by_the_next_run(tmp_path: Path, stick: Path,
+                                                          monkeypatch) -> None:
+    """Power lost while --replace removes the old File-set (its DICOMDIR gone, some files
+    left): the journal's removal records (size, SOP Instance UID) let the next run remove
+    the rest, which no DICOMDIR lists any more, instead of refusing them as stray DICOM."""
+    master([ct_series(tmp_path / "a", 1, 3)], stick, _options(), kind="inplace")
+    old = sorted(p for p in stick.rglob("IM*"))
+
+    def lose_power(self) -> None:
+        os.unlink(self.root / "DICOMDIR")
+        old[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inplace.Target, "_remove_old", lose_power)
+    monkeypatch.setattr(inplace.Target, "undo", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        master([sample("CT_small.dcm")], stick, _options(update="replace"), kind="inplace")
+    monkeypatch.undo()
+    assert "- " in (stick / inplace.JOURNAL).read_text() and old[1].exists()
+    r = master([sample("CT_small.dcm")], stick, _options(verify=True), kind="inplace")
+    _judge(stick, 1)
+    assert not any(p.exists() for p in old) and "NOTES.TXT" in _tree(stick)
+    assert any("interrupted earlier copy left 2 file(s)" in w for w in r.warnings)
+
+
 def test_owner_files_with_our_fixed_names_refuse_the_write(stick: Path) -> None:
     """The owner's README.TXT: the web content would need its name. Refused before anything
     is written, and the owner's file is never touched (it was not created by this run)."""

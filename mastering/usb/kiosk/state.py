@@ -143,7 +143,9 @@ class Kiosk:
         if self.job is not None:
             self.job.cancel.set()
         deadline = time.monotonic() + wait
-        for thread, disk in list(self._workers):
+        with self.lock:
+            workers = list(self._workers)
+        for thread, disk in workers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not end in %.0f s; unmounting %s", thread.name, wait,
@@ -163,8 +165,9 @@ class Kiosk:
 
     def _worker(self, target, disk: Disk, name: str, *args) -> None:
         thread = threading.Thread(target=target, args=(disk, *args), daemon=True, name=name)
-        self._workers = [(t, d) for t, d in self._workers if t.is_alive()]
-        self._workers.append((thread, disk))
+        with self.lock:
+            self._workers = [(t, d) for t, d in self._workers if t.is_alive()]
+            self._workers.append((thread, disk))
         thread.start()
 
     def changed(self) -> None:
