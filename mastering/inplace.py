@@ -3,59 +3,159 @@
 A stick's root is a mount point: a File-set cannot be built beside it and renamed into place,
 as :mod:`mastering.folderwriter` does. So the order of writes carries the safety instead:
 
-1. a journal (``DICOMDIR.JNL``) lists every file and folder this run will create; fsynced;
-2. every file is written (never over an existing one), then every file and folder fsynced;
-3. the DICOMDIR is written as ``DICOMDIR.TMP``, fsynced, renamed to ``DICOMDIR``, root fsynced;
-4. the journal is removed.
+1. nothing is touched until every name this run writes is known to be free (or to be
+   removed by this run as provably its own, below) and the content is known to fit;
+2. what an interrupted run provably left is removed (below);
+3. a journal (``DICOMDIR.JNL``, created exclusively) lists every file this run will create
+   and, for ``--replace``, every file it will remove with the proof that it may; fsynced;
+4. ``--replace``: the old DICOMDIR first, then the files it references, then this program's
+   own web content of the old File-set;
+5. every file is written under a temporary name of this run (``TTTTnnnn.TMP``: a random token
+   in the journal and a counter), fsynced, its size and SHA-256 appended to the journal, and
+   only once that record is durable renamed to its name (never over an existing file). The
+   records are fsynced in batches, before the batch's renames;
+6. the DICOMDIR is written under a temporary name, fsynced, renamed to ``DICOMDIR``, the
+   folders fsynced; the journal is removed.
 
 A stick pulled at any point therefore never carries a DICOMDIR that references missing files:
-either the old DICOMDIR (or none) is there, or the new one with everything it lists. The next
-run reads the journal and removes what an interrupted run left (and only that: what the
-journal lists and no DICOMDIR references).
+either the old DICOMDIR (or none) is there, or the new one with everything it lists. And every
+file an interrupted run leaves is provably its own: a temporary name with the journal's token,
+or a name whose journal record (size and SHA-256, or for a removal of ``--replace`` the size
+and SOP Instance UID of the DICOM file) matches the file byte for byte. The next run removes
+those and nothing else; a file that only bears a name the journal lists (the owner saved
+their own README.TXT there afterwards) is left alone and reported.
+
+Web content (README.TXT, INDEX.HTM, IHE_PDI/, VIEWER/) gets a manifest on the medium
+(:data:`MANIFEST`, the ``sha256sum`` format under a first line naming this program), so that a
+later ``--replace`` can recognise this program's own pages of the old File-set and remove them
+with it (another patient's pages must not stay on a reused stick), and nothing else: a page
+changed since, or another program's, is left alone; if the new content needs its name, the
+run is refused before anything is removed.
 
 The File-set Updater role (PS3.10 8.3) lives here too: ``append`` keeps the existing File-set
-UID and files (:mod:`mastering.update` reads them) and replaces the DICOMDIR only in step 3;
-``replace`` removes the old DICOMDIR and the files it references, and nothing else, once the
-new content is known to fit. Before anything is written the content must fit the free space,
-counted in the file system's allocation units, and on FAT media obey :mod:`mastering.fat`.
+UID and files (:mod:`mastering.update` reads them) and replaces the DICOMDIR only in step 6;
+``replace`` removes the old DICOMDIR and the files it references (only Part 10 files whose
+SOP Instance UID matches their record), and nothing else. Before anything is written the
+content must fit the free space, counted in the file system's allocation units, and on FAT
+media obey :mod:`mastering.fat`.
 
 After writing, :meth:`Target.check` reads the medium back (after the caller's ``reread`` hook,
 which for a stick unmounts it, drops the device's cached pages and mounts it again), runs the
-core :func:`mastering.verify.verify` on it and compares every written file with its source. If
-that fails the run's files are removed again and the previous DICOMDIR restored.
+core :func:`mastering.verify.verify` on it and compares every written file with its source;
+a hook with a ``confirm(nbytes)`` method is then asked to confirm that those bytes came from
+the device. If any of that fails the run's files are removed again and the previous DICOMDIR
+restored (unless the hook's exception says ``unmounted``: the medium is not there to undo
+on; the journal lets the next run clean up). An exception that leaves a ``--replace`` run
+after the old File-set was removed carries ``old_removed = True``: the medium then holds
+neither File-set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
+import io
 import os
+import re
+import secrets
+import stat
+import string
+import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 from typing import TYPE_CHECKING
 
-from . import fat, plan, update
+from . import fat, part10, plan, update
 from .content import SegmentReader, copy_to, segments
 from .intake import Cancelled, IntakeResult
 from .outputs import sync_dir as _fsync  # fsync of a file or folder
-from .part10 import MAGIC, PREAMBLE_LEN
 from .pipeline import MasteringError
 
 if TYPE_CHECKING:
     from .pipeline import Options, Report
 
 ProgressFn = Callable[[str, int, int], None]
+Extra = list[tuple[tuple[str, ...], bytes | Path]]
 JOURNAL = "DICOMDIR.JNL"
-TEMP = "DICOMDIR.TMP"
-JOURNAL_MAGIC = "mastering in-place journal 1"
+JOURNAL_MAGIC = "mastering in-place journal 2"
+#: the web content's manifest in the root (sha256sum lines after this first line)
+MANIFEST = "IHE_PDI.SHA"
+MANIFEST_MAGIC = "# web content written by mastering (IHE PDI); sha256sum -c reads the rest"
+#: where this program's web content lives (IHE PDI, PDI-07 to PDI-14)
+WEB_ROOT_FILES = frozenset({"README.TXT", "INDEX.HTM"})
+WEB_FOLDERS = frozenset({"IHE_PDI", "VIEWER"})
 CHUNK = 1 << 20
 MODES = ("", "append", "replace")
+#: a batch of written files is recorded durably (one journal fsync) at least this often
+BATCH_FILES = 64
+BATCH_SECONDS = 0.5
+_TOKEN_CHARS = string.ascii_uppercase
+_COUNTER_CHARS = string.digits + string.ascii_uppercase
+_JOURNAL_MAX = 64 << 20  # a journal of a million files is still far below this
 
 
 def _error(message: str, report: Report, code: int) -> Exception:
     report.error = message
     return MasteringError(message, report, code)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What shows that a file on the medium is the one this program wrote or means: its size
+    and SHA-256, or (a DICOM file of an old File-set) its size and SOP Instance UID."""
+
+    name: str  # '/'-joined, as stored
+    size: int
+    kind: str  # "sha256" | "uid"
+    value: str
+
+    def line(self, mark: str) -> str:
+        return f"{mark} {self.size} {self.kind}:{self.value} {self.name}"
+
+    def holds(self, root: Path) -> bool:
+        """The file at name is a regular file (not a link) that still matches."""
+        path = root / self.name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != self.size:
+            return False
+        try:
+            if self.kind == "sha256":
+                return sha256_of(path) == self.value
+            layout = part10.inspect(path)
+        except (OSError, ValueError):
+            return False
+        return layout.has_preamble and layout.meta_sop_instance_uid == self.value
+
+
+@dataclass
+class Leftovers:
+    """What an interrupted run left (found through its journal)."""
+
+    journal: str | None = None  # the journal's stored name
+    ours: list[str] = field(default_factory=list)  # provably that run's: removed
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (name, why) left alone
+    blocked: str = ""  # a DICOMDIR.JNL that is not ours: the run cannot go on
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.ours, *([self.journal] if self.journal else [])]
+
+
+@dataclass
+class OldWeb:
+    """This program's web content of an earlier File-set, recognised by its manifest."""
+
+    manifest: str | None = None
+    files: list[Proof] = field(default_factory=list)  # still as written: removed with it
+    kept: list[tuple[str, str]] = field(default_factory=list)  # changed, or not ours
 
 
 class Target:
@@ -68,10 +168,16 @@ class Target:
         if self.mode not in MODES:
             raise ValueError(f"update mode {self.mode!r}: one of {MODES}")
         self.existing: update.Existing | None = None
-        self.leftovers: list[str] = []  # files an interrupted run of ours left
-        self.made_dirs: list[Path] = []
-        self.made_files: list[Path] = []
+        self.leftovers = Leftovers()
+        self.removals: list[Proof] = []  # --replace: the old File-set's files and web pages
+        self.old_manifest: str | None = None
+        self.old_removed = False
+        self.made_dirs: list[str] = []  # '/'-joined, relative to root
+        self.made_files: list[str] = []  # created by this run under their final names
+        self.temps: list[str] = []  # created by this run under a temporary name
         self.wrote_dicomdir = False
+        self.extra: Extra | None = None  # the web content as written (with its manifest)
+        self.journal: Journal | None = None
 
     # -- before planning --------------------------------------------------------------------
 
@@ -92,10 +198,16 @@ class Target:
         self._refuse_existing()
         referenced = set(self.existing.files) if self.existing else set()
         self.leftovers = interrupted(self.root, referenced)
-        known = referenced | set(self.leftovers)
+        if self.leftovers.blocked:
+            raise _error(self.leftovers.blocked, self.report, 6)
+        self.report.warnings += [f"{name}: {why}" for name, why in self.leftovers.kept]
+        if self.mode == "replace":
+            self._plan_removal()
+        known = referenced | set(self.leftovers.names)
         if self.existing is not None:
             known.add(self.existing.dicomdir_name)
-        strangers = foreign_dicom(self.root, known)
+        strangers, odd = foreign_dicom(self.root, known)
+        self.report.warnings += [f"{name}: {why}" for name, why in odd]
         if strangers:
             raise _error(f"{self.root} holds {len(strangers)} DICOM file(s) that no DICOMDIR "
                          f"lists, e.g. {strangers[0]}: a File-set here would not conform "
@@ -118,6 +230,22 @@ class Target:
                          "the earlier studies; append without --viewer", self.report, 2)
         self.report.warnings.append(f"the output held {what}; "
                                     f"{'added to it' if self.mode == 'append' else 'replaced'}")
+        if self.mode == "append" and (self.root / "INDEX.HTM").exists():
+            self.report.warnings.append("the web pages on the medium (INDEX.HTM) show only the "
+                                        "earlier studies")
+
+    def _plan_removal(self) -> None:
+        """--replace: what may be removed, proven now, before anything is touched."""
+        if self.existing is not None:
+            try:
+                self.removals = [Proof(n, size, "uid", uid) for n, size, uid in
+                                 update.removable(self.existing)]
+            except update.UpdateRefused as exc:
+                raise _error(f"{exc}; nothing was removed or written", self.report, 6) from exc
+        web = our_web(self.root)
+        self.old_manifest = web.manifest
+        self.removals += web.files
+        self.report.warnings += [f"{name}: {why}" for name, why in web.kept]
 
     def _append(self, scanned: IntakeResult, progress: ProgressFn | None,
                 cancel: Event | None) -> None:
@@ -159,19 +287,50 @@ class Target:
         if self.mode == "append" and self.existing is not None:
             vol.fileset_uid = self.existing.fileset_uid  # never changed (PS3.10 8.1)
             vol.fileset_id = self.existing.fileset_id
-        taken = update.stored_names(self.root)
-        if self.mode == "replace" and self.existing is not None:
-            taken -= {n.upper() for n in self.existing.files}
+        taken = update.stored_names(self.root) - _upper(self._freed())
         try:
-            plan.assign_update_ids(vol, self.options.profile, taken - set(_upper(self.leftovers)))
+            plan.assign_update_ids(vol, self.options.profile, taken)
         except plan.PlanError as exc:
             raise _error(str(exc), self.report, 2) from exc
         if self.options.source_date_epoch is not None and self.mode != "append":
             vol.fileset_uid = plan.fileset_uid(vol.entries(), vol.fileset_id, 1, True)
         return vol
 
-    def _fit(self, vol: plan.Volume, dicomdir: bytes,
-             extra: list[tuple[tuple[str, ...], bytes | Path]]) -> None:
+    def _freed(self) -> list[str]:
+        """Names this run removes before it writes: an interrupted run's, --replace's."""
+        names = self.leftovers.names + [p.name for p in self.removals]
+        if self.mode == "replace" and self.existing is not None:
+            names.append(self.existing.dicomdir_name)
+        if self.old_manifest:
+            names.append(self.old_manifest)
+        return names
+
+    def _check_names(self, planned: list[tuple[str, ...]]) -> None:
+        """Every file this run creates has a free name, and every folder on its way is a
+        folder (not a file, not a link); refuse before anything is touched."""
+        entries = _entries(self.root)
+        freed = _upper(self._freed())
+        problems = []
+        for comps in planned:
+            for depth in range(1, len(comps)):
+                kind = entries.get("/".join(comps[:depth]).upper(), ("", None))[1]
+                if kind not in (None, "dir"):
+                    problems.append(f"{'/'.join(comps[:depth])} is on the medium and is not a "
+                                    f"folder ({kind}); {'/'.join(comps)} would go inside it")
+            name = "/".join(comps)
+            if name.upper() in entries and name.upper() not in freed:
+                problems.append(f"{name} is already on the medium and was not written there by "
+                                "this program (or was changed since)")
+        if problems:
+            hint = ("; use --replace to replace web pages this program wrote" if
+                    not self.mode and any(c[0] in WEB_ROOT_FILES | WEB_FOLDERS | {MANIFEST}
+                                          for c in planned) else "")
+            raise _error(f"{problems[0]}: nothing was removed or written (remove or rename "
+                         f"it, or write without --viewer){hint}"
+                         + (f" ({len(problems)} name(s) in all)" if len(problems) > 1 else ""),
+                         self.report, 6)
+
+    def _fit(self, vol: plan.Volume, dicomdir: bytes, extra: Extra) -> None:
         """Refuse before writing anything if the content breaks FAT rules or does not fit."""
         new = [e for e in vol.entries() if e.action != "existing"]
         files = [(e.file_id, e.out_size) for e in new] + [
@@ -192,100 +351,175 @@ class Target:
         unit = st.f_frsize or st.f_bsize
         need = sum(fat.allocated(size, unit) for _, size in files)
         need += sum(fat.folder_bytes(n, unit) for n in _new_folders(files, self.root).values())
-        need += 2 * fat.allocated(len(dicomdir), unit) + unit  # new + temporary name, journal
+        need += 2 * fat.allocated(len(dicomdir), unit) + 2 * unit  # + temporary name, journal
         free = st.f_bavail * st.f_frsize
-        free += sum(fat.allocated(_size(self.root / n), unit) for n in self.leftovers)
-        if self.mode == "replace" and self.existing is not None:
-            free += self.existing.allocated(unit)
+        free += sum(fat.allocated(_lsize(self.root / n), unit) for n in self._freed())
         if need > free:
             raise _error(f"the content needs {need} bytes and the medium has {free} free; "
                          "nothing was written", self.report, 4)
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write(self, vol: plan.Volume, dicomdir: bytes,
-              extra: list[tuple[tuple[str, ...], bytes | Path]], *, label: str = "write",
+    def write(self, vol: plan.Volume, dicomdir: bytes, extra: Extra, *, label: str = "write",
               progress: ProgressFn | None = None, cancel: Event | None = None) -> int:
-        """Fit check, cleanup of an interrupted run, --replace removal, then the write in the
-        journal order of the module docstring. Returns the bytes written."""
-        self._fit(vol, dicomdir, extra)
-        self._remove(self.leftovers)
-        if self.mode == "replace" and self.existing is not None:
-            remove_fileset(self.root, self.existing)
+        """Name and fit checks, cleanup of an interrupted run, the journal, --replace's
+        removal, then the writes in the order of the module docstring. Returns the bytes
+        written."""
+        extra = self.extra = with_manifest(extra)
         new = [e for e in vol.entries() if e.action != "existing"]
         planned = [e.file_id for e in new] + [comps for comps, _ in extra]
+        self._check_names(planned)
+        self._fit(vol, dicomdir, extra)
         try:
-            total = self._write_all(new, planned, dicomdir, extra, label, progress, cancel)
-        except BaseException:
+            self._remove_leftovers()
+            self.journal = Journal.create(self.root, planned, self.removals,
+                                          sync=self.options.sync)
+            if self.mode == "replace":
+                self._remove_old()
+            return self._write_all(new, dicomdir, extra, label, progress, cancel)
+        except BaseException as exc:
+            self._mark(exc)
             self.undo()
             raise
-        return total
 
-    def _write_all(self, new: list[plan.FileEntry], planned: list[tuple[str, ...]],
-                   dicomdir: bytes, extra: list[tuple[tuple[str, ...], bytes | Path]],
+    def _mark(self, exc: BaseException) -> None:
+        if self.old_removed:
+            exc.old_removed = True  # type: ignore[attr-defined]
+            gone = "the earlier File-set had already been removed from the medium"
+            if isinstance(exc, MasteringError) and gone not in self.report.warnings:
+                self.report.warnings.append(gone)
+
+    def _remove_leftovers(self) -> None:
+        """What an interrupted run provably left, then its journal."""
+        if not self.leftovers.journal:
+            return
+        _remove_files(self.root, self.leftovers.ours)
+        os.unlink(self.root / self.leftovers.journal)
+        _fsync(self.root)
+        if self.leftovers.ours:
+            self.report.warnings.append(f"an interrupted earlier copy left "
+                                        f"{len(self.leftovers.ours)} file(s) of its own; they "
+                                        "were removed")
+
+    def _remove_old(self) -> None:
+        """--replace: the old DICOMDIR first (so no DICOMDIR ever lists a removed file), then
+        its files and this program's old web content, then the folders left empty."""
+        if self.existing is not None:
+            self.old_removed = True
+            os.unlink(self.root / self.existing.dicomdir_name)
+            _fsync(self.root)
+        names = [p.name for p in self.removals] + ([self.old_manifest] if self.old_manifest
+                                                   else [])
+        _remove_files(self.root, names)
+
+    def _write_all(self, new: list[plan.FileEntry], dicomdir: bytes, extra: Extra,
                    label: str, progress: ProgressFn | None, cancel: Event | None) -> int:
-        _write_journal(self.root, planned)
+        journal = self.journal
+        assert journal is not None
         total = 0
         for comps, data in extra:
-            target = self._create(comps)
-            _write_content(target, data)
-            total += target.stat().st_size
+            total += self._put(comps, lambda path, data=data: _write_content(path, data))
         for done, entry in enumerate(new, 1):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled while writing the File-set")
-            target = self._create(entry.file_id)
-            copy_to(entry, str(target))
-            total += entry.out_size
+            total += self._put(entry.file_id, lambda path, entry=entry: copy_to(entry, path))
             if progress:
                 progress(label, done, len(new))
+        self._commit()
         if self.options.sync:
-            for path in self.made_files:
-                _fsync(path)
-            for folder in sorted(set(self.made_dirs), key=lambda p: -len(p.parts)):
-                _fsync(folder)
+            for folder in sorted(set(self.made_dirs), key=lambda p: -p.count("/")):
+                _fsync(self.root / folder)
         self._publish_dicomdir(dicomdir)
-        (self.root / JOURNAL).unlink()
+        journal.remove()
+        self.journal = None
         _fsync(self.root)
         return total + len(dicomdir)
 
-    def _create(self, comps: tuple[str, ...]) -> Path:
-        """The path for a new file; folders made on the way are remembered; never an existing
-        file (open with 'x' refuses it as well)."""
-        target = self.root.joinpath(*comps)
-        folder = self.root
-        for part in comps[:-1]:
-            folder = folder / part
-            if not folder.is_dir():
-                folder.mkdir()
-                self.made_dirs.append(folder)
-        self.made_files.append(target)
-        return target
+    def _put(self, comps: tuple[str, ...], writer: Callable[[str], None]) -> int:
+        """Write one file under a temporary name; it gets its name in the next commit."""
+        journal = self.journal
+        assert journal is not None
+        folder = self._folder(comps[:-1])
+        tmp = journal.temp_name(self.root / folder)
+        rel = f"{folder}/{tmp}" if folder else tmp
+        try:
+            writer(str(self.root / rel))
+        except FileExistsError:
+            raise  # not created: never ours
+        except BaseException:
+            if os.path.lexists(self.root / rel):  # a fresh random name: created by us
+                self.temps.append(rel)
+            raise
+        self.temps.append(rel)
+        size, digest = _digest_and_sync(self.root / rel, self.options.sync)
+        journal.pending.append((rel, "/".join(comps), size, digest))
+        if journal.due():
+            self._commit()
+        return size
+
+    def _commit(self) -> None:
+        """Record the pending files durably, then give each its name (never over another)."""
+        journal = self.journal
+        assert journal is not None
+        pending = journal.flush()
+        for rel, name, _size, _digest in pending:
+            try:
+                _rename_noreplace(self.root / rel, self.root / name)
+            except FileExistsError as exc:
+                raise _error(f"{name} appeared on the medium while this run wrote it; it was "
+                             "left alone and this run's files were removed", self.report,
+                             6) from exc
+            self.temps.remove(rel)
+            self.made_files.append(name)
+
+    def _folder(self, parts: tuple[str, ...]) -> str:
+        """The '/'-joined folder for a new file, made where missing (remembered once made);
+        never through a link or over a file."""
+        cur = ""
+        for part in parts:
+            cur = f"{cur}/{part}" if cur else part
+            path = self.root / cur
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise _error(f"{cur} is on the medium and is not a folder; nothing is "
+                                 "written through it", self.report, 6) from None
+                continue
+            self.made_dirs.append(cur)
+        return cur
 
     def _publish_dicomdir(self, dicomdir: bytes) -> None:
-        tmp = self.root / TEMP
-        with open(tmp, "wb") as out:
+        journal = self.journal
+        assert journal is not None
+        tmp = journal.temp_name(self.root)
+        self.temps.append(tmp)
+        with open(self.root / tmp, "xb") as out:
             out.write(dicomdir)
             out.flush()
             if self.options.sync:
                 os.fsync(out.fileno())
-        if self.existing is not None and self.existing.dicomdir_name != "DICOMDIR":
+        if self.existing is not None and self.existing.dicomdir_name != "DICOMDIR" and \
+                self.mode == "append":
             os.unlink(self.root / self.existing.dicomdir_name)  # 'dicomdir' on a folder
-        os.replace(tmp, self.root / "DICOMDIR")
+        os.replace(self.root / tmp, self.root / "DICOMDIR")
+        self.temps.remove(tmp)
         self.wrote_dicomdir = True
         _fsync(self.root)
 
     # -- checking ---------------------------------------------------------------------------
 
-    def check(self, vol: plan.Volume, dicomdir: bytes,
-              extra: list[tuple[tuple[str, ...], bytes | Path]],
+    def check(self, vol: plan.Volume, dicomdir: bytes, extra: Extra,
               progress: ProgressFn | None, cancel: Event | None) -> None:
         """Read the medium back (after options.reread) and check it with the core verify and
         against every source; on failure undo this run's writes."""
         from .verify import verify
 
+        extra = self.extra if self.extra is not None else extra
+        reread = self.options.reread
         try:
-            if self.options.reread is not None:
-                self.root = self.options.reread(self.root)
+            if reread is not None:
+                self.root = reread(self.root)
             if progress:
                 progress("verify", 0, 1)
             result = verify(self.root, self.options.profile,
@@ -306,8 +540,15 @@ class Target:
                 raise _error(f"{len(bad)} file(s) read back from the medium differ from what "
                              f"was written, e.g. {bad[0][0]}: the medium cannot be trusted",
                              self.report, 5)
-        except BaseException:
-            self.undo()
+            confirm = getattr(reread, "confirm", None)
+            if confirm is not None:
+                new = [e for e in vol.entries() if e.action != "existing"]
+                confirm(sum(e.out_size for e in new) + sum(_size(d) for _c, d in extra)
+                        + len(dicomdir))
+        except BaseException as exc:
+            self._mark(exc)
+            if not getattr(exc, "unmounted", False):  # else nothing is there to undo now
+                self.undo()
             raise
 
     # -- undoing ----------------------------------------------------------------------------
@@ -318,22 +559,234 @@ class Target:
         try:
             if self.wrote_dicomdir:
                 if self.existing is not None and self.mode == "append":
-                    tmp = self.root / TEMP
-                    tmp.write_bytes(self.existing.dicomdir)
+                    tmp = self.root / f"{uuid.uuid4().hex[:8].upper()}.TMP"
+                    with open(tmp, "xb") as out:
+                        out.write(self.existing.dicomdir)
                     _fsync(tmp)
                     os.replace(tmp, self.root / "DICOMDIR")
                 else:
                     (self.root / "DICOMDIR").unlink(missing_ok=True)
+                self.wrote_dicomdir = False
                 _fsync(self.root)
-            rel = [p.relative_to(self.root).as_posix() for p in self.made_files]
-            self._remove(rel + [TEMP])
-            (self.root / JOURNAL).unlink(missing_ok=True)
+            _remove_files(self.root, [*self.temps, *self.made_files])
+            self.temps, self.made_files = [], []
+            if self.journal is not None:
+                self.journal.remove()
+                self.journal = None
+            _remove_empty(self.root, self.made_dirs)
             _fsync(self.root)
         except OSError:
             pass
+        finally:
+            if self.journal is not None:  # left for the next run; never held open (a
+                self.journal.close()  # descriptor on the medium keeps it mounted)
 
-    def _remove(self, names: Iterable[str]) -> None:
-        _remove_files(self.root, names)
+
+# -- the journal ----------------------------------------------------------------------------
+
+
+class Journal:
+    """This run's journal: what it will create and remove (fsynced before the first change),
+    then a record (size, SHA-256) of every file written, durable before the file is renamed
+    to its name. No patient data: File IDs carry no meaning (PS3.10), web content names are
+    fixed."""
+
+    def __init__(self, root: Path, fd: int, token: str, sync: bool):
+        self.root, self.fd, self.token, self.sync = root, fd, token, sync
+        self.counter = 0
+        self.pending: list[tuple[str, str, int, str]] = []  # (temp, name, size, sha256)
+        self.since = time.monotonic()
+
+    @classmethod
+    def create(cls, root: Path, planned: Iterable[tuple[str, ...]], removals: list[Proof], *,
+               sync: bool = True) -> Journal:
+        token = "".join(secrets.choice(_TOKEN_CHARS) for _ in range(4))
+        fd = os.open(root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
+        journal = cls(root, fd, token, sync)
+        lines = [JOURNAL_MAGIC, f"run {uuid.uuid4()}", f"temp {token}",
+                 *(p.line("-") for p in removals), *(f"+ {'/'.join(c)}" for c in planned)]
+        journal._append(lines)
+        if sync:
+            os.fsync(fd)
+            _fsync(root)
+        return journal
+
+    def temp_name(self, folder: Path) -> str:
+        """A name no file in folder has: the token and a counter (FAT 8.3)."""
+        while True:
+            n, digits = self.counter, []
+            self.counter += 1
+            for _ in range(4):
+                n, d = divmod(n, len(_COUNTER_CHARS))
+                digits.append(_COUNTER_CHARS[d])
+            name = f"{self.token}{''.join(reversed(digits))}.TMP"
+            if not os.path.lexists(folder / name):
+                return name
+
+    def due(self) -> bool:
+        return len(self.pending) >= BATCH_FILES or \
+            time.monotonic() - self.since >= BATCH_SECONDS
+
+    def flush(self) -> list[tuple[str, str, int, str]]:
+        """Append the pending records and make them durable; returns them."""
+        pending, self.pending = self.pending, []
+        self.since = time.monotonic()
+        if pending:
+            self._append([Proof(name, size, "sha256", digest).line("=")
+                          for _tmp, name, size, digest in pending])
+            if self.sync:
+                os.fsync(self.fd)
+        return pending
+
+    def _append(self, lines: list[str]) -> None:
+        data = ("\n".join(lines) + "\n").encode("ascii")
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        os.unlink(self.root / JOURNAL)
+
+
+def _parse_journal(text: str) -> tuple[str, list[str], list[Proof]] | None:
+    """(token, planned names, records and removals) of a journal of ours; None if not ours.
+    A torn last line (the stick went while it was appended) proves nothing and is skipped."""
+    lines = text.split("\n")
+    if len(lines) < 3 or lines[0] != JOURNAL_MAGIC or not lines[2].startswith("temp "):
+        return None
+    token = lines[2][5:]
+    if not re.fullmatch(r"[A-Z]{4}", token):
+        return None
+    planned: list[str] = []
+    proofs: list[Proof] = []
+    for line in lines[3:]:
+        if line.startswith("+ ") and _plain_name(line[2:]):
+            planned.append(line[2:])
+        m = re.fullmatch(r"[-=] (\d+) (sha256:[0-9a-f]{64}|uid:[0-9.]{1,64}) (\S+)", line)
+        if m and _plain_name(m.group(3)):
+            kind, value = m.group(2).split(":")
+            proofs.append(Proof(m.group(3), int(m.group(1)), kind, value))
+    return token, planned, proofs
+
+
+def _plain_name(name: str) -> bool:
+    """A relative '/'-joined name below the root: no '..', no empty or absolute parts."""
+    parts = name.split("/")
+    return all(p and p not in (".", "..") for p in parts)
+
+
+def interrupted(root: Path, referenced: set[str]) -> Leftovers:
+    """What an interrupted in-place run left, through its journal: files under its temporary
+    names, and files whose journal record (size and SHA-256, or size and SOP Instance UID for
+    a --replace removal) they still match; never a file the DICOMDIR there now references.
+    Files that only bear a name the journal lists are kept and reported."""
+    index = _Index(root)
+    name = index.get(JOURNAL, kind=None)
+    if name is None:
+        return Leftovers()
+    path = root / name
+    not_ours = Leftovers(blocked=f"{name} is on the medium but is not the journal of an "
+                                 "interrupted copy of this program; nothing was written "
+                                 "(remove it)")
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _JOURNAL_MAX:
+            return not_ours
+        parsed = _parse_journal(path.read_text(encoding="ascii"))
+    except (OSError, UnicodeDecodeError):
+        return not_ours
+    if parsed is None:
+        return not_ours
+    token, planned, proofs = parsed
+    refs = _upper(referenced)
+    left = Leftovers(journal=name)
+    done: set[str] = set()
+    for proof in proofs:
+        stored = index.get(proof.name)
+        if stored is None or stored.upper() in refs or stored.upper() in done:
+            continue
+        done.add(stored.upper())
+        if Proof(stored, proof.size, proof.kind, proof.value).holds(root):
+            left.ours.append(stored)
+        else:
+            left.kept.append((stored, "an interrupted copy of this program listed it, but it "
+                                      "is not what that copy wrote: left alone"))
+    folders = {""} | {n.rsplit("/", 1)[0].upper() for n in planned if "/" in n}
+    pattern = re.compile(rf"{token}[0-9A-Z]{{4}}\.TMP", re.IGNORECASE)
+    for stored, kind in index.entries.values():  # this run's temporary names, where it wrote
+        folder, _, base = stored.rpartition("/")
+        if kind == "file" and folder.upper() in folders and pattern.fullmatch(base):
+            left.ours.append(stored)
+    for planned_name in planned:
+        stored = index.get(planned_name)
+        if stored is not None and stored.upper() not in refs and stored.upper() not in done:
+            done.add(stored.upper())
+            left.kept.append((stored, "an interrupted copy of this program meant to write it "
+                                      "but had not: left alone (it may be yours)"))
+    return left
+
+
+# -- the web content's manifest -------------------------------------------------------------
+
+
+def is_web_name(name: str) -> bool:
+    """A name of this program's web content (IHE PDI layout): README.TXT, INDEX.HTM, or below
+    IHE_PDI/ or VIEWER/."""
+    parts = name.upper().split("/")
+    return (len(parts) == 1 and parts[0] in WEB_ROOT_FILES) or (
+        len(parts) > 1 and parts[0] in WEB_FOLDERS)
+
+
+def with_manifest(extra: Extra) -> Extra:
+    """The web content and its manifest (none without web content)."""
+    if not extra:
+        return extra
+    lines = [MANIFEST_MAGIC]
+    for comps, data in extra:
+        digest = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) \
+            else sha256_of(data)
+        lines.append(f"{digest}  {'/'.join(comps)}")
+    return [*extra, ((MANIFEST,), ("\n".join(lines) + "\n").encode("ascii"))]
+
+
+def our_web(root: Path) -> OldWeb:
+    """This program's web content on the medium: the files its manifest lists (in the web
+    layout only) that are still as written. Changed files are kept and reported."""
+    found = OldWeb()
+    index = _Index(root)
+    name = index.get(MANIFEST)
+    if name is None:
+        return found
+    try:
+        if os.lstat(root / name).st_size > _JOURNAL_MAX:
+            return found
+        lines = (root / name).read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return found
+    if not lines or lines[0] != MANIFEST_MAGIC:
+        return found  # not ours: never removed
+    found.manifest = name
+    for line in lines[1:]:
+        m = re.fullmatch(r"([0-9a-f]{64})  (\S+)", line)
+        if not m or not _plain_name(m.group(2)) or not is_web_name(m.group(2)):
+            continue
+        stored = index.get(m.group(2))
+        if stored is None:
+            continue
+        proof = Proof(stored, _lsize(root / stored), "sha256", m.group(1))
+        if proof.holds(root):
+            found.files.append(proof)
+        else:
+            found.kept.append((stored, "web content of the earlier copy, changed since it was "
+                                       "written: left alone"))
+    return found
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -347,7 +800,50 @@ def _size(data: bytes | Path) -> int:
     return len(data) if isinstance(data, bytes) else os.path.getsize(data)
 
 
-def _write_content(target: Path, data: bytes | Path) -> None:
+def _lsize(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _digest_and_sync(path: Path, sync: bool) -> tuple[int, str]:
+    """Size and SHA-256 of a file just written (from the page cache), fsynced if asked."""
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        if sync:
+            os.fsync(fh.fileno())
+        return fh.tell(), digest
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that never replaces dst (renameat2 RENAME_NOREPLACE). File systems without
+    the flag (older FUSE ones: EINVAL) get a check first; the medium is mounted for this run
+    alone, so nothing else creates a name there meanwhile."""
+    call = getattr(_libc, "renameat2", None)
+    if call is not None:
+        if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _write_content(target: str, data: bytes | Path) -> None:
     with open(target, "xb") as out:
         if isinstance(data, bytes):
             out.write(data)
@@ -367,96 +863,109 @@ def _new_folders(files: list[tuple[tuple[str, ...], int]], root: Path) -> dict[s
     return {f: n for f, n in counts.items() if not (root / f).is_dir()}
 
 
-def _write_journal(root: Path, planned: list[tuple[str, ...]]) -> None:
-    """What this run will create, fsynced before the first file: no patient data, only
-    File IDs (PS3.10 File IDs carry no meaning) and the temporary DICOMDIR name."""
-    lines = [JOURNAL_MAGIC, str(uuid.uuid4()), TEMP, *("/".join(c) for c in planned)]
-    with open(root / JOURNAL, "w", encoding="ascii", newline="\n") as out:
-        out.write("\n".join(lines) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    _fsync(root)
+def _entries(root: Path) -> dict[str, tuple[str, str]]:
+    """Every entry below root: '/'-joined upper-case name (FAT compares names so) -> (the
+    stored name, its kind: "dir", "file", "link", "other" or "unlisted" for a folder that
+    cannot be read); links are not followed."""
+    found: dict[str, tuple[str, str]] = {}
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        try:
+            with os.scandir(root / rel if rel else root) as it:
+                listed = sorted(it, key=lambda e: e.name)
+        except OSError:
+            if rel:
+                found[rel.upper()] = (rel, "unlisted")
+            continue
+        for entry in listed:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_symlink():
+                kind = "link"
+            elif entry.is_dir(follow_symlinks=False):
+                kind = "dir"
+                todo.append(name)
+            elif entry.is_file(follow_symlinks=False):
+                kind = "file"
+            else:
+                kind = "other"
+            found.setdefault(name.upper(), (name, kind))
+    return found
 
 
-def interrupted(root: Path, referenced: set[str]) -> list[str]:
-    """Files an interrupted in-place run left: listed in its journal, present, and not
-    referenced by the DICOMDIR that is there now (so provably that run's)."""
-    journal = next((p for p in root.iterdir() if p.name.upper() == JOURNAL), None) \
-        if root.is_dir() else None
-    if journal is None:
-        return []
-    try:
-        lines = journal.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    if not lines or lines[0] != JOURNAL_MAGIC:
-        return []  # not ours: leave it alone
-    refs = _upper(referenced)
-    left = [journal.name]
-    for name in lines[2:]:
-        if name and name.upper() not in refs and _lookup(root, name) is not None:
-            left.append(_lookup(root, name))  # type: ignore[arg-type]
-    return left
+class _Index:
+    """Names on the medium, looked up ignoring case (FAT), read once."""
 
+    def __init__(self, root: Path):
+        self.entries = _entries(root) if root.is_dir() else {}
 
-def _lookup(root: Path, name: str) -> str | None:
-    """The stored name of a '/'-joined path below root, ignoring case (FAT)."""
-    cur, parts = root, []
-    for part in name.split("/"):
-        if not cur.is_dir():
+    def get(self, name: str, kind: str | None = "file") -> str | None:
+        """The stored name of a '/'-joined path of that kind (None: any kind)."""
+        found = self.entries.get(name.upper())
+        if found is None or (kind is not None and found[1] != kind):
             return None
-        match = next((p for p in cur.iterdir() if p.name.upper() == part.upper()), None)
-        if match is None:
-            return None
-        cur = match
-        parts.append(match.name)
-    return "/".join(parts) if cur.is_file() else None
+        return found[0]
 
 
-def foreign_dicom(root: Path, known: set[str]) -> list[str]:
-    """DICOM files (128-byte preamble + 'DICM') in root that are not in known."""
+def foreign_dicom(root: Path, known: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """DICOM files (128-byte preamble + 'DICM') in root that are not in known, and the
+    entries that were not read: only regular files are opened (never a FIFO, which would
+    block, a device, or a link, which may lead out of the medium)."""
     known_upper = _upper(known)
-    found = []
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(folder) / name
-            rel = path.relative_to(root).as_posix()
-            if rel.upper() in known_upper:
-                continue
-            try:
-                with open(path, "rb") as fh:
-                    head = fh.read(PREAMBLE_LEN + 4)
-            except OSError:
-                continue
-            if head[PREAMBLE_LEN:] == MAGIC:
-                found.append(rel)
-    return sorted(found)
+    found: list[str] = []
+    odd: list[tuple[str, str]] = []
+    why = {"link": "a symbolic link: not followed, not read",
+           "other": "not a regular file (a FIFO, device or socket): not read",
+           "unlisted": "a folder that cannot be read: what it holds was not checked"}
+    for upper, (name, kind) in _entries(root).items():
+        if kind in why:
+            odd.append((name, why[kind]))
+        elif kind == "file" and upper not in known_upper and _is_dicom(root / name):
+            found.append(name)
+    return sorted(found), sorted(odd)
 
 
-def remove_fileset(root: Path, existing: update.Existing) -> None:
-    """--replace: the old DICOMDIR first (so no DICOMDIR ever lists a removed file), then
-    the files it references, then the folders that held them if they are empty now.
-    Nothing else is touched."""
-    os.unlink(root / existing.dicomdir_name)
-    _fsync(root)
-    _remove_files(root, existing.files)
+def _is_dicom(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.pread(fd, part10.PREAMBLE_LEN + 4, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return head[part10.PREAMBLE_LEN:] == part10.MAGIC
 
 
 def _remove_files(root: Path, names: Iterable[str]) -> None:
-    folders: set[Path] = set()
+    """Unlink these regular files (never a link's target, never a folder), then the folders
+    that held them if they are empty now."""
+    folders: set[str] = set()
     for name in names:
         path = root / name
-        if path.is_file():
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
             path.unlink()
-            folders.update(p for p in path.parents if p != root and root in p.parents)
-    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+            parts = name.split("/")
+            folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    _remove_empty(root, folders)
+
+
+def _remove_empty(root: Path, folders: Iterable[str]) -> None:
+    for folder in sorted(set(folders), key=lambda p: -p.count("/")):
         with contextlib.suppress(OSError):  # only if empty: others' files keep their folder
-            folder.rmdir()
+            os.rmdir(root / folder)
     _fsync(root)
 
 
-def compare(vol: plan.Volume, dicomdir: bytes,
-            extra: list[tuple[tuple[str, ...], bytes | Path]], root: Path,
+def compare(vol: plan.Volume, dicomdir: bytes, extra: Extra, root: Path,
             progress: ProgressFn | None = None, cancel: Event | None = None
             ) -> list[tuple[str, str]]:
     """Every file this run wrote, read back from root and compared with its source byte by
@@ -478,8 +987,6 @@ def compare(vol: plan.Volume, dicomdir: bytes,
     for comps, data in extra:
         name = "/".join(comps)
         if isinstance(data, bytes):
-            import io
-
             why = _same(root / name, io.BytesIO(data))
         else:
             with open(data, "rb") as src:

@@ -9,23 +9,32 @@ offsets, not the sequence order) and the referenced files through :mod:`masterin
 (headers only).
 
 What cannot be carried over refuses the update: broken offsets, referenced files that are
-missing or invalid, one SOP Instance UID in two files, records this program does not write
-(PRIVATE, or leaf records without a file).
+missing or invalid, one SOP Instance UID in two files, two records referencing one file, a
+file whose SOP Instance UID is not the one its record names, records this program does not
+write (PRIVATE, or leaf records without a file).
+
+``--replace`` removes the referenced files only when each one is provably the DICOM instance
+its record describes (:func:`removable`): a regular file, Part 10 (preamble, 'DICM', file
+meta information) and with the record's Referenced SOP Instance UID in File (0004,1511) as its
+Media Storage SOP Instance UID. A record that points at anything else (the owner's photo, a
+link) refuses the replacement before anything is removed.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 
-from . import intake, reader, records
+from . import intake, part10, reader, records
 from .intake import Instance
 from .profiles import Profile
 
 ProgressFn = Callable[[str, int, int], None]
+REF_UID = 0x00041511  # Referenced SOP Instance UID in File
 
 
 class UpdateRefused(ValueError):
@@ -46,17 +55,12 @@ class Existing:
     instances: list[Instance] = field(default_factory=list)  # filled by scan()
     patients: int = 0
     studies: int = 0
+    #: stored name -> the Referenced SOP Instance UID in File of every record naming it
+    uids: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def by_uid(self) -> dict[str, Instance]:
         return {i.sop_instance_uid: i for i in self.instances}
-
-    def allocated(self, unit: int) -> int:
-        """Bytes the referenced files and the DICOMDIR take (freed by --replace)."""
-        from .fat import allocated
-
-        sizes = [os.path.getsize(self.root / n) for n in (*self.files, self.dicomdir_name)]
-        return sum(allocated(s, unit) for s in sizes)
 
 
 def stored_names(root: Path) -> set[str]:
@@ -83,6 +87,7 @@ def find(root: Path) -> Existing | None:
     meta = getattr(ds, "file_meta", None)
     uid = str(meta.get("MediaStorageSOPInstanceUID", "")) if meta else ""
     files: dict[str, tuple[str, ...]] = {}
+    uids: dict[str, list[str]] = {}
     missing: list[str] = []
     for node, _ancestors in tree.walk():
         if not node.in_use or node.file_id is None:
@@ -92,8 +97,14 @@ def find(root: Path) -> Existing | None:
             missing.append("/".join(node.file_id))
         else:
             files[stored] = node.file_id
+            uids.setdefault(stored, []).append(records.text_value(node.record, REF_UID))
+    problems = _problems(tree, uid, missing)
+    doubled = [n for n, refs in uids.items() if len(refs) > 1]
+    if doubled:
+        problems.append(f"{len(uids[doubled[0]])} records of the DICOMDIR reference one file, "
+                        f"{doubled[0]}; appending would keep only one of them")
     found = Existing(root, uid, records.text_value(ds, 0x00041130), name,
-                     (root / name).read_bytes(), files, _problems(tree, uid, missing))
+                     (root / name).read_bytes(), files, problems, uids=uids)
     found.patients = sum(1 for n in tree.roots if n.in_use and n.rtype == "PATIENT")
     found.studies = sum(1 for n, _a in tree.walk() if n.in_use and n.rtype == "STUDY")
     return found
@@ -132,8 +143,47 @@ def scan(found: Existing, profile: Profile, *, workers: int | None = None,
         raise UpdateRefused(f"the existing File-set holds SOP Instance UID "
                             f"{doubled[0].sop_instance_uid} in two files")
     for inst in result.instances:
-        inst.on_medium = found.files[Path(inst.path).relative_to(found.root).as_posix()]
+        name = Path(inst.path).relative_to(found.root).as_posix()
+        named = found.uids.get(name, [])
+        if named and inst.sop_instance_uid not in named:
+            raise UpdateRefused(f"the existing File-set cannot be added to: {name} holds SOP "
+                                f"Instance UID {inst.sop_instance_uid} but its DICOMDIR record "
+                                f"names {named[0]}")
+        inst.on_medium = found.files[name]
     found.instances = result.instances
+
+
+def removable(found: Existing) -> list[tuple[str, int, str]]:
+    """(stored name, size, SOP Instance UID) of every referenced file, each proven to be the
+    DICOM instance its records name; raise UpdateRefused naming the first that is not."""
+    out = []
+    for name in found.files:
+        path = found.root / name
+        named = set(found.uids.get(name, []))
+        why = ""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                why = "is not a regular file (a link, or a special file)"
+            elif len(named) != 1 or "" in named:
+                why = ("is referenced by records naming different SOP Instance UIDs" if
+                       len(named) > 1 else "is referenced by a record naming no SOP Instance UID")
+            else:
+                layout = part10.inspect(path)
+                if not layout.has_preamble or not layout.has_meta:
+                    why = "is not a DICOM Part 10 file"
+                elif layout.meta_sop_instance_uid != next(iter(named)):
+                    why = (f"holds SOP Instance UID {layout.meta_sop_instance_uid or '(none)'}, "
+                           f"not {next(iter(named))} as its record says")
+        except (part10.NotDicomError, part10.StructureError):
+            why = "is not a DICOM Part 10 file"
+        except OSError as exc:
+            why = f"cannot be read: {exc.strerror or exc}"
+        if why:
+            raise UpdateRefused(f"the DICOMDIR references {name}, which {why}: it is not "
+                                "removed, and the File-set is not replaced")
+        out.append((name, st.st_size, next(iter(named))))
+    return out
 
 
 def join(found: Existing, new: list[Instance]) -> tuple[list[Instance], list[dict], list[dict]]:

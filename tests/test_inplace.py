@@ -63,7 +63,7 @@ def test_write_in_place_then_append(tmp_path: Path, stick: Path) -> None:
     assert r1.ok and r1.instances == 6
     fs1 = _judge(stick, 6)
     uid = fs1.UID
-    assert not (stick / inplace.JOURNAL).exists() and not (stick / inplace.TEMP).exists()
+    assert not (stick / inplace.JOURNAL).exists() and not list(stick.rglob("*.TMP"))
     before = {k: v for k, v in _tree(stick).items() if k != "DICOMDIR"}
 
     # a new study of the same patient, one new patient, and a copy of an instance already there
@@ -152,23 +152,172 @@ def test_cancel_mid_write_removes_what_was_written(tmp_path: Path, stick: Path) 
 
 
 def test_interrupted_run_is_cleaned_by_the_next(tmp_path: Path, stick: Path, monkeypatch) -> None:
-    """A run killed mid-write leaves its journal and files, but no DICOMDIR; the next run
-    removes exactly what the journal lists and writes a conforming File-set."""
+    """A run killed mid-write leaves its journal and files, but no DICOMDIR. The owner then
+    saves files of their own under names the journal lists (README.TXT; a DICOM path): the
+    next run removes only what provably came from the killed run (its temporary names, and
+    files matching their journal record), leaves the owner's alone and says so."""
     src = ct_series(tmp_path / "a", 1, 4)
     monkeypatch.setattr(inplace.Target, "undo", lambda self: None)  # as if the power went
+    monkeypatch.setattr(inplace, "BATCH_FILES", 2)  # some files get their names, some not
 
     def die(stage: str, done: int, total: int) -> None:
-        if stage.startswith("write") and done == 2:
+        if stage.startswith("write") and done == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        master([src], stick, _options(), kind="inplace", progress=die)
-    assert (stick / inplace.JOURNAL).exists() and not (stick / "DICOMDIR").exists()
-    assert len(list((stick / "DICOM").rglob("IM*"))) == 2
+        master([src], stick, _options(viewer=True), kind="inplace", progress=die)
     monkeypatch.undo()
-    master([src], stick, _options(verify=True), kind="inplace")
+    journal = (stick / inplace.JOURNAL).read_text()
+    assert not (stick / "DICOMDIR").exists() and "= " in journal
+    series = stick / "DICOM" / "PT000000" / "ST000000" / "SE000000"
+    assert (series / "IM000001").exists() and list(series.glob("*.TMP"))  # named, and not yet
+    # the owner saves their own files under names the journal lists
+    (stick / "README.TXT").write_text("the owner's own README\n")
+    (series / "IM000001").write_bytes(b"the owner's notes, not DICOM\n")
+    (series / "IM000003").write_bytes(b"another note of the owner's\n")
+    mine = {k: v for k, v in _tree(stick).items()
+            if k in ("README.TXT", "NOTES.TXT") or k.endswith(("IM000001", "IM000003"))}
+
+    r = master([src], stick, _options(verify=True), kind="inplace")
     _judge(stick, 4)
-    assert not (stick / inplace.JOURNAL).exists()
+    after = _tree(stick)
+    assert all(after[k] == v for k, v in mine.items())  # the owner's files: untouched
+    assert not (stick / inplace.JOURNAL).exists() and not list(stick.rglob("*.TMP"))
+    assert not (stick / "INDEX.HTM").exists() and not (stick / "IHE_PDI").exists()
+    assert not (series / "IM000000").exists()  # the killed run's own file: removed
+    left = [w for w in r.warnings if "left alone" in w]
+    assert len(left) == 3 and any(w.startswith("README.TXT") for w in left)
+    assert any("interrupted earlier copy left" in w for w in r.warnings)
+
+
+def test_interrupted_replace_is_finished_by_the_next_run(tmp_path: Path, stick: Path,
+                                                          monkeypatch) -> None:
+    """Power lost while --replace removes the old File-set (its DICOMDIR gone, some files
+    left): the journal's removal records (size, SOP Instance UID) let the next run remove
+    the rest, which no DICOMDIR lists any more, instead of refusing them as stray DICOM."""
+    master([ct_series(tmp_path / "a", 1, 3)], stick, _options(), kind="inplace")
+    old = sorted(p for p in stick.rglob("IM*"))
+
+    def lose_power(self) -> None:
+        os.unlink(self.root / "DICOMDIR")
+        old[0].unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inplace.Target, "_remove_old", lose_power)
+    monkeypatch.setattr(inplace.Target, "undo", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        master([sample("CT_small.dcm")], stick, _options(update="replace"), kind="inplace")
+    monkeypatch.undo()
+    assert "- " in (stick / inplace.JOURNAL).read_text() and old[1].exists()
+    r = master([sample("CT_small.dcm")], stick, _options(verify=True), kind="inplace")
+    _judge(stick, 1)
+    assert not any(p.exists() for p in old) and "NOTES.TXT" in _tree(stick)
+    assert any("interrupted earlier copy left 2 file(s)" in w for w in r.warnings)
+
+
+def test_owner_files_with_our_fixed_names_refuse_the_write(stick: Path) -> None:
+    """The owner's README.TXT: the web content would need its name. Refused before anything
+    is written, and the owner's file is never touched (it was not created by this run)."""
+    (stick / "README.TXT").write_text("the owner's own notes\n")
+    before = _tree(stick)
+    with pytest.raises(MasteringError) as err:
+        master([sample("CT_small.dcm")], stick, _options(viewer=True), kind="inplace")
+    assert err.value.exit_code == 6 and "README.TXT is already on the medium" in str(err.value)
+    assert _tree(stick) == before and sorted(p.name for p in stick.iterdir()) == \
+        ["NOTES.TXT", "README.TXT"]
+
+
+@pytest.mark.oracle
+def test_replace_with_the_viewer_replaces_our_web_pages_and_nothing_else(stick: Path) -> None:
+    """A stick written with the web content, replaced with and without it: this program's old
+    pages go with the old File-set (their manifest proves them ours); the owner's file in
+    IHE_PDI/ and a page the owner changed stay."""
+    master([sample("CT_small.dcm")], stick, _options(viewer=True), kind="inplace")
+    assert (stick / inplace.MANIFEST).read_text().startswith(inplace.MANIFEST_MAGIC)
+    (stick / "IHE_PDI" / "MINE.TXT").write_text("the owner's\n")
+    r = master([sample("MR_small.dcm")], stick,
+               _options(viewer=True, update="replace", verify=True), kind="inplace")
+    _judge(stick, 1)
+    readme = (stick / "README.TXT").read_text()
+    assert "MR1" in readme and "CT1" not in readme  # the new patient's pages only
+    assert "CT1" not in "".join(p.read_text(errors="replace") for p in stick.rglob("*.HTM"))
+    assert (stick / "IHE_PDI" / "MINE.TXT").exists() and (stick / "NOTES.TXT").exists()
+    assert r.ok
+    changed = stick / "INDEX.HTM"
+    changed.write_bytes(changed.read_bytes() + b"<!-- edited by the owner -->")
+    r = master([sample("CT_small.dcm")], stick, _options(update="replace"), kind="inplace")
+    _judge(stick, 1)
+    left = set(_tree(stick))
+    assert left == {"DICOMDIR", "NOTES.TXT", "IHE_PDI/MINE.TXT", "INDEX.HTM"} | {
+        n for n in left if n.startswith("DICOM/")}
+    assert any(w.startswith("INDEX.HTM") and "left alone" in w for w in r.warnings)
+
+
+def test_replace_refuses_a_record_that_points_at_a_non_dicom_file(tmp_path: Path,
+                                                                  stick: Path) -> None:
+    """A record whose Referenced File ID names the owner's JPEG: --replace refuses (and
+    removes nothing) instead of deleting the photo."""
+    master([ct_series(tmp_path / "a", 1, 2)], stick, _options(), kind="inplace")
+    ours = b"DICOM\\PT000000\\ST000000\\SE000000\\IM000001"
+    photo = b"PHOTOS\\HOLIDAY\\BEACH\\SUMMER24\\IMG00001\\A1"
+    assert len(photo) == len(ours)
+    data = (stick / "DICOMDIR").read_bytes()
+    assert data.count(ours) == 1
+    (stick / "DICOMDIR").write_bytes(data.replace(ours, photo))
+    (stick.joinpath(*ours.decode().split("\\"))).unlink()
+    jpeg = stick.joinpath(*photo.decode().split("\\"))
+    jpeg.parent.mkdir(parents=True)
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    before = _tree(stick)
+    with pytest.raises(MasteringError) as err:
+        master([sample("CT_small.dcm")], stick, _options(update="replace"), kind="inplace")
+    assert err.value.exit_code == 6 and "not a DICOM Part 10 file" in str(err.value)
+    assert "PHOTOS/HOLIDAY/BEACH" in str(err.value)
+    assert _tree(stick) == before
+
+
+def test_append_refuses_records_that_do_not_match_their_files(tmp_path: Path,
+                                                              stick: Path) -> None:
+    """Two records on one file, or a record whose SOP Instance UID is not its file's: the
+    append is refused with the reason (a record would be lost, or the medium mislabelled)."""
+    master([ct_series(tmp_path / "a", 1, 2)], stick, _options(), kind="inplace")
+    series = stick / "DICOM" / "PT000000" / "ST000000" / "SE000000"
+    before = _tree(stick)
+    data = (stick / "DICOMDIR").read_bytes()
+    (stick / "DICOMDIR").write_bytes(data.replace(b"SE000000\\IM000001",
+                                                  b"SE000000\\IM000000"))
+    moved = (series / "IM000001").rename(tmp_path / "IM000001")
+    new = make_ct(tmp_path / "b", "1.dcm", study_uid="1.5", series_uid="1.5.1")
+    with pytest.raises(MasteringError) as err:
+        master([new], stick, _options(update="append"), kind="inplace")
+    assert err.value.exit_code == 6 and "2 records of the DICOMDIR reference one file" in \
+        str(err.value)
+    (stick / "DICOMDIR").write_bytes(data)
+    moved.rename(series / "IM000001")
+    assert _tree(stick) == before
+    a, b = (series / "IM000000").read_bytes(), (series / "IM000001").read_bytes()
+    (series / "IM000000").write_bytes(b)  # the two files swapped
+    (series / "IM000001").write_bytes(a)
+    with pytest.raises(MasteringError) as err:
+        master([new], stick, _options(update="append"), kind="inplace")
+    assert err.value.exit_code == 6 and "but its DICOMDIR record names" in str(err.value)
+
+
+def test_append_neither_opens_fifos_nor_follows_links(tmp_path: Path) -> None:
+    """A FIFO and a link in a folder File-set: `fileset --append` reads neither (a FIFO once
+    blocked it for ever) and reports both."""
+    folder = tmp_path / "set"
+    cmd = [sys.executable, "-m", "mastering", "fileset"]
+    subprocess.run([*cmd, str(sample("CT_small.dcm")), "-o", str(folder)], check=True,
+                   capture_output=True)
+    os.mkfifo(folder / "DICOM" / "PIPE")
+    (folder / "LINK").symlink_to(make_ct(tmp_path / "elsewhere", "x.dcm", sop_uid="1.2.9.1"))
+    res = subprocess.run([*cmd, str(sample("MR_small.dcm")), "-o", str(folder), "--append"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "DICOM/PIPE: not a regular file" in out and "LINK: a symbolic link" in out
+    assert len(list(FileSet(folder / "DICOMDIR"))) == 2
 
 
 def test_foreign_dicom_files_refused(tmp_path: Path, stick: Path) -> None:

@@ -280,7 +280,8 @@ def test_fileset_onto_a_mounted_file_system_itself(tmp_path: Path) -> None:
         res = run("fileset", str(tmp_path / "in"), "-o", str(mnt), "--viewer")
         assert res.returncode == 0, res.stderr
         names = sorted(p.name for p in mnt.iterdir())
-        assert names == ["DICOM", "DICOMDIR", "IHE_PDI", "INDEX.HTM", "README.TXT", "VIEWER"]
+        assert names == ["DICOM", "DICOMDIR", "IHE_PDI", "IHE_PDI.SHA", "INDEX.HTM",
+                         "README.TXT", "VIEWER"]  # IHE_PDI.SHA: mastering.inplace.MANIFEST
         assert dciodvfy_errors(mnt / "DICOMDIR") == [] and len(list(_fileset(mnt))) == 3
         assert not (mnt.parent / f".{mnt.name}.lock").exists() and leftovers(mnt) == []
         assert not any(p.name.startswith(f".{mnt.name}.") for p in mnt.parent.iterdir())

@@ -187,7 +187,7 @@ def _write(policy: Policy, args: argparse.Namespace) -> int:
     if disk is None:
         return EXIT_NO_STICK
     try:
-        how = mounter()
+        how = mounter(policy.mounter)
     except MountError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 6

@@ -14,7 +14,7 @@ no-medium      a card reader without a card (size 0)
 not-removable  a USB hard disk or SSD (removable=0), unless allow_non_removable
 too-large      larger than max_size (default 256 GB): external backup drives
 mounted        a partition is mounted somewhere (someone is using it)
-in-use         a partition is held by RAID, LVM or encryption
+in-use         the disk or a partition is held by RAID, LVM or encryption (opened LUKS)
 read-only      the write-protect switch is on
 ============== ==========================================================================
 
@@ -46,6 +46,7 @@ FS_WORDS = {"exfat": "exFAT", "ntfs": "NTFS", "vfat": "FAT", "ext4": "ext4", "ex
             "ext2": "ext2", "btrfs": "Btrfs", "xfs": "XFS", "hfsplus": "HFS+", "apfs": "APFS",
             "iso9660": "ISO 9660", "udf": "UDF", "crypto_LUKS": "encryption (LUKS)"}
 FAT_VERSIONS = ("FAT16", "FAT32")  # PS3.12 R.1.1
+MOUNTERS = ("auto", "udisks2", "mount")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Policy:
 
     max_bytes: int = 256 * GB
     allow_non_removable: bool = False
+    #: buses whose disks may be written; () = none: only the loop_images (what the tests use,
+    #: so that no test can ever reach a real stick of the machine it runs on)
     buses: tuple[str, ...] = ("usb",)
     #: file systems accepted as they are; PS3.12 allows only FAT16/FAT32 ("vfat"). Tests add
     #: "ext4" because the test machine's kernel has no vfat driver.
@@ -61,11 +64,15 @@ class Policy:
     #: loop devices backed by these image files count as removable USB sticks (tests, and
     #: preparing a stick image to copy with dd later)
     loop_images: tuple[str, ...] = ()
+    #: how sticks are mounted: "auto" (udisks2 where it runs, else mount(8) as root),
+    #: "udisks2" only, or "mount" (mount(8) only)
+    mounter: str = "auto"
 
     @classmethod
     def from_config(cls, table: dict) -> Policy:
         """The [usb] table of the kiosk configuration (see README)."""
-        known = {"max_size", "allow_non_removable", "buses", "filesystems", "loop_images"}
+        known = {"max_size", "allow_non_removable", "buses", "filesystems", "loop_images",
+                 "mounter"}
         unknown = set(table) - known
         if unknown:
             raise ValueError(f"unknown [usb] key(s): {', '.join(sorted(unknown))}")
@@ -79,6 +86,10 @@ class Policy:
                 kw[key] = tuple(str(v) for v in table[key])
         if "loop_images" in kw:
             kw["loop_images"] = tuple(os.path.realpath(p) for p in kw["loop_images"])
+        if "mounter" in table:
+            if table["mounter"] not in MOUNTERS:
+                raise ValueError(f"[usb] mounter must be one of {', '.join(MOUNTERS)}")
+            kw["mounter"] = table["mounter"]
         return cls(**kw)
 
 
@@ -125,6 +136,7 @@ class Disk:
     devnum: tuple[int, int] = (0, 0)
     usb_device: str = ""  # sysfs path of the USB device (power off)
     mounts: list[str] = field(default_factory=list)
+    image: str = ""  # a loop device over one of the policy's loop_images: that file
 
     @property
     def eligible(self) -> bool:
@@ -327,15 +339,15 @@ def classify(ctx: pyudev.Context, dev: pyudev.Device, policy: Policy, mounts: Mo
         disk.serial = disk.serial or _attr(usb, "serial")
     backing = _loop_backing(dev) if disk.bus == "loop" else ""
     if backing and backing in policy.loop_images:
-        disk.bus, disk.removable = "usb", True
+        disk.bus, disk.removable, disk.image = "usb", True, backing
         disk.vendor, disk.model, disk.serial = "Loop image", Path(backing).name, backing
     own = set(own)
     for part in (dev, *parts):
         num = device_number(part)
         if num not in own:
             disk.mounts += mounts.points.get(num, [])
-    _decide(disk, policy, dev.sys_path in system, [h for p in parts for h in _holders(p)],
-            _attr(dev, "ro") == "1")
+    _decide(disk, policy, dev.sys_path in system,
+            [h for p in (dev, *parts) for h in _holders(p)], _attr(dev, "ro") == "1")
     return disk
 
 
@@ -347,7 +359,10 @@ def _decide(disk: Disk, policy: Policy, is_system: bool, holders: list[str],
     if is_system:
         return refuse("system", "This disk holds the computer's own system; it is never "
                                 "written.")
-    if disk.bus not in policy.buses:
+    if disk.bus not in policy.buses and not disk.image:
+        if disk.bus == "usb":
+            return refuse("bus", "USB sticks are not used by this configuration (it writes "
+                                 "only the image files it names).")
         return refuse("bus", f"Not a USB stick: it is connected by "
                              f"{BUS_WORDS.get(disk.bus, disk.bus)}.")
     if disk.size == 0:
@@ -404,7 +419,9 @@ def list_disks(policy: Policy, *, ctx: pyudev.Context | None = None,
 
 
 def find(policy: Policy, device: str, *, own: Iterable[tuple[int, int]] = ()) -> Disk:
-    """The disk of a device argument: /dev/sdb, /dev/sdb1, a /dev/disk/by-* link or sdb."""
+    """The disk of a device argument: /dev/sdb, /dev/sdb1 (the partition the File-set goes
+    on), a /dev/disk/by-* link or sdb. Another partition (/dev/sdb2) is refused: PS3.12
+    R.1.1 puts the File-set on the first partition, and that is the only one written."""
     ctx = pyudev.Context()
     path = os.path.realpath(device if device.startswith("/") else f"/dev/{device}")
     name = os.path.basename(path)
@@ -414,7 +431,11 @@ def find(policy: Policy, device: str, *, own: Iterable[tuple[int, int]] = ()) ->
             return disk
     for dev in ctx.list_devices(subsystem="block", DEVTYPE="partition"):
         if dev.sys_name == name and dev.parent is not None:
-            return next(d for d in disks if d.sys_path == dev.parent.sys_path)
+            disk = next(d for d in disks if d.sys_path == dev.parent.sys_path)
+            raise LookupError(f"{device}: not the partition a File-set goes on; a DICOM stick "
+                              f"carries it on its first partition (PS3.12 R.1.1), "
+                              f"{disk.target}, and only that one is written: name the stick "
+                              f"{disk.node}")
     raise LookupError(f"{device}: no such disk")
 
 

@@ -41,16 +41,26 @@ def describe(disk: Disk) -> str:
 
 def format_stick(disk: Disk, mounter: Mounter, policy: Policy, *,
                  identity: str | None = None, timeout: float = 20) -> Disk:
-    """Format disk.target to FAT; returns the disk as udev sees it afterwards."""
-    if identity is not None and identity != disk.identity:
+    """Format the stick the person agreed to (disk, as it was shown: identity defaults to
+    its own) to FAT; returns the disk as udev sees it afterwards. The disk is looked up
+    again right before formatting: another stick in its place, one that changed (label,
+    file system) or one that may not be formatted now (mounted meanwhile) is refused."""
+    expected = identity or disk.identity
+    try:
+        now = find(policy, disk.node)
+    except LookupError as exc:
+        raise FormatRefused("the stick is not there any more; nothing was formatted") from exc
+    if now.identity != expected:
         raise FormatRefused("another stick was inserted meanwhile; nothing was formatted")
-    if disk.state != "needs-format":
-        raise FormatRefused(disk.reason or "this stick needs no formatting")
-    mounter.format(disk, fat_label(disk.label))
+    if describe(now) != describe(disk):
+        raise FormatRefused("the stick changed since it was shown; nothing was formatted")
+    if now.state != "needs-format":
+        raise FormatRefused(now.reason or "this stick needs no formatting")
+    mounter.format(now, fat_label(now.label))
     deadline = time.monotonic() + timeout
     while True:  # wait for udev to probe the new file system
         subprocess.run(["udevadm", "settle", "--timeout=5"], capture_output=True)
-        now = find(policy, disk.node)
-        if now.fs_type == "vfat" or time.monotonic() > deadline:
-            return now
+        after = find(policy, now.node)
+        if after.fs_type == "vfat" or time.monotonic() > deadline:
+            return after
         time.sleep(0.2)

@@ -7,17 +7,28 @@ point under /media/USER and safe options: nosuid, nodev, for vfat ``shortname=mi
 unmounted with ``Filesystem.Unmount`` and the stick switched off with ``Drive.PowerOff``, which
 syncs, stops the unit and powers the USB port down: only then is pulling it harmless.
 
-mount(8) as root: a private folder under /run/mastering, ``nosuid,nodev,noexec`` and for vfat
-``shortname=mixed,utf8,flush``; power off writes 1 to the USB device's ``remove`` attribute
-after flushing the device's buffers, which is what udisks does too.
+mount(8) as root: a private folder under /media/mastering (removable media, FHS; like udisks2's
+/media/USER), ``nosuid,nodev,noexec`` and for vfat ``shortname=mixed,utf8,flush``. The run's
+work folder (conversions staged before they are written) goes beside the mount point, so on
+the disk that holds /media, never into /run (RAM). Power off writes 1 to the USB device's
+``remove`` attribute after flushing the device's buffers, which is what udisks does too.
 
-:func:`drop_cache` makes the next reads come from the device: after an unmount the last close
-of the device drops its page cache; BLKFLSBUF and POSIX_FADV_DONTNEED make sure of it.
+The read-back must come from the device, not from memory. A full unmount ends the file system
+in the kernel (its files' cached pages go with it) and the last close of the device drops the
+device's own cache; :func:`drop_cache` adds BLKFLSBUF and POSIX_FADV_DONTNEED where it can
+(they need the device node and, for BLKFLSBUF, CAP_SYS_ADMIN: the kiosk's hardened unit has
+neither, so there it reports what it could not do). A *lazy* unmount would keep the file
+system, and its cache, alive for the next mount: the read-back therefore never unmounts
+lazily (``unmount(lazy=False)``), :func:`held_elsewhere` sees a file system kept alive in
+another mount namespace, and :func:`sectors_read` (the device's read counter in
+/sys/class/block/NAME/stat, readable by anyone) lets the caller prove afterwards that the
+bytes it checked were read from the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import subprocess
@@ -31,7 +42,8 @@ BLKFLSBUF = 0x1261
 UDISKS = "org.freedesktop.UDisks2"
 UDISKS_PATH = "/org/freedesktop/UDisks2"
 IFACE = "org.freedesktop.UDisks2."
-RUN_DIR = Path("/run/mastering")
+MEDIA_DIR = Path("/media/mastering")  # mount(8) mode's mount points
+SECTOR = 512
 VFAT_OPTIONS = "shortname=mixed,utf8,flush"
 
 
@@ -49,8 +61,9 @@ class Mounter(ABC):
         """Mount disk.target; returns the mount point."""
 
     @abstractmethod
-    def unmount(self, disk: Disk, point: Path) -> None:
-        """Unmount; a stick already pulled is unmounted lazily."""
+    def unmount(self, disk: Disk, point: Path, *, lazy: bool = True) -> None:
+        """Unmount; if that fails (busy, or the stick was pulled) and lazy, detach the mount
+        lazily (the kernel finishes when the last user lets go). Raise MountError."""
 
     @abstractmethod
     def power_off(self, disk: Disk) -> bool:
@@ -64,19 +77,49 @@ class Mounter(ABC):
         """Release what the mounter holds (udisks2: its bus connection)."""
 
 
-def drop_cache(node: str) -> None:
-    """Write back and drop the device's cached pages (best effort without CAP_SYS_ADMIN)."""
+def drop_cache(node: str) -> list[str]:
+    """Write back and drop the device's cached pages; returns what could not be done (the
+    node cannot be opened, BLKFLSBUF without CAP_SYS_ADMIN), [] when both calls worked."""
     try:
         fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
+    except OSError as exc:
+        return [f"{node}: cannot be opened to drop its cached pages ({exc.strerror or exc})"]
+    problems = []
     try:
-        with contextlib.suppress(OSError):
+        try:
             fcntl.ioctl(fd, BLKFLSBUF, 0)
-        with contextlib.suppress(OSError):
+        except OSError as exc:
+            problems.append(f"{node}: BLKFLSBUF failed ({exc.strerror or exc})")
+        try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            problems.append(f"{node}: POSIX_FADV_DONTNEED failed ({exc.strerror or exc})")
     finally:
         os.close(fd)
+    return problems
+
+
+def held_elsewhere(node: str) -> bool | None:
+    """After our unmount: does something still hold the device, e.g. its file system alive
+    in another mount namespace (a lazy unmount, a service that copied the mount)? An
+    exclusive open (O_EXCL on a block device) fails with EBUSY exactly then, whatever the
+    namespace. None when the node cannot be opened here (no access: the kiosk's unit)."""
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        return True if exc.errno == errno.EBUSY else None
+    os.close(fd)
+    return False
+
+
+def sectors_read(node: str) -> int | None:
+    """Sectors (512 bytes) read from the device so far (/sys/class/block/NAME/stat, field 3);
+    None if the kernel does not say."""
+    name = os.path.basename(os.path.realpath(node))
+    try:
+        return int(Path(f"/sys/class/block/{name}/stat").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- udisks2 --------------------------------------------------------------------------------
@@ -155,12 +198,14 @@ class UDisks(Mounter):
         (point,) = self._call(path, IFACE + "Filesystem", "Mount", "a{sv}", (opts,))
         return Path(point)
 
-    def unmount(self, disk: Disk, point: Path) -> None:
+    def unmount(self, disk: Disk, point: Path, *, lazy: bool = True) -> None:
         path, _ = self.block(disk.target)
         try:
             self._call(path, IFACE + "Filesystem", "Unmount", "a{sv}",
                        ({"auth.no_user_interaction": ("b", True)},))
         except MountError:
+            if not lazy:
+                raise
             # a stick pulled mid-write: udisks may refuse; force (lazy) detaches the mount
             self._call(path, IFACE + "Filesystem", "Unmount", "a{sv}",
                        ({"force": ("b", True), "auth.no_user_interaction": ("b", True)},))
@@ -202,8 +247,8 @@ class Mount8(Mounter):
     name = "mount(8)"
 
     def mount(self, disk: Disk, *, read_only: bool = False) -> Path:
-        RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        point = Path(tempfile.mkdtemp(prefix=f"{disk.name}.", dir=RUN_DIR))
+        MEDIA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        point = Path(tempfile.mkdtemp(prefix=f"{disk.name}.", dir=MEDIA_DIR))
         options = ["nosuid", "nodev", "noexec", "ro" if read_only else "rw"]
         if disk.fs_type == "vfat":
             options.append(VFAT_OPTIONS)
@@ -215,9 +260,9 @@ class Mount8(Mounter):
             raise MountError(f"mount {disk.target}: {res.stderr.strip()}")
         return point
 
-    def unmount(self, disk: Disk, point: Path) -> None:
+    def unmount(self, disk: Disk, point: Path, *, lazy: bool = True) -> None:
         res = subprocess.run(["umount", str(point)], capture_output=True, text=True)
-        if res.returncode:  # pulled: detach lazily, the kernel finishes when it can
+        if res.returncode and lazy:  # pulled: detach lazily, the kernel finishes when it can
             res = subprocess.run(["umount", "-l", str(point)], capture_output=True, text=True)
         if res.returncode:
             raise MountError(f"umount {point}: {res.stderr.strip()}")
@@ -245,10 +290,16 @@ class Mount8(Mounter):
             subprocess.run(["sfdisk", "--part-type", disk.node, "1", "c"], capture_output=True)
 
 
-def mounter() -> Mounter:
-    """udisks2 where it runs, else mount(8) if we are root."""
-    if UDisks.available():
+def mounter(prefer: str = "auto") -> Mounter:
+    """udisks2 where it runs, else mount(8) if we are root; prefer (the policy's "mounter")
+    "udisks2" or "mount" allows only that one."""
+    if prefer in ("auto", "udisks2") and UDisks.available():
         return UDisks()
-    if os.geteuid() == 0:
+    if prefer in ("auto", "mount") and os.geteuid() == 0:
         return Mount8()
+    if prefer == "udisks2":
+        raise MountError("udisks2 does not run on the system bus (and the configuration "
+                         "allows no other way to mount sticks)")
+    if prefer == "mount":
+        raise MountError("mount(8) needs root rights")
     raise MountError("neither udisks2 (on the system bus) nor root rights to run mount(8)")

@@ -40,9 +40,17 @@ class Bed:
             args += ["--device", str(dev)]
         return [*args, "--", *cmd]
 
-    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
-        env = {**os.environ, **kw.pop("env", {})}
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment for a command in the bed: no system bus that works (the disks
+        the bed describes are not the machine's: nothing may reach the real udisks2 for
+        them, or mount a real /dev node of the same name), plus extra."""
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={self.folder}/no-bus",
+               **extra}
         env.pop("UMOCKDEV_DIR", None)
+        return env
+
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        env = self.env(**kw.pop("env", {}))
         return subprocess.run(self.command(*cmd), capture_output=True, text=True, env=env, **kw)
 
 
@@ -56,9 +64,11 @@ def _block(path: str, node: str, props: dict[str, str], attrs: dict[str, str]) -
 def usb_disk(name: str, minor: int, *, port: str, host: int, size: int, fs: str = "vfat",
              version: str = "FAT32", label: str = "PATIENT", removable: bool = True,
              driver: str = "usb-storage", partitioned: bool = True, read_only: bool = False,
-             vendor: str = "SanDisk", model: str = "Cruzer Blade", serial: str = "") -> str:
+             vendor: str = "SanDisk", model: str = "Cruzer Blade", serial: str = "",
+             holders: tuple[str, ...] = (), second_fs: str = "") -> str:
     """A USB mass-storage disk: usb_device -> usb_interface -> scsi host/target/device ->
-    block disk (-> partition 1)."""
+    block disk (-> partition 1, and with second_fs a partition 2 holding that file system);
+    holders: device-mapper/RAID devices holding the whole disk (an opened LUKS stick)."""
     serial = serial or f"4C5300012301{minor:08d}"
     usb = f"{PCI}/0000:00:14.0/usb1/{port}"
     scsi = f"{usb}/{port}:1.0/host{host}/target{host}:0:0/{host}:0:0:0"
@@ -77,16 +87,25 @@ def usb_disk(name: str, minor: int, *, port: str, host: int, size: int, fs: str 
     fs_props = {"ID_FS_TYPE": fs, "ID_FS_VERSION": version, "ID_FS_LABEL": label,
                 "ID_FS_USAGE": "filesystem"} if fs else {}
     attrs = {"removable": "1" if removable else "0", "size": str(sectors),
-             "dev": f"8:{minor}", "ro": "1" if read_only else "0"}
+             "dev": f"8:{minor}", "ro": "1" if read_only else "0",
+             **{f"holders/{h}": "" for h in holders}}
     if not partitioned:
         return text + _block(f"{scsi}/block/{name}", name, {**disk_props, **fs_props}, attrs)
     text += _block(f"{scsi}/block/{name}", name, {**disk_props, "ID_PART_TABLE_TYPE": "dos"},
                    attrs)
     part = {"DEVTYPE": "partition", "ID_BUS": "usb", "ID_PART_ENTRY_NUMBER": "1",
             "ID_PART_ENTRY_SCHEME": "dos", "ID_PART_ENTRY_TYPE": "0xc", **fs_props}
-    return text + _block(f"{scsi}/block/{name}/{name}1", f"{name}1", part,
-                         {"partition": "1", "start": "2048", "size": str(sectors - 2048),
-                          "dev": f"8:{minor + 1}"})
+    half = (sectors - 2048) // 2 if second_fs else sectors - 2048
+    text += _block(f"{scsi}/block/{name}/{name}1", f"{name}1", part,
+                   {"partition": "1", "start": "2048", "size": str(half),
+                    "dev": f"8:{minor + 1}"})
+    if second_fs:
+        text += _block(f"{scsi}/block/{name}/{name}2", f"{name}2",
+                       {**part, "ID_PART_ENTRY_NUMBER": "2", "ID_FS_TYPE": second_fs,
+                        "ID_FS_VERSION": "FAT32", "ID_FS_LABEL": "SECOND"},
+                       {"partition": "2", "start": str(2048 + half), "size": str(half),
+                        "dev": f"8:{minor + 2}"})
+    return text
 
 
 def sata_disk(name: str, minor: int, *, host: int, size: int = 500 * 10**9,
@@ -140,6 +159,12 @@ MACHINE = {
             "refused", "read-only"),
     "sdj": (usb_disk("sdj", 144, port="1-9", host=13, size=15 * 10**6, version="FAT12"),
             "needs-format", "filesystem"),
+    # an opened LUKS stick without a partition table: dm-0 holds the whole disk
+    "sdk": (usb_disk("sdk", 160, port="1-10", host=14, size=16 * GB, partitioned=False,
+                     fs="crypto_LUKS", version="2", holders=("dm-0",)), "refused", "in-use"),
+    # exFAT on partition 1, FAT32 on partition 2 (only partition 1 is ever the target)
+    "sdl": (usb_disk("sdl", 176, port="1-11", host=15, size=16 * GB, fs="exfat",
+                     version="1.0", second_fs="vfat"), "needs-format", "filesystem"),
 }
 #: / on the SATA disk, the stick sde's partition mounted by someone else
 MOUNTINFO = ("27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from mastering.usb import devices
+
 LOCK = Path("/run/lock/mastering-usb-tests.lock")
 UDEVD = Path("/lib/systemd/systemd-udevd")
 UDISKSD = Path("/usr/libexec/udisks2/udisksd")
@@ -141,12 +143,14 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 # -- images and loop devices ---------------------------------------------------------------
 
 
-def ext4_image(path: Path, size: int = 64 * MiB, label: str = "PATIENT") -> Path:
-    """An ext4 file system standing in for the stick's FAT (this kernel has no vfat)."""
+def ext4_image(path: Path, size: int = 64 * MiB, label: str = "PATIENT",
+               slack: int = 0) -> Path:
+    """An ext4 file system standing in for the stick's FAT (this kernel has no vfat); with
+    slack, the image is that much larger than the file system (see unplug)."""
     with open(path, "wb") as fh:
-        fh.truncate(size)
+        fh.truncate(size + slack)
     subprocess.run([need_tool("mkfs.ext4"), "-q", "-F", "-L", label, "-O", "^has_journal",
-                    str(path)], check=True)
+                    str(path), f"{size // 1024}k"], check=True)
     return path
 
 
@@ -168,42 +172,78 @@ def exfat_image(path: Path, size: int = 64 * MiB, label: str = "BACKUP") -> Path
 
 
 class Loop:
-    """A loop device over an image, attached by the test and detached at the end."""
+    """A loop device over an image, attached by the test and detached at the end. Another
+    agent may attach its own image to the same number once this one is detached: every
+    action first checks that the device is still backed by this image."""
 
-    def __init__(self, image: Path):
+    def __init__(self, image: Path, node: str | None = None):
         self.image = image
-        res = subprocess.run([need_tool("losetup"), "-f", "--show", str(image)],
-                             capture_output=True, text=True, check=True)
-        self.node = res.stdout.strip()
+        cmd = [need_tool("losetup"), "--show", *([node] if node else ["-f"]), str(image)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        self.node = res.stdout.strip() or str(node)
         self.name = Path(self.node).name
         self.attached = True
         subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True)
 
+    def ours(self) -> bool:
+        """The device is (still) backed by this image."""
+        try:
+            backing = Path(f"/sys/block/{self.name}/loop/backing_file").read_text().strip()
+        except OSError:
+            return False
+        return os.path.realpath(backing) == os.path.realpath(self.image)
+
+    def devnum(self) -> str:
+        return Path(f"/sys/block/{self.name}/dev").read_text().strip()
+
     def sectors_read(self) -> int:
         return int(Path(f"/sys/block/{self.name}/stat").read_text().split()[2])
+
+    def mount_points(self) -> list[str]:
+        """Where this device is mounted (by device number, and only while it is ours)."""
+        if not self.ours():
+            return []
+        number = self.devnum()
+        return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
+                .splitlines() if line.split()[2] == number]
 
     def detach(self) -> None:
         if self.attached:
             self.attached = False
-            subprocess.run(["losetup", "-d", self.node], capture_output=True)
-            subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True)
+            if self.ours():
+                subprocess.run(["losetup", "-d", self.node], capture_output=True)
+                subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True)
+
+
+def release(made: list[Loop]) -> None:
+    """Unmount and detach what a test attached, and only that: a device number another agent
+    reused after our detach is theirs (mounts by device number, only while it is ours)."""
+    for loop in made:
+        for point in loop.mount_points():  # a mount a failed test left, of our device only
+            subprocess.run(["umount", "-l", point], capture_output=True)
+        loop.detach()
 
 
 @pytest.fixture
 def loops() -> Iterator[list[Loop]]:
     made: list[Loop] = []
     yield made
-    for loop in made:
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            if f" {loop.node} " in line:  # a mount a failed test left (ours only)
-                subprocess.run(["umount", "-l", line.split()[4]], capture_output=True)
-        loop.detach()
+    release(made)
+
+
+#: the tests' device policy: no bus at all, only the loop images a test names (never a real
+#: stick of the machine the tests run on), ext4 standing in for FAT
+TEST_POLICY = {"buses": (), "filesystems": ("vfat", "ext4")}
+
+
+def stick_policy(*images: Path) -> devices.Policy:
+    return devices.Policy(**TEST_POLICY, loop_images=tuple(str(p.resolve()) for p in images))
 
 
 def usb_config(tmp: Path, images: list[Path], **extra: str) -> Path:
-    """A kiosk/usb configuration whose policy takes these images as sticks (ext4 allowed)."""
+    """A kiosk/usb configuration with the tests' policy for these images."""
     lines = ["[usb]", f"loop_images = {[str(p) for p in images]!r}".replace("'", '"'),
-             'filesystems = ["vfat", "ext4"]']
+             "buses = []", 'filesystems = ["vfat", "ext4"]']
     lines += [f"{k} = {v}" for k, v in extra.items()]
     path = tmp / "kiosk.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -217,7 +257,8 @@ SHUTDOWN_NOLOGFLUSH = 2
 def pull(loop: Loop, mount_point: Path) -> None:
     """Pull the stick: its I/O fails at once (EXT4_IOC_SHUTDOWN: every later read and write
     returns EIO, as on a device that went) and the loop device is detached (this kernel
-    defers a detach while the device is mounted, until the unmount)."""
+    defers a detach while the device is mounted, until the unmount, so udev sees nothing
+    yet: see unplug)."""
     import struct
 
     fd = os.open(mount_point, os.O_RDONLY)
@@ -225,8 +266,19 @@ def pull(loop: Loop, mount_point: Path) -> None:
         fcntl.ioctl(fd, EXT4_SHUTDOWN, struct.pack("I", SHUTDOWN_NOLOGFLUSH))
     finally:
         os.close(fd)
-    subprocess.run(["losetup", "-d", loop.node], capture_output=True)
-    loop.attached = False
+    loop.detach()
+
+
+def unplug(loop: Loop, slack: int) -> None:
+    """The stick goes as udev sees it, while it is mounted and being written: the image (made
+    with this slack beyond its file system) is cut by the slack and the loop device told
+    (LOOP_SET_CAPACITY): the kernel sends a change event with the new size, so the device
+    that was there (name, serial, size) is gone for every watcher; then the detach."""
+    assert loop.ours()
+    with open(loop.image, "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) - slack)  # only the slack: the file system stays whole
+    subprocess.run(["losetup", "-c", loop.node], check=True, capture_output=True)
+    loop.detach()
 
 
 def mount_point_of(node: str) -> Path | None:

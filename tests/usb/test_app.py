@@ -26,9 +26,12 @@ TOKEN = "s3cret-token-0123456789"
 POST = {"X-Kiosk": "1", "Content-Type": "application/json"}
 
 
-def _client(token: str = "", folders: tuple[Path, ...] = ()) -> TestClient:
-    cfg = kconfig.KioskConfig(token=token, folders=folders)
-    return TestClient(create_app(Kiosk(cfg, sources=[]), token=token))
+BASE = "http://127.0.0.1:8080"  # the test client's server address: Host 127.0.0.1:8080
+
+
+def _client(token: str = "", folders: tuple[Path, ...] = (), **cfg_kw) -> TestClient:
+    cfg = kconfig.KioskConfig(token=token, folders=folders, **cfg_kw)
+    return TestClient(create_app(Kiosk(cfg, sources=[]), token=token), base_url=BASE)
 
 
 def test_localhost_needs_no_token_but_posts_need_the_header() -> None:
@@ -44,6 +47,28 @@ def test_localhost_needs_no_token_but_posts_need_the_header() -> None:
     assert client.post("/api/dismiss", json={}, headers=evil).status_code == 403
     assert client.get("/static/kiosk.js").status_code == 200
     assert client.get("/static/../../etc/passwd").status_code == 404
+
+
+def test_dns_rebinding_is_refused_by_the_host_header() -> None:
+    """A page of evil.example:8080 whose name was rebound to 127.0.0.1 sends Host
+    evil.example:8080 (and a matching Origin): it can neither read the state (patient names)
+    nor start anything. Only this kiosk's own names and port are accepted."""
+    client = _client()
+    for host in ("evil.example:8080", "127.0.0.1.evil.example:8080", "localhost:8081",
+                 "localhost", "", "[::1]:x"):
+        headers = {"Host": host} if host else {"Host": ""}
+        assert client.get("/api/state", headers=headers).status_code == 421, host
+        assert client.get("/", headers=headers).status_code == 421, host
+    rebound = {**POST, "Host": "evil.example:8080", "Origin": "http://evil.example:8080"}
+    assert client.post("/api/format", json={"stick": "x"}, headers=rebound).status_code == 421
+    for host in ("127.0.0.1:8080", "localhost:8080", "LOCALHOST:8080", "[::1]:8080"):
+        assert client.get("/api/state", headers={"Host": host}).status_code == 200, host
+    # listening elsewhere (with a token): the configured names, the address, and loopback
+    named = _client(TOKEN, host="10.1.2.3", hosts=("kiosk3.radiology.example",))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for host, status in (("kiosk3.radiology.example:8080", 200), ("10.1.2.3:8080", 200),
+                         ("evil.example:8080", 421)):
+        assert named.get("/api/state", headers={**auth, "Host": host}).status_code == status
 
 
 def test_token_by_header_or_cookie(caplog) -> None:
@@ -76,6 +101,9 @@ def test_config_refuses_an_open_kiosk_without_token(tmp_path: Path) -> None:
         kconfig.load(cfg)
     cfg.write_text('[kiosk]\nprofile = "STD-GEN-CD"\n')
     with pytest.raises(kconfig.ConfigError, match="not a USB profile"):
+        kconfig.load(cfg)
+    cfg.write_text('[kiosk]\nhosts = ["kiosk.example"]\n')  # names only with a token
+    with pytest.raises(kconfig.ConfigError, match="hosts"):
         kconfig.load(cfg)
 
 

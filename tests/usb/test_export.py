@@ -7,8 +7,10 @@ pulled mid-write; formatting an exFAT stick through udisks2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from threading import Event
 
@@ -18,19 +20,27 @@ from pydicom.fileset import FileSet
 from mastering import profiles
 from mastering.pipeline import Options
 from mastering.usb import devices, export
-from mastering.usb.format import format_stick
+from mastering.usb.format import FormatRefused, format_stick
 from mastering.usb.mount import UDisks
 
 from ..conftest import ct_series, dciodvfy_errors, dcmdump, make_ct, sample
-from .conftest import Loop, exfat_image, ext4_image, mount_point_of, need_tool, pull, usb_config
+from .conftest import (
+    Loop,
+    exfat_image,
+    ext4_image,
+    mount_point_of,
+    need_tool,
+    pull,
+    release,
+    stick_policy,
+    usb_config,
+)
 
 pytestmark = [pytest.mark.usbstack, pytest.mark.xdist_group("usbstack")]
 USB = profiles.load("STD-GEN-USB-JPEG")
 
 
-def _policy(*images: Path) -> devices.Policy:
-    return devices.Policy(filesystems=("vfat", "ext4"), loop_images=tuple(
-        str(p.resolve()) for p in images))
+_policy = stick_policy  # buses=(): only the tests' own images, never a real stick
 
 
 def _stick(stack, tmp: Path, loops: list[Loop], name: str = "stick.img") -> tuple[Loop, Path]:
@@ -145,7 +155,7 @@ def test_exfat_stick_needs_formatting_then_formats_through_udisks(stack, tmp_pat
                                                                   loops) -> None:
     image = exfat_image(tmp_path / "exfat.img")
     loops.append(Loop(image))
-    policy = devices.Policy(loop_images=(str(image.resolve()),))
+    policy = stick_policy(image)
     disk = devices.find(policy, loops[-1].node)
     assert disk.state == "needs-format" and "exFAT" in disk.reason
     done = format_stick(disk, UDisks(), policy, identity=disk.identity)
@@ -225,18 +235,222 @@ def test_cli_format_is_never_automatic(stack, tmp_path: Path, loops) -> None:
 
 @pytest.mark.oracle
 def test_export_through_mount8_as_root(stack, tmp_path: Path, loops) -> None:
-    """Where udisks2 does not run: mount(8) as root, into a private folder under /run."""
-    from mastering.usb.mount import RUN_DIR, Mount8
+    """Where udisks2 does not run: mount(8) as root, into a private folder under
+    /media/mastering; the run's work folder (conversions) goes beside it, on the disk that
+    holds /media, never into /run (RAM on Debian)."""
+    from mastering.outputs import is_work_folder
+    from mastering.usb.mount import MEDIA_DIR, Mount8
 
     loop, image = _stick(stack, tmp_path, loops)
     policy = _policy(image)
     disk = devices.find(policy, loop.node)
-    before = set(RUN_DIR.iterdir()) if RUN_DIR.exists() else set()
+    had = MEDIA_DIR.exists()
+    before = set(MEDIA_DIR.iterdir()) if had else set()
+    seen: list[tuple[Path, list[Path]]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        point = mount_point_of(loop.node)
+        if stage.startswith("write") and point is not None and not seen:
+            seen.append((point.parent, [p for p in point.parent.iterdir() if is_work_folder(p)]))
+
     out = export.export(disk, [sample("CT_small.dcm"), sample("MR_small.dcm")],
-                        Options(USB, workers=1), Mount8(), policy)
+                        Options(USB, workers=1), Mount8(), policy, progress=progress)
     assert out.ok, out.detail
     assert not out.powered_off  # a loop image has no USB port to switch off
+    assert seen[0][0] == MEDIA_DIR and len(seen[0][1]) == 1  # staged beside the mount point
     assert mount_point_of(loop.node) is None
-    assert (set(RUN_DIR.iterdir()) if RUN_DIR.exists() else set()) == before
+    assert (set(MEDIA_DIR.iterdir()) if MEDIA_DIR.exists() else set()) == before
+    if not had:
+        MEDIA_DIR.rmdir()
     with Mounted(image, tmp_path / "m") as root:
         _judge(root, 2)
+
+
+def test_read_back_never_trusts_memory(stack, tmp_path: Path, loops) -> None:
+    """The read-back must come from the device. (a) The stick is busy at the read-back: no
+    lazy unmount (which keeps the file system and its cache for the remount): "not
+    verified". (b) Another mount namespace keeps the file system alive, so the remount gets
+    it back from memory: the device's read counter shows it, "not verified". Never "safe"."""
+    loop, image = _stick(stack, tmp_path, loops)
+    policy = _policy(image)
+    disk = devices.find(policy, loop.node)
+    src = ct_series(tmp_path / "in", 1, 6, rows=128)
+    held: list = []
+
+    def hold_busy(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 1 and not held:
+            held.append(os.open(mount_point_of(loop.node), os.O_RDONLY))
+
+    def hold_elsewhere(stage: str, done: int, total: int) -> None:
+        """A process in a mount namespace of its own (a copy of every mount), working in the
+        stick's folder: unmounting here (and udisks2 removing the folder, which detaches the
+        copy) leaves the file system alive for it."""
+        if stage.startswith("write") and done == 1 and not held:
+            held.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                          f"--wd={mount_point_of(loop.node)}", "sleep", "60"]))
+            time.sleep(0.3)  # the namespace exists
+
+    how = UDisks()
+    try:
+        for progress in (hold_busy, hold_elsewhere):
+            stages: list[str] = []
+            out = export.export(disk, [src], Options(USB, workers=1), how, policy,
+                                progress=progress, stage=stages.append)
+            assert not out.ok and out.message == export.NOT_VERIFIED, (progress, out)
+            assert "verifying" in stages and "safe" not in stages
+            if progress is hold_busy:
+                assert "could not be unmounted" in out.detail
+                os.close(held.pop())
+            else:
+                assert "stayed alive after the unmount" in out.detail
+                held.pop().kill()
+            assert mount_point_of(loop.node) is None
+    finally:
+        how.close()
+        for h in held:
+            h.kill() if isinstance(h, subprocess.Popen) else os.close(h)
+    time.sleep(0.2)
+    with Mounted(image, tmp_path / "m") as root:  # the run's files were removed again
+        assert sorted(p.name for p in root.iterdir()) == ["lost+found"]
+
+
+def test_the_read_counter_tells_the_device_from_memory(stack, tmp_path: Path, loops) -> None:
+    """ReadBack.confirm: a read served from the page cache is refused, the same read after a
+    full unmount (the kernel drops the file system and the device's cache) is accepted."""
+    loop, image = _stick(stack, tmp_path, loops)
+    policy = _policy(image)
+    disk = devices.find(policy, loop.node)
+    how = UDisks()
+    stick = export._Stick(disk, how, lambda name: None, policy)
+    data = os.urandom(2 << 20)
+    try:
+        (stick.mount() / "FILE").write_bytes(data)
+        os.sync()
+        check = export.ReadBack(stick)
+        check.before = loop.sectors_read()
+        assert (stick.point / "FILE").read_bytes() == data  # from memory
+        with pytest.raises(export.ReadBackError, match="came from memory"):
+            check.confirm(len(data))
+        point = check(stick.point)  # unmount, drop, mount: now from the device
+        assert (point / "FILE").read_bytes() == data
+        check.confirm(len(data))
+        assert stick.notes == []  # as root the cache drop works: nothing to report
+    finally:
+        stick.unmount()
+        how.close()
+
+
+class _SwapAtReadBack(UDisks):
+    """udisks2, and at the read-back's unmount another stick takes the node (a person swaps
+    sticks while the kiosk shows "checking")."""
+
+    def __init__(self, loops: list[Loop], other: Path):
+        super().__init__()
+        self.loops, self.other, self.mounted = loops, other, []
+
+    def unmount(self, disk, point, **kw) -> None:
+        super().unmount(disk, point, **kw)
+        if self.loops[0].attached:  # the first unmount: the read-back's
+            self.loops[0].detach()
+            self.loops.append(Loop(self.other, node=self.loops[0].node))
+
+    def mount(self, disk, *, read_only: bool = False) -> Path:
+        self.mounted.append(Path(f"/sys/block/{Path(disk.node).name}/loop/backing_file")
+                            .read_text().strip())
+        return super().mount(disk, read_only=read_only)
+
+
+def test_read_back_remount_checks_it_is_the_same_stick(stack, tmp_path: Path, loops) -> None:
+    loop, image = _stick(stack, tmp_path, loops)
+    other = ext4_image(tmp_path / "other.img")
+    policy = _policy(image, other)
+    disk = devices.find(policy, loop.node)
+    how = _SwapAtReadBack(loops, other)
+    try:
+        out = export.export(disk, [sample("CT_small.dcm")], Options(USB, workers=1), how,
+                            policy)
+    finally:
+        how.close()
+    assert not out.ok and out.message == export.REMOVED
+    assert "another took its place" in out.detail
+    assert how.mounted == [str(image.resolve())]  # the other stick was never mounted
+
+
+def test_a_pulled_stick_is_removed_not_cancelled(stack, tmp_path: Path, loops) -> None:
+    """The kiosk's watcher sets both 'removed' and 'cancel' when the stick goes: the person
+    hears that it was removed. A cancelled --replace says that the old images are gone."""
+    loop, image = _stick(stack, tmp_path, loops)
+    policy = _policy(image)
+    disk = devices.find(policy, loop.node)
+    cancel, removed = Event(), Event()
+
+    def watcher(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 2 and not removed.is_set():
+            pull(loop, mount_point_of(loop.node))
+            removed.set()
+            cancel.set()
+
+    out = export.export(disk, [ct_series(tmp_path / "in", 1, 6)], Options(USB, workers=1),
+                        UDisks(), policy, progress=watcher, cancel=cancel, removed=removed)
+    assert not out.ok and out.message == export.REMOVED and out.removed
+
+    loop, image = _stick(stack, tmp_path, loops, "second.img")
+    policy = _policy(image)
+    disk = devices.find(policy, loop.node)
+    how = UDisks()
+    assert export.export(disk, [sample("CT_small.dcm")], Options(USB, workers=1), how,
+                         policy).ok
+    cancel = Event()
+
+    def cancel_after_removal(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 1:
+            cancel.set()
+
+    out = export.export(disk, [ct_series(tmp_path / "in2", 1, 4, first=9)],
+                        Options(USB, workers=1, update="replace"), how, policy,
+                        progress=cancel_after_removal, cancel=cancel)
+    how.close()
+    assert not out.ok and out.exit_code == 130
+    assert out.message == export.CANCELLED_AFTER_REMOVAL
+
+
+def test_format_looks_the_stick_up_again(stack, tmp_path: Path, loops) -> None:
+    """Between "Type yes" (or the kiosk's confirmation) and the format, another stick takes
+    the node: nothing is formatted."""
+    first = exfat_image(tmp_path / "a.img")
+    loops.append(Loop(first))
+    second = exfat_image(tmp_path / "b.img", label="OTHER")
+    policy = _policy(first, second)
+    disk = devices.find(policy, loops[0].node)
+    assert disk.state == "needs-format"
+    loops[0].detach()
+    loops.append(Loop(second, node=loops[0].node))
+    how = UDisks()
+    try:
+        with pytest.raises(FormatRefused, match="another stick"):
+            format_stick(disk, how, policy)
+        with pytest.raises(FormatRefused, match="another stick"):
+            format_stick(disk, how, policy, identity=disk.identity)  # as the kiosk calls it
+    finally:
+        how.close()
+    blkid = subprocess.run([need_tool("blkid"), "-p", "-o", "value", "-s", "TYPE", str(second)],
+                           capture_output=True, text=True)
+    assert blkid.stdout.strip() == "exfat"  # untouched
+
+
+def test_loop_cleanup_touches_only_our_own_devices(tmp_path: Path) -> None:
+    """The loops fixture after a test whose stick was pulled: another agent has attached its
+    own image to the same loop number and mounted it; the cleanup leaves both alone."""
+    mine = Loop(ext4_image(tmp_path / "mine.img"))
+    mine.detach()
+    theirs = Loop(ext4_image(tmp_path / "theirs.img"), node=mine.node)
+    point = tmp_path / "theirs"
+    point.mkdir()
+    subprocess.run(["mount", theirs.node, str(point)], check=True)
+    try:
+        mine.attached = True  # as a test that failed half-way may leave it
+        release([mine])
+        assert os.path.ismount(point) and theirs.ours()
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+        theirs.detach()

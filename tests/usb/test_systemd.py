@@ -46,6 +46,8 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
                  "CapabilityBoundingSet=\n", "User=mastering-kiosk", "IPAddressDeny=any"):
         assert line in text
+    # the device policy must see /proc/swaps (a disk with active swap is the system's)
+    assert not re.search(r"^ProcSubset=", text, re.MULTILINE)
 
 
 POLKIT = """

@@ -7,8 +7,12 @@ Security: the kiosk listens on localhost unless configured otherwise, and then e
 needs the access token (the ``Authorization: Bearer`` header, or a cookie set once by opening
 ``/?token=...``, which then redirects so the token leaves the address bar). State-changing
 requests must be JSON with the ``X-Kiosk: 1`` header, which a page of another site cannot send
-without CORS, and a matching Origin if the browser sends one. The access log names the route
-and the status only: no query strings, no bodies, no patient data.
+without CORS, and a matching Origin if the browser sends one. Every request must name this
+kiosk in its Host header (127.0.0.1, localhost or [::1] and the port it listens on; names
+configured in ``[kiosk] hosts`` when it listens elsewhere): a page of another site whose name
+was rebound to 127.0.0.1 (DNS rebinding) carries its own name there and is refused, so it can
+neither read the state (patient names) nor start anything. The access log names the route and
+the status only: no query strings, no bodies, no patient data.
 """
 
 from __future__ import annotations
@@ -136,15 +140,16 @@ def create_app(kiosk: Kiosk, *, token: str = "", page_dir: Path = PAGE_DIR) -> S
               Route("/api/dismiss", do_dismiss, methods=["POST"]),
               Route("/api/refresh", do_refresh, methods=["POST"])]
     kiosk.listeners.append(notify)
-    return Starlette(routes=routes, middleware=[Middleware(_Guard, token=token, box=loop_box)])
+    return Starlette(routes=routes, middleware=[Middleware(_Guard, token=token, box=loop_box,
+                                                          hosts=kiosk.cfg.allowed_hosts)])
 
 
 class _Guard:
     """Token and request checks before any route, and the access log: method, route and
     status only (no query string, no body, no patient data)."""
 
-    def __init__(self, app, token: str, box: dict):
-        self.app, self.token, self.box = app, token, box
+    def __init__(self, app, token: str, box: dict, hosts: frozenset[str]):
+        self.app, self.token, self.box, self.hosts = app, token, box, hosts
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -162,7 +167,7 @@ class _Guard:
                             1000 * (time.monotonic() - start))
             await send(message)
 
-        refusal = _refuse(request, self.token)
+        refusal = _refuse(request, self.token, self.hosts)
         await (refusal or self.app)(scope, receive, logged)
 
 
@@ -171,7 +176,24 @@ _ROUTES = {"/", "/static/kiosk.css", "/static/kiosk.js", "/api/state", "/api/eve
            "/favicon.ico"}
 
 
-def _refuse(request: Request, token: str) -> Response | None:
+def _host_ok(request: Request, hosts: frozenset[str]) -> bool:
+    """The Host header names this kiosk: an allowed name and the port it listens on."""
+    host = request.headers.get("host", "").strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        name, _, rest = host.partition("]")
+        name, port = name + "]", rest[1:] if rest.startswith(":") else rest or ""
+    else:
+        name, _, port = host.partition(":")
+    if port and not port.isdigit():
+        return False
+    server = request.scope.get("server")
+    listening = server[1] if server and len(server) > 1 else None
+    return name in hosts and (listening is None or int(port or 80) == listening)
+
+
+def _refuse(request: Request, token: str, hosts: frozenset[str]) -> Response | None:
+    if not _host_ok(request, hosts):
+        return _plain("Refused: this kiosk is not known by that name.", 421)
     if token:
         given = request.cookies.get(COOKIE, "")
         auth = request.headers.get("authorization", "")

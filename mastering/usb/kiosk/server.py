@@ -3,6 +3,11 @@
 sd_notify (a datagram to $NOTIFY_SOCKET): READY=1 once the socket listens, WATCHDOG=1 from the
 event loop every half $WATCHDOG_USEC (a hung loop gets the service restarted), STOPPING=1 on
 SIGTERM. uvicorn's own access log is off; :mod:`.app` logs routes and statuses only.
+
+On SIGTERM or SIGINT uvicorn shuts the server down and raises the signal again; the handler
+installed here takes that, so that the kiosk then cancels a running export, waits for it to
+end and leaves the stick unmounted (:meth:`.state.Kiosk.stop`, bounded) before the process
+exits, instead of dying with the stick mounted.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -82,8 +88,12 @@ def serve(config: Path) -> int:
         sd_notify("STOPPING=1")
         await task
 
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: None) for sig in signals}
     try:
         asyncio.run(main())
     finally:
-        kiosk.stop()
+        kiosk.stop()  # cancel a running export, wait for it, unmount (bounded)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if server.started else 6

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ... import reader, update
 from ...pipeline import Options
@@ -28,6 +29,8 @@ from .config import KioskConfig
 from .sources import StudySource, from_config, person
 
 log = logging.getLogger("mastering.kiosk")
+#: Kiosk.stop waits this long for a running export to end (cancelled) and unmount the stick
+STOP_WAIT = 10.0
 
 #: export stage or core progress label -> (share of the bar where it starts, where it ends)
 PHASES = {"mounting": (0.0, 0.02), "scan": (0.02, 0.10), "convert": (0.10, 0.20),
@@ -117,6 +120,7 @@ class Kiosk:
         self._stop = threading.Event()
         self._observer = None
         self._threads: list[threading.Thread] = []
+        self._workers: list[tuple[threading.Thread, Disk]] = []  # exports, formats, reads
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -129,13 +133,42 @@ class Kiosk:
             self._threads.append(thread)
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = STOP_WAIT) -> None:
+        """Stop watching; cancel a running export and wait (at most `wait` seconds) until it
+        has ended and unmounted the stick. A stick still mounted then is unmounted here."""
         self._stop.set()
         self._wake.set()
         if self._observer is not None:
             self._observer.send_stop()  # no join: the process is ending anyway
         if self.job is not None:
             self.job.cancel.set()
+        deadline = time.monotonic() + wait
+        with self.lock:
+            workers = list(self._workers)
+        for thread, disk in workers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s did not end in %.0f s; unmounting %s", thread.name, wait,
+                            disk.node)
+                self._force_unmount(disk)
+
+    def _force_unmount(self, disk: Disk) -> None:
+        points = _mount_points(disk)
+        if not points:
+            return
+        try:
+            with contextlib.closing(mounter(self.cfg.policy.mounter)) as how:
+                for point in points:
+                    how.unmount(disk, Path(point), lazy=True)
+        except (MountError, OSError) as exc:
+            log.error("unmounting %s failed: %s", disk.node, exc)
+
+    def _worker(self, target, disk: Disk, name: str, *args) -> None:
+        thread = threading.Thread(target=target, args=(disk, *args), daemon=True, name=name)
+        with self.lock:
+            self._workers = [(t, d) for t, d in self._workers if t.is_alive()]
+            self._workers.append((thread, disk))
+        thread.start()
 
     def changed(self) -> None:
         with self.lock:
@@ -182,13 +215,13 @@ class Kiosk:
             log.info("sticks: %s", ", ".join(f"{d.name} {d.state}" for d in disks) or "none")
             self.changed()
         for disk in todo:
-            threading.Thread(target=self._inspect, args=(disk,), daemon=True).start()
+            self._worker(self._inspect, disk, f"read-{disk.name}")
 
     def _inspect(self, disk: Disk) -> None:
         info = StickInfo()
         how = None
         try:
-            how = mounter()
+            how = mounter(self.cfg.policy.mounter)
             with self.lock:
                 self.own.add(disk.devnum)
                 self.own.update(_partition_numbers(disk))
@@ -299,12 +332,11 @@ class Kiosk:
             self.job = job
         log.info("export %s started: %d study(ies), %d file(s), to %s (%s)", job.id,
                  len(chosen), len(files), disk.node, mode or "new")
-        threading.Thread(target=self._run_export, args=(job, disk, files), daemon=True,
-                         name=f"export-{job.id}").start()
+        self._worker(self._run_export, disk, f"export-{job.id}", job, files)
         self.changed()
         return job
 
-    def _run_export(self, job: Job, disk: Disk, files: list) -> None:
+    def _run_export(self, disk: Disk, job: Job, files: list) -> None:
         last = [0.0]
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -324,7 +356,7 @@ class Kiosk:
         try:
             with self.lock:
                 self.own.update({disk.devnum, *_partition_numbers(disk)})
-            with contextlib.closing(mounter()) as how:
+            with contextlib.closing(mounter(self.cfg.policy.mounter)) as how:
                 outcome = export.export(disk, files, options, how, self.cfg.policy,
                                         progress=progress, cancel=job.cancel, stage=stage,
                                         removed=job.removed)
@@ -358,14 +390,14 @@ class Kiosk:
             job = Job(uuid.uuid4().hex[:12], "format", identity, disk.title, phase="formatting")
             self.job = job
         log.info("format %s started on %s", job.id, disk.node)
-        threading.Thread(target=self._run_format, args=(job, disk), daemon=True).start()
+        self._worker(self._run_format, disk, f"format-{job.id}", job)
         self.changed()
         return job
 
-    def _run_format(self, job: Job, disk: Disk) -> None:
-        try:
-            with contextlib.closing(mounter()) as how:
-                format_stick(disk, how, self.cfg.policy, identity=disk.identity)
+    def _run_format(self, disk: Disk, job: Job) -> None:
+        try:  # format_stick looks the stick up again: the one confirmed, as it was shown
+            with contextlib.closing(mounter(self.cfg.policy.mounter)) as how:
+                format_stick(disk, how, self.cfg.policy, identity=job.identity)
             job.state, job.message = "done", "The stick is formatted and ready."
         except (FormatRefused, MountError, OSError, LookupError) as exc:
             job.state, job.message = "failed", f"The stick could not be formatted: {exc}"
@@ -383,6 +415,13 @@ class Kiosk:
             if self.job is not None and self.job.state != "running":
                 self.job = None
         self.changed()
+
+
+def _mount_points(disk: Disk) -> list[str]:
+    """Where the stick's file system is mounted now (by device number, not by node name)."""
+    numbers = {disk.devnum, *_partition_numbers(disk)}
+    points = devices.Mounts.read().points
+    return [p for n in numbers for p in points.get(n, [])]
 
 
 def _partition_numbers(disk: Disk) -> set[tuple[int, int]]:
