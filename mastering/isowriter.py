@@ -19,12 +19,39 @@ import pycdlib
 
 from . import __version__
 from .cancel import Cancelled
-from .content import SegmentReader, segments
+from .content import SegmentReader, copy_segments, segments
 from .plan import FileEntry, Volume
 from .profiles import Profile
 
 ProgressFn = Callable[[str, int, int], None]
 BLOCKSIZE = 1 << 20
+
+
+class Image(pycdlib.PyCdlib):
+    """pycdlib's image, with the bodies of our files put in by kernel-side copies.
+
+    pycdlib lays the image out and writes every descriptor, path table and directory record
+    itself; for each file it then seeks to the file's extent and copies the data through
+    Python in blocks (``_output_file_data``, called once per inode, a method pycdlib 1.x has
+    kept since its first releases). For inodes that read from a SegmentReader that one step is
+    replaced: the same segments go with copy_file_range from the source files to the same
+    extent, so the bytes never pass through this process. The padding to the next sector is
+    not written: the image file is new, so unwritten bytes read as zeros, which is what pycdlib
+    writes there. Everything else (bytes, files pycdlib opens itself) takes pycdlib's path.
+    ``kernel_copy = False`` restores pycdlib's own copy (the tests compare the two)."""
+
+    kernel_copy = True
+
+    def _output_file_data(self, outfp, blocksize, ino):  # noqa: ANN001 - pycdlib's types
+        reader = ino.data_fp
+        if not (self.kernel_copy and isinstance(reader, SegmentReader) and not ino.manage_fp
+                and ino.boot_info_table is None and ino.fp_offset == 0
+                and ino.data_length == reader.length):
+            yield from super()._output_file_data(outfp, blocksize, ino)
+            return
+        outfp.flush()  # pycdlib's buffered writes land before ours
+        at = ino.extent_location() * self.logical_block_size
+        yield from copy_segments(reader.parts, outfp.fileno(), at)
 
 
 def iso_path(components: tuple[str, ...] | list[str]) -> str:
@@ -38,10 +65,10 @@ def dir_path(components: tuple[str, ...]) -> str:
 
 def build(volume: Volume, dicomdir: bytes, profile: Profile,
           extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (),
-          volume_id: str | None = None) -> pycdlib.PyCdlib:
+          volume_id: str | None = None) -> Image:
     """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
     The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise."""
-    iso = pycdlib.PyCdlib()
+    iso = Image()
     vol_ident = volume.fileset_id if volume_id is None else volume_id
     iso.new(interchange_level=profile.interchange_level, vol_ident=vol_ident,
             sys_ident="", joliet=3 if profile.joliet else None,

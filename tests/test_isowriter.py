@@ -1,0 +1,127 @@
+"""isowriter: file bodies put into the image by kernel-side copies at the extents pycdlib
+assigns. The image must be byte for byte the one pycdlib writes through its own copy loop,
+and what xorriso and isoinfo read out of it must be the files' content."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mastering import content, isowriter, profiles
+from mastering.pipeline import Options, master
+
+from .conftest import extract_iso, isoinfo_listing, make_ct, need, sample
+
+EPOCH = 1_700_000_000
+
+
+def _inputs(tmp: Path) -> list[Path]:
+    """Every kind of body: copied as is, Implicit VR re-encoded (new header + source pixels),
+    meta header rebuilt, transcoded from a staged copy; sizes not multiples of a sector."""
+    src = tmp / "in"
+    for i in range(1, 4):
+        make_ct(src / "a", f"{i}.dcm", instance=i, rows=40 + i, value=i)
+        make_ct(src / "b", f"{i}.dcm", instance=i, implicit=True, series_uid="1.2.3.4.1.2",
+                SeriesNumber=2, rows=33, value=20 + i)
+    no_meta = src / "c" / "raw.dcm"
+    no_meta.parent.mkdir(parents=True)
+    no_meta.write_bytes(make_ct(tmp / "x", "m.dcm", series_uid="1.2.3.4.1.3", SeriesNumber=3,
+                                instance=1).read_bytes()[128 + 4:])  # no preamble
+    return [src, sample("MR_small_bigendian.dcm"), sample("image_dfl.dcm")]
+
+
+def _write(tmp: Path, name: str, profile: profiles.Profile, inputs: list[Path], **kw) -> Path:
+    out = tmp / name
+    master(inputs, out, Options(profile, source_date_epoch=EPOCH, workers=1, **kw))
+    return out
+
+
+@pytest.mark.parametrize("joliet", [False, True])
+def test_kernel_copies_write_the_image_pycdlib_writes(tmp_path: Path, monkeypatch,
+                                                      joliet: bool) -> None:
+    """Joliet gives every file a second directory record sharing its inode: written once."""
+    profile = dataclasses.replace(profiles.load("STD-GEN-DVD-JPEG"), joliet=joliet)
+    inputs = _inputs(tmp_path)
+    calls = []
+    real = content.copy_segments
+
+    def counted(parts, out, offset):
+        calls.append(offset)
+        return real(parts, out, offset)
+
+    monkeypatch.setattr(isowriter, "copy_segments", counted)
+    fast = _write(tmp_path, "fast.iso", profile, inputs, label=True)
+    assert len(calls) == 9  # every DICOM file, none twice
+    monkeypatch.setattr(isowriter.Image, "kernel_copy", False)
+    slow = _write(tmp_path, "slow.iso", profile, inputs, label=True)
+    assert len(calls) == 9
+    assert fast.read_bytes() == slow.read_bytes()
+
+
+@pytest.mark.oracle
+def test_xorriso_and_isoinfo_read_the_file_bodies(tmp_path: Path) -> None:
+    """Every file of the image, extracted by xorriso and by isoinfo, is the content planned
+    for it: the source bytes, or the new header followed by the source's pixel data."""
+    from pydicom.fileset import FileSet
+
+    iso = _write(tmp_path, "o.iso", profiles.load("STD-GEN-CD"), _inputs(tmp_path))
+    root = extract_iso(iso, tmp_path / "x")
+    files = {name for name, _extent in isoinfo_listing(iso)}
+    fs = FileSet(root / "DICOMDIR")
+    assert len(fs) == 9
+    for inst in fs:
+        rel = Path(inst.path).relative_to(root)
+        iso_name = "/" + rel.as_posix() + ".;1"
+        assert iso_name in files
+        by_isoinfo = subprocess.run([need("isoinfo"), "-i", str(iso), "-x", iso_name],
+                                    capture_output=True, check=True).stdout
+        assert by_isoinfo == (root / rel).read_bytes()
+    by_uid = {i.SOPInstanceUID: Path(i.path) for i in fs}
+    for path in sorted((tmp_path / "in").rglob("*.dcm")):
+        import pydicom
+
+        ds = pydicom.dcmread(path, force=True)
+        written = by_uid[ds.SOPInstanceUID].read_bytes()
+        if path.parent.name == "a":
+            assert written == path.read_bytes()  # copied as it is
+        else:
+            # re-encoded or re-wrapped: the pixel data bytes are the source's, at the end
+            assert written.endswith(path.read_bytes()[-len(ds.PixelData):])
+
+
+def test_copy_segments_writes_at_the_offset_and_checks_the_source(tmp_path: Path) -> None:
+    src = tmp_path / "s.bin"
+    src.write_bytes(bytes(range(256)) * 64)
+    st = src.stat()
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    out = tmp_path / "o.bin"
+    with open(out, "xb+", buffering=0) as fh:
+        parts = [b"HEAD", content.Range(str(src), 100, 5000, stamp)]
+        done = list(content.copy_segments(parts, fh.fileno(), 3000))
+        assert sum(done) == 5004 and fh.tell() == 0  # the file position is not moved
+    data = out.read_bytes()
+    assert data[:3000] == bytes(3000) and data[3000:] == b"HEAD" + src.read_bytes()[100:5100]
+    src.write_bytes(src.read_bytes()[:1000])  # shrunk since the scan
+    with open(tmp_path / "p.bin", "xb+") as fh, pytest.raises(content.SourceChanged):
+        list(content.copy_segments(parts, fh.fileno(), 0))
+
+
+def test_copy_segments_falls_back_where_the_kernel_cannot(tmp_path: Path, monkeypatch) -> None:
+    """Another file system (EXDEV), no support (EOPNOTSUPP): read and write instead."""
+    import errno
+    import os
+
+    def refuse(*_args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src = tmp_path / "s.bin"
+    src.write_bytes(b"x" * 3_000_000)
+    with open(tmp_path / "o.bin", "xb+") as fh:
+        done = list(content.copy_segments([content.Range(str(src), 1, 2_999_999)], fh.fileno(),
+                                          7))
+    assert sum(done) == 2_999_999
+    assert (tmp_path / "o.bin").read_bytes() == bytes(7) + b"x" * 2_999_999
