@@ -660,7 +660,7 @@ def scan(
     result = IntakeResult([], [p for p in walk.problems if p.kind in ("not-dicom", "link")],
                           [p for p in walk.problems if p.kind == "invalid"] + damaged, [], 0,
                           walked=walk.walked)
-    seen = {os.path.realpath(p) for p in paths}
+    seen: set[str] | None = None  # real paths scanned: made when a DICOMDIR first asks
     merger = _Merger(result, profile, on_conflict)
     queue = paths
     while queue:
@@ -668,6 +668,8 @@ def scan(
         for item in _scan_all(queue, profile, progress, cancel, workers):
             result.files_seen += 1
             if isinstance(item, DirectoryIndex):
+                if seen is None:
+                    seen = {os.path.realpath(p) for p in paths}
                 result.indexes.append(item)
                 result.invalid.extend(
                     Problem(m, "missing", f"referenced by {item.path} but not found")

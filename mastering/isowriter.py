@@ -8,9 +8,14 @@ sources at write time; the image is written under a temporary name and renamed w
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import functools
 import io
 import os
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from threading import Event, Thread
@@ -42,6 +47,16 @@ class Image(pycdlib.PyCdlib):
 
     kernel_copy = True
 
+    def _write_fp(self, outfp, blocksize, progress_cb, progress_opaque):  # noqa: ANN001
+        """The whole image is allocated before anything is written: the file system then
+        finds the space in one go instead of page by page (measured: about a fifth of the
+        copy time on ext4), and a disk that cannot hold the image fails at once."""
+        if self._needs_reshuffle:
+            self._reshuffle_extents()
+        if self.kernel_copy:
+            allocate(outfp.fileno(), self.pvd.space_size * self.logical_block_size)
+        return super()._write_fp(outfp, blocksize, progress_cb, progress_opaque)
+
     def _output_file_data(self, outfp, blocksize, ino):  # noqa: ANN001 - pycdlib's types
         reader = ino.data_fp
         if not (self.kernel_copy and isinstance(reader, SegmentReader) and not ino.manage_fp
@@ -52,6 +67,28 @@ class Image(pycdlib.PyCdlib):
         outfp.flush()  # pycdlib's buffered writes land before ours
         at = ino.extent_location() * self.logical_block_size
         yield from copy_segments(reader.parts, outfp.fileno(), at)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def allocate(fd: int, size: int) -> None:
+    """fallocate(2) the first size bytes of fd (they read as zeros). Where the file system
+    cannot (EOPNOTSUPP: FAT on older kernels, some FUSE and network file systems), nothing
+    is done: glibc's posix_fallocate would write every block instead. ENOSPC is raised."""
+    libc = _libc()
+    if libc is None or size <= 0:
+        return
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if libc.fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OSError(err, os.strerror(err))
 
 
 def iso_path(components: tuple[str, ...] | list[str]) -> str:
@@ -133,18 +170,57 @@ def set_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
         d = rec.date
         d.years_since_1900, d.month, d.day_of_month = utc.tm_year - 1900, utc.tm_mon, utc.tm_mday
         d.hour, d.minute, d.second, d.gmtoffset = utc.tm_hour, utc.tm_min, utc.tm_sec, 0
+    if iso.has_udf():
+        _udf_dates(iso, epoch)
+
+
+def _udf_dates(iso: pycdlib.PyCdlib, epoch: int) -> None:
+    """UDF (BD profiles): every timestamp (ECMA-167 1/7.3) of every descriptor and file entry
+    in UTC from the epoch, and the Volume Set Identifier's unique part (UDF 2.60 2.2.2.5: a
+    time in hex, then anything; pycdlib adds random bits) from the epoch and volume name."""
+    from pycdlib import udf
+
+    utc = time.gmtime(epoch)
+    seen: set[int] = set()
+    stack: list[object] = [getattr(iso, name, None) for name in type(iso).__slots__]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list | tuple):
+            stack.extend(obj)
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+            continue
+        if id(obj) in seen or type(obj).__module__ != udf.__name__:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, udf.UDFTimestamp):
+            if getattr(obj, "_initialized", False):
+                obj.tz, obj.timetype = 0, 1  # local time at offset 0: UTC (ECMA-167 1/7.3.1)
+                obj.year, obj.month, obj.day = utc.tm_year, utc.tm_mon, utc.tm_mday
+                obj.hour, obj.minute, obj.second = utc.tm_hour, utc.tm_min, utc.tm_sec
+                obj.centiseconds = obj.hundreds_microseconds = obj.microseconds = 0
+            continue
+        if isinstance(obj, udf.UDFPrimaryVolumeDescriptor) and obj._initialized:
+            tail = zlib.crc32(obj.vol_ident) & 0xFFFFFFFF
+            obj.vol_set_ident = udf._ostaunicode_zero_pad(f"{epoch:08x}{tail:08x}", 128)
+        for cls in type(obj).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                stack.append(getattr(obj, name, None))
 
 
 def _walk(iso: pycdlib.PyCdlib):
-    """Every directory record, the '.' and '..' entries included (they carry dates too)."""
-    root = iso.pvd.root_directory_record()
-    stack = [root]
-    while stack:
-        rec = stack.pop()
-        yield None, rec
-        # the root's own identifier is the one '.' uses, so it is recognised by identity
-        if rec.is_dir() and (rec is root or not (rec.is_dot() or rec.is_dotdot())):
-            stack.extend(c for c in rec.children if c is not None)
+    """Every directory record, the '.' and '..' entries included (they carry dates too), of
+    the ISO 9660 tree and of the Joliet tree where there is one (BD profiles)."""
+    roots = [vd.root_directory_record() for vd in (iso.pvd, iso.joliet_vd) if vd is not None]
+    for root in roots:
+        stack = [root]
+        while stack:
+            rec = stack.pop()
+            yield None, rec
+            # the root's own identifier is the one '.' uses, so it is recognised by identity
+            if rec.is_dir() and (rec is root or not (rec.is_dot() or rec.is_dotdot())):
+                stack.extend(c for c in rec.children if c is not None)
 
 
 def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool = True,

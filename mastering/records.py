@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from io import BytesIO
 
@@ -418,10 +418,12 @@ def value_text(element: bytes) -> str:
     return _parts(element)[2].decode("latin-1").strip(" \0")
 
 
+@lru_cache(maxsize=4096)
 def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checked:
     """Check a key element's VR, value format and multiplicity for the DICOMDIR (PS3.5
     Table 6.2-1, PS3.6); repair what has one meaning (:func:`values.normalize`, a text VR
-    other than the dictionary's); say why it cannot be used otherwise."""
+    other than the dictionary's); say why it cannot be used otherwise. Remembered: the
+    patient, study and series keys of a series are the same in every one of its files."""
     from . import values
 
     _tag, vr, value = _parts(element)
