@@ -21,15 +21,18 @@ from .plan import Volume
 ProgressFn = Callable[[str, int, int], None]
 
 
-def write(volume: Volume, dicomdir: bytes, tmp: Path,
+def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
           extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (), *, label: str = "write",
           sync: bool = True, progress: ProgressFn | None = None,
           cancel: Event | None = None) -> int:
     """Write the volume below tmp (which must not exist yet); returns the bytes written."""
     tmp.mkdir(parents=False)
-    total = len(dicomdir)
     entries = volume.entries()
-    (tmp / "DICOMDIR").write_bytes(dicomdir)
+    if isinstance(dicomdir, Path):
+        shutil.copyfile(dicomdir, tmp / "DICOMDIR")
+    else:
+        (tmp / "DICOMDIR").write_bytes(dicomdir)
+    total = (tmp / "DICOMDIR").stat().st_size
     for comps, data in extra_files:
         target = tmp.joinpath(*comps)
         target.parent.mkdir(parents=True, exist_ok=True)

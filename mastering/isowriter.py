@@ -24,7 +24,7 @@ import pycdlib
 
 from . import __version__
 from .cancel import Cancelled
-from .content import SegmentReader, copy_segments, segments
+from .content import Range, Segment, SegmentReader, copy_segments, output_size, segments
 from .plan import FileEntry, Volume
 from .profiles import Profile
 
@@ -58,15 +58,53 @@ class Image(pycdlib.PyCdlib):
         return super()._write_fp(outfp, blocksize, progress_cb, progress_opaque)
 
     def _output_file_data(self, outfp, blocksize, ino):  # noqa: ANN001 - pycdlib's types
-        reader = ino.data_fp
-        if not (self.kernel_copy and isinstance(reader, SegmentReader) and not ino.manage_fp
+        body = ino.data_fp
+        if not (self.kernel_copy and isinstance(body, Body) and not ino.manage_fp
                 and ino.boot_info_table is None and ino.fp_offset == 0
-                and ino.data_length == reader.length):
+                and ino.data_length == body.length):
             yield from super()._output_file_data(outfp, blocksize, ino)
+            if isinstance(body, Body):
+                body.close()
             return
         outfp.flush()  # pycdlib's buffered writes land before ours
         at = ino.extent_location() * self.logical_block_size
-        yield from copy_segments(reader.parts, outfp.fileno(), at)
+        yield from copy_segments(body.parts(), outfp.fileno(), at)
+
+
+class Body:
+    """What pycdlib holds for one file until the image is written: the entry (or the file)
+    and its length, a few dozen bytes a file where a ready reader would hold its segments,
+    buffer and positions. Its segments are made when the file is written; pycdlib's own
+    copy loop gets a SegmentReader over them, made on its first seek."""
+
+    __slots__ = ("source", "length", "_reader")
+    mode = "rb"  # what pycdlib checks a file object for
+
+    def __init__(self, source: FileEntry | Range, length: int):
+        self.source, self.length = source, length
+        self._reader: SegmentReader | None = None
+
+    def parts(self) -> list[Segment]:
+        return [self.source] if isinstance(self.source, Range) else segments(self.source)
+
+    def _open(self) -> SegmentReader:
+        if self._reader is None:
+            self._reader = SegmentReader(self.parts())
+        return self._reader
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._open().seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._open().tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self._open().read(size)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 @functools.cache
@@ -100,7 +138,7 @@ def dir_path(components: tuple[str, ...]) -> str:
     return "/" + "/".join(components)
 
 
-def build(volume: Volume, dicomdir: bytes, profile: Profile,
+def build(volume: Volume, dicomdir: bytes | Path, profile: Profile,
           extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (),
           volume_id: str | None = None) -> Image:
     """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
@@ -134,23 +172,25 @@ def _mkdirs(iso: pycdlib.PyCdlib, comps: tuple[str, ...], made: set, udf: bool) 
 
 def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path,
                udf: bool) -> None:
-    """A non-DICOM file (8.3 name) or the DICOMDIR; paths stream at write time."""
+    """A non-DICOM file (8.3 name) or the DICOMDIR; files in the work folder (spooled web
+    content, the DICOMDIR) are copied by the kernel like the DICOM files."""
     name = comps[-1]
     path = "/" + "/".join(comps) + (";1" if "." in name else ".;1")
     udf_path = dir_path(comps) if udf else None
     if isinstance(data, Path):
-        iso.add_file(str(data), path, udf_path=udf_path)
+        size = os.stat(data).st_size
+        iso.add_fp(Body(Range(str(data), 0, size), size), size, path, udf_path=udf_path)
     else:
         iso.add_fp(io.BytesIO(data), len(data), path, udf_path=udf_path)
 
 
 def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:
-    """Every DICOM file streams through a SegmentReader: it opens the source only while it is
-    read, and raises where pycdlib would pad a short read silently (a file changed since the
-    scan must fail the run, not reach the disc)."""
-    reader = SegmentReader(segments(entry))
+    """Every DICOM file is a Body: kernel copies from its sources, or a SegmentReader, which
+    opens a source only while it is read and raises where pycdlib would pad a short read
+    silently (a file changed since the scan must fail the run, not reach the disc)."""
+    body = Body(entry, output_size(entry))
     udf_path = dir_path(entry.file_id) if udf else None
-    iso.add_fp(reader, reader.length, iso_path(entry.file_id), udf_path=udf_path)
+    iso.add_fp(body, body.length, iso_path(entry.file_id), udf_path=udf_path)
 
 
 def _stamp(epoch: int) -> bytes:

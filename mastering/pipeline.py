@@ -390,7 +390,8 @@ def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: li
                   cancel: Event | None) -> int:
     profile = options.profile
     label = f"write {final.name}"
-    dd = dicomdir.encode(vol)
+    dd = tmp.with_name(f"{tmp.name}.DICOMDIR")  # in the work folder, not held in memory
+    dicomdir.write(vol, dd)
     if kind != "iso":
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
                                   progress=progress, cancel=cancel)

@@ -57,10 +57,10 @@ def test_kernel_copies_write_the_image_pycdlib_writes(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(isowriter, "copy_segments", counted)
     fast = _write(tmp_path, "fast.iso", profile, inputs, label=True)
-    assert len(calls) == 9  # every DICOM file, none twice
+    assert len(calls) == 10  # the DICOMDIR and every DICOM file, none twice
     monkeypatch.setattr(isowriter.Image, "kernel_copy", False)
     slow = _write(tmp_path, "slow.iso", profile, inputs, label=True)
-    assert len(calls) == 9
+    assert len(calls) == 10
     assert fast.read_bytes() == slow.read_bytes()
     time.sleep(1.1)  # a clock that leaks into the image now shows
     assert _write(tmp_path, "again.iso", profile, inputs).read_bytes() == fast.read_bytes()
