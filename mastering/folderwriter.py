@@ -15,14 +15,15 @@ from pathlib import Path
 from threading import Event
 
 from .cancel import Cancelled
-from .content import copy_to
+from .content import Range, copy_segments, copy_to
 from .plan import Volume
 
 ProgressFn = Callable[[str, int, int], None]
 
 
 def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
-          extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (), *, label: str = "write",
+          extra_files: list[tuple[tuple[str, ...], bytes | Path | Range]] = (), *,
+          label: str = "write",
           sync: bool = True, progress: ProgressFn | None = None,
           cancel: Event | None = None) -> int:
     """Write the volume below tmp (which must not exist yet); returns the bytes written."""
@@ -36,7 +37,11 @@ def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
     for comps, data in extra_files:
         target = tmp.joinpath(*comps)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(data, Path):
+        if isinstance(data, Range):  # spooled web content
+            with open(target, "xb", buffering=0) as out:
+                for _n in copy_segments([data], out.fileno(), 0):
+                    pass
+        elif isinstance(data, Path):
             shutil.copyfile(data, target)
         else:
             target.write_bytes(data)

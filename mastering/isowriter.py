@@ -80,12 +80,14 @@ class Body:
     __slots__ = ("source", "length", "_reader")
     mode = "rb"  # what pycdlib checks a file object for
 
-    def __init__(self, source: FileEntry | Range, length: int):
+    def __init__(self, source: FileEntry | Range | bytes, length: int):
         self.source, self.length = source, length
         self._reader: SegmentReader | None = None
 
     def parts(self) -> list[Segment]:
-        return [self.source] if isinstance(self.source, Range) else segments(self.source)
+        if isinstance(self.source, Range | bytes):
+            return [self.source]
+        return segments(self.source)
 
     def _open(self) -> SegmentReader:
         if self._reader is None:
@@ -139,7 +141,7 @@ def dir_path(components: tuple[str, ...]) -> str:
 
 
 def build(volume: Volume, dicomdir: bytes | Path, profile: Profile,
-          extra_files: list[tuple[tuple[str, ...], bytes | Path]] = (),
+          extra_files: list[tuple[tuple[str, ...], bytes | Path | Range]] = (),
           volume_id: str | None = None) -> Image:
     """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
     The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise."""
@@ -170,18 +172,20 @@ def _mkdirs(iso: pycdlib.PyCdlib, comps: tuple[str, ...], made: set, udf: bool) 
         made.add(sub)
 
 
-def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path,
+def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path | Range,
                udf: bool) -> None:
     """A non-DICOM file (8.3 name) or the DICOMDIR; files in the work folder (spooled web
     content, the DICOMDIR) are copied by the kernel like the DICOM files."""
     name = comps[-1]
     path = "/" + "/".join(comps) + (";1" if "." in name else ".;1")
     udf_path = dir_path(comps) if udf else None
-    if isinstance(data, Path):
+    if isinstance(data, Range):
+        iso.add_fp(Body(data, data.length), data.length, path, udf_path=udf_path)
+    elif isinstance(data, Path):
         size = os.stat(data).st_size
         iso.add_fp(Body(Range(str(data), 0, size), size), size, path, udf_path=udf_path)
-    else:
-        iso.add_fp(io.BytesIO(data), len(data), path, udf_path=udf_path)
+    else:  # written with pwrite where the bodies go in by kernel copies
+        iso.add_fp(Body(data, len(data)), len(data), path, udf_path=udf_path)
 
 
 def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:

@@ -23,6 +23,7 @@ import pydicom
 from . import isosource, label, render, webcontent
 from . import workers as workers_mod
 from .cancel import Cancelled
+from .content import Range
 from .plan import SECTOR, FileEntry, Volume
 
 ProgressFn = Callable[[str, int, int], None]
@@ -40,6 +41,7 @@ class Settings:
     site: webcontent.Site = field(default_factory=webcontent.Site)
     template_dirs: tuple[Path, ...] = ()
     epoch: int | None = None  # SOURCE_DATE_EPOCH: dates on pages and labels
+    workers: int | None = None  # processes for rendering and pages (default: every CPU)
 
 
 @dataclass
@@ -54,13 +56,37 @@ class Piece:
 # -- per instance (worker processes) --------------------------------------------------------
 
 
-def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
-    """Read, render and spool one instance; errors come back as text."""
-    path, spool, index, web, headers = args
+_SERIES: list[render.SeriesRenderer] = []  # per worker process
+
+
+def _series_renderer() -> render.SeriesRenderer:
+    if not _SERIES:
+        _SERIES.append(render.SeriesRenderer(**RENDER_OPTIONS))
+    return _SERIES[0]
+
+
+def _job(args: tuple[str, str, int, bool, bool, int, str]) -> Piece | str:
+    """Read, render and spool one instance; errors come back as text. The slices of a
+    series take the fast way (render.SeriesRenderer); the first of each series, whose
+    header the pages need whole, and anything unusual are read through pydicom."""
+    path, spool, index, web, headers, pixel_offset, body_ts = args
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if web:  # one read of the whole file serves the pages and the pictures
+            done = (_series_renderer().render(path, pixel_offset, body_ts)
+                    if web and not headers else None)
+            if done is not None:
+                rendering, elements = done
+                image = webcontent.image_from_values(
+                    render.raw_text(elements, 0x00080018, ()),
+                    render.raw_text(elements, 0x00200013, ()), rendering)
+                item = _spool_image(image, Path(spool), index)
+                return Piece(item, _bytes(item), None)
+            native = render.read_native(path, pixel_offset, body_ts) if web else None
+            if native is not None:  # the header, and the pixels straight from the file
+                ds, pixels = native
+                item = _item(path, ds, Path(spool), index, pixels)
+            elif web:  # one read of the whole file serves the pages and the pictures
                 ds = render.read(path)
                 item = _item(path, ds, Path(spool), index)
             else:
@@ -74,10 +100,10 @@ def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
     return Piece(item, _bytes(item), trio)
 
 
-def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
-    if render.renderable(ds):
+def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int, pixels=None):  # noqa: ANN001
+    if pixels is not None or render.renderable(ds):
         try:
-            result = render.render_dataset(ds, source=path, **RENDER_OPTIONS)
+            result = render.render_dataset(ds, source=path, native=pixels, **RENDER_OPTIONS)
         except render.RenderError:
             result = None  # listed as an object instead: the DICOM file is still there
         if result is not None:
@@ -85,26 +111,40 @@ def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
             return _spool_image(image, spool, index)
     obj = webcontent.object_from_dataset(ds)
     if obj.pdf is not None and isinstance(obj.pdf, bytes):
-        obj.pdf = _keep(obj.pdf, spool / f"{index:07d}.PDF")
+        obj.pdf = _keep(obj.pdf, spool)
     return obj
 
 
 def _spool_image(image: webcontent.WebImage, spool: Path, index: int) -> webcontent.WebImage:
-    stem = spool / f"{index:07d}"
-    image.jpegs = [_keep(j, Path(f"{stem}A{n:05d}.JPG")) for n, j in enumerate(image.jpegs)]
-    image.presets = {name: [_keep(j, Path(f"{stem}{chr(66 + p)}{n:05d}.JPG"))
-                            for n, j in enumerate(jpegs)]
-                     for p, (name, jpegs) in enumerate(image.presets.items())}
+    image.jpegs = [_keep(j, spool) for j in image.jpegs]
+    image.presets = {name: [_keep(j, spool) for j in jpegs]
+                     for name, jpegs in image.presets.items()}
     if isinstance(image.thumbnail, bytes):
-        image.thumbnail = _keep(image.thumbnail, Path(f"{stem}T.JPG"))
+        image.thumbnail = _keep(image.thumbnail, spool)
     return image
 
 
-def _keep(content: bytes | Path, path: Path) -> Path:
-    if isinstance(content, Path):
+_SPOOL: dict[tuple[int, str], int] = {}  # (process, spool folder) -> its open spool file
+
+
+def _keep(content: webcontent.Content, spool: Path) -> webcontent.Content:
+    """Bytes go to the end of this worker process's own spool file in the work folder and
+    are kept as a byte range of it: one file per worker instead of two per image (their
+    creation and removal cost as much as the encoding), and the ISO writer copies ranges
+    inside the kernel like any other file."""
+    if not isinstance(content, bytes):
         return content
-    path.write_bytes(content)
-    return path
+    key = (os.getpid(), str(spool))
+    fd = _SPOOL.get(key)
+    if fd is None:
+        path = spool / f"W{os.getpid()}.SPL"
+        # appended to: a later pool's worker that gets the same process number goes on
+        fd = _SPOOL[key] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    offset = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view):]
+    return Range(str(spool / f"W{os.getpid()}.SPL"), offset, len(content))
 
 
 def _rounded(content: bytes | Path | None) -> int:
@@ -138,9 +178,10 @@ def prepare(entries: list[FileEntry], work: Path, settings: Settings, *, workers
     seen: set[tuple[str, str, str]] = set()
     jobs = []
     for i, (e, key) in enumerate(zip(entries, keys, strict=True)):
-        jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen))
+        jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen,
+                     e.instance.pixel_data_offset, e.instance.transfer_syntax))
         seen.add(key)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    workers = max(1, min(workers or settings.workers or os.cpu_count() or 1, len(jobs)))
     with workers_mod.pool(workers) as pool:
         for i, result in enumerate(pool.map(_job, jobs, chunksize=8)):
             if cancel is not None and cancel.is_set():
@@ -209,10 +250,22 @@ def _add_items(we: webcontent.WebSeries, entries: list[FileEntry]) -> None:
 
 
 def volume_files(patients: list[webcontent.WebPatient], volume: Volume,
-                 settings: Settings) -> list[tuple[tuple[str, ...], bytes | Path]]:
+                 settings: Settings) -> list[webcontent.MediumFile]:
+    """The volume's web files; the pages of its series are made in worker processes."""
+    series = sum(len(st.series) for p in patients for st in p.studies)
+    workers = max(1, min(settings.workers or os.cpu_count() or 1, series))
+    if not settings.web or workers == 1:
+        return _volume_files(patients, volume, settings, None)
+    with workers_mod.pool(workers) as pool:
+        return _volume_files(patients, volume, settings,
+                             lambda fn, jobs: pool.map(fn, jobs, chunksize=1))
+
+
+def _volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,
+                  mapper: webcontent.Mapper | None) -> list[webcontent.MediumFile]:
     return webcontent.build(patients, volume=volume.index, volumes=volume.count,
                             site=settings.site, template_dirs=settings.template_dirs,
-                            web=settings.web, created=created(settings))
+                            web=settings.web, created=created(settings), mapper=mapper)
 
 
 def write_labels(target: Path, patients: list[webcontent.WebPatient], volume: Volume,

@@ -341,7 +341,7 @@ def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, repo
     t0 = time.monotonic()
     site = webcontent.load_site(options.site) if options.site else webcontent.Site()
     settings = pdi.Settings(web=options.viewer, site=site, template_dirs=options.templates,
-                            epoch=options.source_date_epoch)
+                            epoch=options.source_date_epoch, workers=options.workers)
     headers = pdi.prepare(entries, work, settings, workers=options.workers, progress=progress,
                           cancel=cancel)
     items = [e.web.item for e in entries if e.web is not None]

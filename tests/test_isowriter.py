@@ -40,11 +40,12 @@ def _write(tmp: Path, name: str, profile: profiles.Profile, inputs: list[Path], 
     return out
 
 
-@pytest.mark.parametrize("tree", ["iso9660", "joliet", "udf"])
+@pytest.mark.parametrize("tree", ["iso9660", "joliet", "udf", "viewer"])
 def test_kernel_copies_write_the_image_pycdlib_writes(tmp_path: Path, monkeypatch,
                                                       tree: str) -> None:
     """Joliet and UDF (the BD profiles) give every file a second record sharing its inode:
-    its body is written once. SOURCE_DATE_EPOCH: no clock reaches either tree."""
+    its body is written once. With web content: pages (bytes) and spooled JPEGs (ranges of
+    the workers' spool files). SOURCE_DATE_EPOCH: no clock reaches either tree."""
     base = profiles.load("STD-GEN-BD" if tree == "udf" else "STD-GEN-DVD-JPEG")
     profile = dataclasses.replace(base, joliet=tree == "joliet")
     inputs = _inputs(tmp_path)
@@ -56,14 +57,18 @@ def test_kernel_copies_write_the_image_pycdlib_writes(tmp_path: Path, monkeypatc
         return real(parts, out, offset)
 
     monkeypatch.setattr(isowriter, "copy_segments", counted)
-    fast = _write(tmp_path, "fast.iso", profile, inputs, label=True)
-    assert len(calls) == 10  # the DICOMDIR and every DICOM file, none twice
+    viewer = tree == "viewer"
+    fast = _write(tmp_path, "fast.iso", profile, inputs, label=True, viewer=viewer)
+    files = len(isoinfo_listing(fast))
+    assert len(calls) == files == (10 if not viewer else len(calls))  # each once
+    assert not viewer or files > 30
     monkeypatch.setattr(isowriter.Image, "kernel_copy", False)
-    slow = _write(tmp_path, "slow.iso", profile, inputs, label=True)
-    assert len(calls) == 10
+    slow = _write(tmp_path, "slow.iso", profile, inputs, label=True, viewer=viewer)
+    assert len(calls) == files
     assert fast.read_bytes() == slow.read_bytes()
     time.sleep(1.1)  # a clock that leaks into the image now shows
-    assert _write(tmp_path, "again.iso", profile, inputs).read_bytes() == fast.read_bytes()
+    again = _write(tmp_path, "again.iso", profile, inputs, viewer=viewer)
+    assert again.read_bytes() == fast.read_bytes()
 
 
 @pytest.mark.oracle
@@ -130,3 +135,24 @@ def test_copy_segments_falls_back_where_the_kernel_cannot(tmp_path: Path, monkey
                                           7))
     assert sum(done) == 2_999_999
     assert (tmp_path / "o.bin").read_bytes() == bytes(7) + b"x" * 2_999_999
+
+
+@pytest.mark.oracle
+def test_folder_and_image_carry_the_same_web_content(tmp_path: Path) -> None:
+    """The spooled JPEGs (byte ranges of the workers' spool files) reach a File-set folder
+    as they reach an image: the web tree of both, the image's read back by xorriso, is the
+    same file for file."""
+    inputs = _inputs(tmp_path)
+    iso = _write(tmp_path, "o.iso", profiles.load("STD-GEN-DVD-JPEG"), inputs, viewer=True)
+    folder = tmp_path / "usb"
+    master(inputs, folder, Options(profiles.load("STD-GEN-USB-JPEG"), source_date_epoch=EPOCH,
+                                   workers=2, viewer=True), kind="folder")
+    root = extract_iso(iso, tmp_path / "extracted")
+
+    def tree(top: Path) -> dict[str, bytes]:
+        return {p.relative_to(top).as_posix(): p.read_bytes() for p in sorted(top.rglob("*"))
+                if p.is_file() and not p.relative_to(top).as_posix().startswith("DICOM")}
+
+    web = tree(root)
+    assert sum(n.endswith(".JPG") for n in web) >= 8 and "INDEX.HTM" in web
+    assert tree(folder) == web
