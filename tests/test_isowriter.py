@@ -5,13 +5,14 @@ and what xorriso and isoinfo read out of it must be the files' content."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from mastering import content, isowriter, profiles
+from mastering import content, directio, isowriter, profiles
 from mastering.pipeline import Options, master
 
 from .conftest import extract_iso, isoinfo_listing, make_ct, need, sample
@@ -41,34 +42,66 @@ def _write(tmp: Path, name: str, profile: profiles.Profile, inputs: list[Path], 
 
 
 @pytest.mark.parametrize("tree", ["iso9660", "joliet", "udf", "viewer"])
-def test_kernel_copies_write_the_image_pycdlib_writes(tmp_path: Path, monkeypatch,
-                                                      tree: str) -> None:
-    """Joliet and UDF (the BD profiles) give every file a second record sharing its inode:
-    its body is written once. With web content: pages (bytes) and spooled JPEGs (ranges of
-    the workers' spool files). SOURCE_DATE_EPOCH: no clock reaches either tree."""
+def test_three_ways_of_writing_give_one_image(tmp_path: Path, monkeypatch, tree: str) -> None:
+    """Direct writes (durable runs), kernel copies into the page cache (--no-sync) and
+    pycdlib's own copy loop write the same bytes. Joliet and UDF (the BD profiles) give
+    every file a second record sharing its inode: its body is written once. With web
+    content: pages (bytes) and spooled JPEGs (ranges of the workers' spool files).
+    SOURCE_DATE_EPOCH: no clock reaches either tree."""
     base = profiles.load("STD-GEN-BD" if tree == "udf" else "STD-GEN-DVD-JPEG")
     profile = dataclasses.replace(base, joliet=tree == "joliet")
     inputs = _inputs(tmp_path)
-    calls = []
-    real = content.copy_segments
+    calls, streamed = [], []
+    real, real_stream = content.copy_segments, directio.stream
 
     def counted(parts, out, offset):
         calls.append(offset)
         return real(parts, out, offset)
 
+    def counted_stream(fd, total, metadata, bodies, **kw):
+        streamed.extend(at for at, _parts, _length in bodies)
+        return real_stream(fd, total, metadata, bodies, **kw)
+
     monkeypatch.setattr(isowriter, "copy_segments", counted)
+    monkeypatch.setattr(directio, "stream", counted_stream)
     viewer = tree == "viewer"
-    fast = _write(tmp_path, "fast.iso", profile, inputs, label=True, viewer=viewer)
-    files = len(isoinfo_listing(fast))
-    assert len(calls) == files == (10 if not viewer else len(calls))  # each once
-    assert not viewer or files > 30
+    direct = _write(tmp_path, "direct.iso", profile, inputs, label=True, viewer=viewer)
+    files = len(isoinfo_listing(direct))
+    assert len(streamed) == files and not calls  # each body once, all by direct writes
+    assert files == 10 or (viewer and files > 30)
+    kernel = _write(tmp_path, "kernel.iso", profile, inputs, viewer=viewer, sync=False)
+    assert sorted(calls) == sorted(streamed) and len(streamed) == files
     monkeypatch.setattr(isowriter.Image, "kernel_copy", False)
     slow = _write(tmp_path, "slow.iso", profile, inputs, label=True, viewer=viewer)
-    assert len(calls) == files
-    assert fast.read_bytes() == slow.read_bytes()
+    assert len(calls) == len(streamed) == files
+    assert direct.read_bytes() == kernel.read_bytes() == slow.read_bytes()
+    monkeypatch.undo()
     time.sleep(1.1)  # a clock that leaks into the image now shows
     again = _write(tmp_path, "again.iso", profile, inputs, viewer=viewer)
-    assert again.read_bytes() == fast.read_bytes()
+    assert again.read_bytes() == direct.read_bytes()
+
+
+def test_direct_writes_span_windows(tmp_path: Path, monkeypatch) -> None:
+    """Bodies and metadata that cross the writer's windows, zeros between them."""
+    monkeypatch.setattr(directio, "WINDOW", 3 * 4096)
+    monkeypatch.setattr(directio, "_ZEROS", bytes(3 * 4096))
+    src = tmp_path / "s.bin"
+    src.write_bytes(bytes(range(256)) * 200)  # 51,200 bytes
+    fd = directio.open_direct(tmp_path / "o.bin")
+    if fd is None:
+        pytest.skip("the file system of the test folder takes no direct writes")
+    metadata = [(0, b"M" * 5000), (20_000, b"N" * 100)]
+    bodies = [(22_528, [b"HEAD", content.Range(str(src), 7, 30_000)], 30_004),
+              (53_248, [content.Range(str(src), 0, 51_200)], 51_200)]
+    seen = []
+    directio.stream(fd, 106_496, metadata, bodies, progress=lambda d, t: seen.append(d))
+    os.close(fd)
+    data = (tmp_path / "o.bin").read_bytes()
+    want = bytearray(106_496)
+    want[0:5000], want[20_000:20_100] = b"M" * 5000, b"N" * 100
+    want[22_528:52_532] = b"HEAD" + src.read_bytes()[7:30_007]
+    want[53_248:104_448] = src.read_bytes()
+    assert data == bytes(want) and seen[0] == 0 and seen[-1] == 106_496
 
 
 @pytest.mark.oracle
