@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from threading import Event
 
+from . import syscalls
 from .cancel import Cancelled
 from .content import Range, copy_segments, copy_to
 from .plan import Volume
@@ -64,7 +65,17 @@ def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
 
 
 def _sync_tree(root: Path) -> None:
-    """fsync files and folders: a stick pulled after we report success must hold the data."""
+    """Make the File-set durable: a stick pulled after we report success must hold the data.
+    syncfs(2) writes back the whole file system the folder is on in one pass and one journal
+    commit (what ``sync`` does, for that file system only); an fsync per file and folder
+    costs a commit each, seconds for thousands of files. Where there is no syncfs, or it
+    fails, every file and folder is fsynced."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syscalls.syncfs(fd):
+            return
+    finally:
+        os.close(fd)
     for folder, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(folder, name), os.O_RDONLY)

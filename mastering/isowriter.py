@@ -8,10 +8,6 @@ sources at write time; the image is written under a temporary name and renamed w
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import functools
 import io
 import os
 import time
@@ -27,6 +23,7 @@ from .cancel import Cancelled
 from .content import Range, Segment, SegmentReader, copy_segments, output_size, segments
 from .plan import FileEntry, Volume
 from .profiles import Profile
+from .syscalls import allocate
 
 ProgressFn = Callable[[str, int, int], None]
 BLOCKSIZE = 1 << 20
@@ -118,28 +115,6 @@ class Body:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-def allocate(fd: int, size: int) -> None:
-    """fallocate(2) the first size bytes of fd (they read as zeros). Where the file system
-    cannot (EOPNOTSUPP: FAT on older kernels, some FUSE and network file systems), nothing
-    is done: glibc's posix_fallocate would write every block instead. ENOSPC is raised."""
-    libc = _libc()
-    if libc is None or size <= 0:
-        return
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if libc.fallocate(fd, 0, 0, size) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise OSError(err, os.strerror(err))
 
 
 def iso_path(components: tuple[str, ...] | list[str]) -> str:
