@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from threading import Event
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -645,9 +645,12 @@ def scan(
     workers: int | None = None,
     follow_links: bool = False,
     on_conflict: str = "refuse",
+    observer: Observer | None = None,
 ) -> IntakeResult:
     """Scan inputs (files and folders, recursively) and return instances and problems.
-    on_conflict: what to do with different objects that share a SOP Instance UID."""
+    on_conflict: what to do with different objects that share a SOP Instance UID.
+    observer: told the walked files, then every instance as it is scanned (before merging:
+    the result says which are kept), so a writer can start while the scan runs."""
     inputs = list(inputs)
     images = [i for i in inputs if isosource.is_image(i)]  # read in place (isosource)
     walk = expand([i for i in inputs if i not in images], follow_links=follow_links)
@@ -662,6 +665,8 @@ def scan(
     result = IntakeResult([], [p for p in walk.problems if p.kind in ("not-dicom", "link")],
                           [p for p in walk.problems if p.kind == "invalid"] + damaged, [], 0,
                           walked=walk.walked)
+    if observer is not None:
+        observer.walked(paths if not images else [])
     seen: set[str] | None = None  # real paths scanned: made when a DICOMDIR first asks
     merger = _Merger(result, profile, on_conflict)
     shared: dict = {}
@@ -690,6 +695,8 @@ def scan(
                 (result.ignored if item.kind == "not-dicom" else result.invalid).append(item)
             else:
                 merger.add(_compact(item, shared))
+                if observer is not None:
+                    observer.add(item)
         queue = extra
     merger.finish()
     return result
@@ -746,6 +753,14 @@ def _tick(results: Iterable, total: int, progress: ProgressFn | None, cancel: Ev
         if progress:
             progress("scan", done, total)
         yield item
+
+
+class Observer(Protocol):
+    """What scan tells while it runs (mastering.earlyiso.EarlyImage)."""
+
+    def walked(self, paths: list[str]) -> None: ...
+
+    def add(self, inst: Instance) -> None: ...
 
 
 ON_CONFLICT = ("refuse", "skip", "newest")

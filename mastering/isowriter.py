@@ -18,7 +18,7 @@ from threading import Event, Thread
 
 import pycdlib
 
-from . import __version__, directio
+from . import __version__, directio, earlyiso
 from .cancel import Cancelled
 from .content import Range, Segment, SegmentReader, copy_segments, output_size, segments
 from .plan import FileEntry, Volume
@@ -27,6 +27,9 @@ from .syscalls import allocate
 
 ProgressFn = Callable[[str, int, int], None]
 BLOCKSIZE = 1 << 20
+#: bodies already in the image (mastering.earlyiso): (id(entry) -> first sector, the data
+#: area's first sector, the first sector after it)
+EarlyLayout = tuple[dict[int, int], int, int]
 
 
 class Image(pycdlib.PyCdlib):
@@ -49,6 +52,44 @@ class Image(pycdlib.PyCdlib):
         #: capture mode (mastering.directio): metadata goes here, bodies are only noted
         self.capture: directio.Capture | None = None
         self.recorded: list[tuple[int, Body]] = []
+        #: early layout (mastering.earlyiso): id(entry) -> first sector of the bodies already
+        #: in the image, the data area [data_start, data_end) and the DICOMDIR's Body
+        self.placed: dict[int, int] | None = None
+        self.data_start = self.data_end = 0
+        self.dicomdir: Body | None = None
+        self.overflow = False  # the metadata did not fit before the data area
+        self._end = 0
+
+    def _set_inode(self, ino, current_extent, part_start):  # noqa: ANN001 - pycdlib's types
+        """Early layout: bodies already written keep their sectors; the DICOMDIR comes right
+        after the directory records, as always, and must end before the data area; every
+        other file follows the data area."""
+        if self.placed is None:
+            return super()._set_inode(ino, current_extent, part_start)
+        body = ino.data_fp
+        extent = self.placed.get(id(body.source)) if isinstance(body, Body) else None
+        if extent is not None:
+            end = super()._set_inode(ino, extent, part_start)
+            self._end = max(self._end, end)
+            return current_extent
+        if body is not self.dicomdir:
+            current_extent = max(current_extent, self.data_end)
+        end = super()._set_inode(ino, current_extent, part_start)
+        if body is self.dicomdir and end > self.data_start:
+            self.overflow = True
+        self._end = max(self._end, end)
+        return end
+
+    def _reshuffle_extents(self):  # noqa: ANN202
+        if self.placed is None:
+            return super()._reshuffle_extents()
+        for vd in self.pvds:  # room for the layout while pycdlib checks it; set exactly below
+            vd.space_size = 0xFFFFFFFF
+        self._end = 0
+        super()._reshuffle_extents()
+        for vd in self.pvds:
+            vd.space_size = self._end
+        return None
 
     def _write_fp(self, outfp, blocksize, progress_cb, progress_opaque):  # noqa: ANN001
         """The whole image is allocated before anything is written: the file system then
@@ -56,7 +97,7 @@ class Image(pycdlib.PyCdlib):
         copy time on ext4), and a disk that cannot hold the image fails at once."""
         if self._needs_reshuffle:
             self._reshuffle_extents()
-        if self.kernel_copy and self.capture is None:
+        if self.kernel_copy and self.capture is None and self.placed is None:
             allocate(outfp.fileno(), self.pvd.space_size * self.logical_block_size)
         return super()._write_fp(outfp, blocksize, progress_cb, progress_opaque)
 
@@ -70,6 +111,9 @@ class Image(pycdlib.PyCdlib):
                 body.close()
             return
         at = ino.extent_location() * self.logical_block_size
+        if self.placed is not None and id(body.source) in self.placed:
+            yield body.length  # written while the scan ran
+            return
         if self.capture is not None:
             self.capture.note(at, body.length)
             self.recorded.append((at, body))
@@ -128,17 +172,20 @@ def dir_path(components: tuple[str, ...]) -> str:
 
 def build(volume: Volume, dicomdir: bytes | Path, profile: Profile,
           extra_files: list[tuple[tuple[str, ...], bytes | Path | Range]] = (),
-          volume_id: str | None = None) -> Image:
+          volume_id: str | None = None, early: EarlyLayout | None = None) -> Image:
     """A pycdlib image of the volume, data not yet read. extra_files: non-DICOM (PDI) files.
-    The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise."""
+    The Volume Identifier is the File-set ID (PS3.12 F.1.1) unless volume_id says otherwise.
+    early: bodies already in the image file (mastering.earlyiso); check image.overflow."""
     iso = Image()
+    if early is not None:
+        iso.placed, iso.data_start, iso.data_end = early
     vol_ident = volume.fileset_id if volume_id is None else volume_id
     iso.new(interchange_level=profile.interchange_level, vol_ident=vol_ident,
             sys_ident="", joliet=3 if profile.joliet else None,
             rock_ridge="1.09" if profile.rock_ridge else None, udf=profile.udf or None,
             app_ident_str=f"DICOM MASTERING {__version__}")
     udf = bool(profile.udf)
-    _add_bytes(iso, ("DICOMDIR",), dicomdir, udf)
+    iso.dicomdir = _add_bytes(iso, ("DICOMDIR",), dicomdir, udf)
     made: set[tuple[str, ...]] = set()
     for comps, data in extra_files:
         _mkdirs(iso, comps[:-1], made, udf)
@@ -159,19 +206,21 @@ def _mkdirs(iso: pycdlib.PyCdlib, comps: tuple[str, ...], made: set, udf: bool) 
 
 
 def _add_bytes(iso: pycdlib.PyCdlib, comps: tuple[str, ...], data: bytes | Path | Range,
-               udf: bool) -> None:
+               udf: bool) -> Body:
     """A non-DICOM file (8.3 name) or the DICOMDIR; files in the work folder (spooled web
     content, the DICOMDIR) are copied by the kernel like the DICOM files."""
     name = comps[-1]
     path = "/" + "/".join(comps) + (";1" if "." in name else ".;1")
     udf_path = dir_path(comps) if udf else None
     if isinstance(data, Range):
-        iso.add_fp(Body(data, data.length), data.length, path, udf_path=udf_path)
+        body = Body(data, data.length)
     elif isinstance(data, Path):
         size = os.stat(data).st_size
-        iso.add_fp(Body(Range(str(data), 0, size), size), size, path, udf_path=udf_path)
+        body = Body(Range(str(data), 0, size), size)
     else:  # written with pwrite where the bodies go in by kernel copies
-        iso.add_fp(Body(data, len(data)), len(data), path, udf_path=udf_path)
+        body = Body(data, len(data))
+    iso.add_fp(body, body.length, path, udf_path=udf_path)
+    return body
 
 
 def _add_entry(iso: pycdlib.PyCdlib, entry: FileEntry, udf: bool) -> None:
@@ -255,10 +304,11 @@ def _walk(iso: pycdlib.PyCdlib):
 
 def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool = True,
           epoch: int | None = None, progress: ProgressFn | None = None,
-          cancel: Event | None = None) -> int:
+          cancel: Event | None = None, early: earlyiso.EarlyImage | None = None) -> int:
     """Write the image to tmp (created exclusively); returns its size. With sync, the data is
     on the disk when this returns: a background flusher starts the write-back while the image
-    is still being written, so the final fsync has little left to wait for."""
+    is still being written, so the final fsync has little left to wait for. early: the image
+    file the scan has already filled with bodies (built with its layout), completed here."""
 
     def tick(done: int, total: int, _opaque: object) -> None:
         if cancel is not None and cancel.is_set():
@@ -266,6 +316,8 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
         if progress:
             progress(label, done, total)
 
+    if early is not None:
+        return _write_early(iso, early, sync, epoch, tick)
     if sync and iso.kernel_copy:
         size = _write_direct(iso, tmp, epoch, tick)
         if size is not None:
@@ -283,6 +335,33 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
         if sync:
             os.fsync(out.fileno())
         return out.tell()
+
+
+def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int | None,
+                 tick: Callable[[int, int, object], None]) -> int:
+    """Metadata and the later files into the early image file; slots of files that are not
+    on the medium are zeroed; the file gets the image's exact size."""
+    iso._reshuffle_extents()
+    total = iso.pvd.space_size * iso.logical_block_size
+    fd = early.fd
+    assert fd is not None
+    os.ftruncate(fd, total)  # exactly: pycdlib pads a shorter file with its last byte
+    with open(fd, "r+b", closefd=False) as out:
+        flusher = _Flusher(fd) if sync else None
+        try:
+            iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
+            out.flush()
+            early.clear_unused(total)
+            if epoch is not None:
+                _fix_modification_dates(out, epoch)
+            out.flush()
+        finally:
+            if flusher:
+                flusher.stop()
+        if sync:
+            os.fsync(fd)
+    early.close()
+    return total
 
 
 def _write_direct(iso: Image, tmp: Path, epoch: int | None,

@@ -21,6 +21,7 @@ from . import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     dicomdir,
+    earlyiso,
     folderwriter,
     isowriter,
     outputs,
@@ -217,29 +218,35 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
          progress: ProgressFn | None, cancel: Event | None, side_outputs: Sequence[Path],
          on_publish: Callable[[Report], None] | None) -> Report:
     t0 = time.monotonic()
-    scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
-                              workers=options.workers, follow_links=options.follow_links,
-                              on_conflict=options.on_conflict)
-    report.seconds["scan"] = round(time.monotonic() - t0, 3)
+    work = outputs.make_work(target)  # before the scan: bodies are written while it runs
+    early = earlyiso.EarlyImage(work / "vol1", options.profile, options.sync) if (
+        target.kind == "iso") else None
     try:
-        outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
-                             scanned.walked)
-    except outputs.OutputError as exc:
-        report.error = str(exc)
-        raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
-    _record_intake(report, scanned)
-    if scanned.invalid and not options.skip_invalid:
-        report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
-        raise MasteringError(report.error, report, 3)
-    report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
-    if not scanned.instances:
-        report.error = "no DICOM instances found in the input"
-        raise MasteringError(report.error, report, 3)
-    work = outputs.make_work(target)
-    try:
+        scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
+                                  workers=options.workers, follow_links=options.follow_links,
+                                  on_conflict=options.on_conflict, observer=early)
+        if early is not None:
+            early.finish()
+        report.seconds["scan"] = round(time.monotonic() - t0, 3)
+        try:
+            outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
+                                 scanned.walked)
+        except outputs.OutputError as exc:
+            report.error = str(exc)
+            raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
+        _record_intake(report, scanned)
+        if scanned.invalid and not options.skip_invalid:
+            report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
+            raise MasteringError(report.error, report, 3)
+        report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
+        if not scanned.instances:
+            report.error = "no DICOM instances found in the input"
+            raise MasteringError(report.error, report, 3)
         return _plan_and_write(scanned, target, options, report, work, progress, cancel,
-                               on_publish)
+                               on_publish, early)
     finally:
+        if early is not None:
+            early.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -257,7 +264,8 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
 
 def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
-                    cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
+                    cancel: Event | None, on_publish: Callable[[Report], None] | None,
+                    early: earlyiso.EarlyImage | None = None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
     if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
         report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
@@ -296,7 +304,8 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     labels: list[tuple[Path, Path]] = []
     for vol, tmp, final in zip(volumes, temps, finals, strict=True):
         extra = _volume_web(vol, web, work, final, labels)
-        size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel)
+        size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel,
+                             early)
         report.volumes.append(_volume_report(vol, final, size))
         if options.verify:
             _verify(tmp, final, profile, report, progress, cancel)
@@ -387,7 +396,7 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
 
 def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
                   options: Options, report: Report, progress: ProgressFn | None,
-                  cancel: Event | None) -> int:
+                  cancel: Event | None, early: earlyiso.EarlyImage | None = None) -> int:
     profile = options.profile
     label = f"write {final.name}"
     dd = tmp.with_name(f"{tmp.name}.DICOMDIR")  # in the work folder, not held in memory
@@ -395,16 +404,36 @@ def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: li
     if kind != "iso":
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
                                   progress=progress, cancel=cancel)
-    image = isowriter.build(vol, dd, profile, extra, volume_id=_volume_id(options, vol))
+    image, early = _image(vol, dd, extra, options, tmp, early)
     if options.source_date_epoch is not None:
         isowriter.set_dates(image, options.source_date_epoch)
     size = isowriter.write(image, tmp, label=label, sync=options.sync,
-                           epoch=options.source_date_epoch, progress=progress, cancel=cancel)
+                           epoch=options.source_date_epoch, progress=progress, cancel=cancel,
+                           early=early)
     image.close()
     if profile.capacity_bytes and size > profile.capacity_bytes:
         raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
                              f"{profile.capacity_bytes}", report, 4)
     return size
+
+
+def _image(vol: plan.Volume, dd: Path, extra: list, options: Options, tmp: Path,
+           early: earlyiso.EarlyImage | None):
+    """The volume's pycdlib image: with the bodies the scan already wrote into tmp where
+    they can stay (the only volume, its metadata fits before them), else the ordinary way."""
+    volume_id = _volume_id(options, vol)
+    usable = early is not None and early.active and vol.count == 1 and early.path == tmp
+    placed = early.placement(vol.entries()) if usable else None
+    if placed is not None:
+        image = isowriter.build(vol, dd, options.profile, extra, volume_id=volume_id,
+                                early=(placed, early.start, early.end))
+        image._reshuffle_extents()
+        if not image.overflow:
+            return image, early
+        image.close()
+    if early is not None and early.active:
+        early.abandon()
+    return isowriter.build(vol, dd, options.profile, extra, volume_id=volume_id), None
 
 
 def _volume_id(options: Options, vol: plan.Volume) -> str | None:

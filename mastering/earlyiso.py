@@ -1,0 +1,223 @@
+"""File bodies written into the image while the scan still runs.
+
+The image of a large single-volume run is mostly file bodies, and each can be written as soon
+as its header is scanned, while the scan of the others goes on in the workers: copying and
+scanning then overlap instead of following each other (measured in BENCHMARKS.md). This needs
+a layout that is known before the scan ends:
+
+* the metadata comes first as always (volume descriptors, path tables, directory records,
+  then the DICOMDIR, so the DICOMDIR is still the first file on the disc), in an area whose
+  size is bounded from what the folder walk found (RESERVE_* below), rounded to 4 KiB;
+* after it, the data area: the bodies of the DICOM files in the order the scan delivers them
+  (sorted paths: a series' files stay together), each at a sector boundary;
+* after that, whatever is made later: transcoded files, the web content.
+
+Physical order is then scan order, not DICOMDIR order (the File IDs are still assigned in
+DICOMDIR order), and the unused part of the reserve is zeros: a fraction of a percent of the
+image, which is why this is only done where the reserve is under RESERVE_SHARE of the data.
+
+Everything is checked when the volume is known: a body written early is used only if it is
+exactly the content the plan wants for that file (same segments), the metadata must fit the
+reserve and the volume must be the only one; otherwise the early writes are dropped and the
+image is written the ordinary way. A slot whose file did not make it onto the medium (a
+duplicate, a conflict left out, a file that failed) is overwritten with zeros. The layout is a
+function of the inputs alone (the scan delivers results in walk order), so the image is
+reproducible under SOURCE_DATE_EPOCH like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import plan, syscalls
+from .content import Range, Segment, copy_segments, segments
+from .plan import FileEntry
+
+SECTOR = 2048
+ALIGN = 4096
+RESERVE_FIXED = 1 << 20  # descriptors, path tables, the root and DICOM folders
+RESERVE_PER_FILE = 1024  # its directory record (44 bytes) and its DICOMDIR record (~0.5 KB)
+RESERVE_PER_FOLDER = 3 * 2 * SECTOR  # a source folder may become a PT, ST and SE folder
+RESERVE_SHARE = 0.01  # stream only where the reserve is at most this share of the data
+MIN_BYTES = 64 << 20  # below this the overlap is not worth a second code path
+STREAMED = frozenset({"copy", "remeta", "reencode"})  # bodies known at scan time
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    extent: int  # first sector
+    length: int
+    key: tuple  # what was written there (see _key)
+
+
+def _key(parts: list[Segment]) -> tuple:
+    return tuple((p.path, p.offset, p.length, p.stamp) if isinstance(p, Range)
+                 else (len(p), zlib.crc32(p)) for p in parts)
+
+
+def _sectors(n: int) -> int:
+    return -(-n // SECTOR)
+
+
+def plan_reserve(paths: list[str]) -> tuple[int, int] | None:
+    """(first sector of the data area, bytes of data) for these walked files, or None if
+    streaming is not worth it here (small runs, small files, files inside images)."""
+    total = 0
+    folders: set[str] = set()
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            return None  # not a plain file (a member of an ISO image): the ordinary way
+        folders.add(os.path.dirname(path))
+    reserve = RESERVE_FIXED + len(paths) * RESERVE_PER_FILE + len(folders) * RESERVE_PER_FOLDER
+    if total < MIN_BYTES or reserve > total * RESERVE_SHARE:
+        return None
+    return -(-reserve // ALIGN) * ALIGN // SECTOR, total
+
+
+class EarlyImage:
+    """The image file of the only volume, its data area filled as instances arrive; a
+    thread does the copies (copy_file_range: the bytes never enter this process)."""
+
+    def __init__(self, path: Path, profile, sync: bool):  # noqa: ANN001 - Profile
+        self.path, self.profile, self.sync = path, profile, sync
+        self.start = 0  # first sector of the data area, set by walked()
+        self.next = 0
+        self.slots: dict[str, Slot] = {}
+        self.fd: int | None = None
+        self.jobs: queue.Queue[tuple[list[Segment], int] | None] = queue.Queue(maxsize=256)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.active = False
+        self.stopped = False  # cancelled or failed: the queued copies are skipped
+        self.used: set[int] = set()
+
+    # -- during the scan (intake calls these) ---------------------------------------------
+
+    def walked(self, paths: list[str]) -> None:
+        """The folder walk is done: decide, open the image, start the writer."""
+        reserve = plan_reserve(paths)
+        if reserve is None or self.profile.joliet or self.profile.rock_ridge or self.profile.udf:
+            return
+        self.start, total = reserve
+        if self.profile.capacity_bytes and (self.start * SECTOR + total * 1.02
+                                            > self.profile.capacity_bytes):
+            return  # may need a second volume: the plan decides, the ordinary way
+        self.next = self.start
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
+        self.active = True
+        self.thread = threading.Thread(target=self._run, name="iso-early-writer", daemon=True)
+        self.thread.start()
+
+    def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
+        """An instance was scanned: write its body into the next slot of the data area."""
+        if not self.active or self.error is not None:
+            return
+        entry = _entry(inst, self.profile)
+        if entry is None or inst.path in self.slots:
+            return
+        parts = segments(entry)
+        length = sum(len(p) if isinstance(p, bytes) else p.length for p in parts)
+        self.slots[inst.path] = Slot(self.next, length, _key(parts))
+        self.jobs.put((parts, self.next * SECTOR))
+        self.next += max(1, _sectors(length))
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None or self.stopped:
+                continue
+            parts, at = job
+            try:
+                for _n in copy_segments(parts, self.fd, at):
+                    pass
+            except BaseException as exc:  # noqa: BLE001 - raised in the run by finish()
+                self.error = exc
+
+    def finish(self) -> None:
+        """The scan is over: wait for the copies; a failed copy fails the run."""
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+    # -- when the volume is known ---------------------------------------------------------
+
+    def placement(self, entries: Iterable[FileEntry]) -> dict[int, int] | None:
+        """id(entry) -> first sector, for the entries whose body is already in place; None
+        (and the early writes dropped) when none is usable."""
+        if not self.active:
+            return None
+        placed = {}
+        for entry in entries:
+            slot = self.slots.get(entry.instance.path)
+            if slot is not None and entry.action in STREAMED and _key(segments(entry)) == \
+                    slot.key:
+                placed[id(entry)] = slot.extent
+        if not placed:
+            self.abandon()
+            return None
+        self.used = {extent for extent in placed.values()}
+        return placed
+
+    @property
+    def end(self) -> int:
+        """First sector after the data area (a 4 KiB boundary: later writes never share a
+        block with the early ones)."""
+        return -(-self.next * SECTOR // ALIGN) * ALIGN // SECTOR
+
+    def clear_unused(self, size: int) -> None:
+        """Zeros over every slot whose file is not on the medium: nothing of a dropped file
+        (a conflicting object of another patient, say) stays in the image (of size bytes:
+        slots past its end are already gone)."""
+        zeros = bytes(1 << 20)
+        for slot in self.slots.values():
+            if slot.extent in self.used:
+                continue
+            at = slot.extent * SECTOR
+            left = min(max(SECTOR, _sectors(slot.length) * SECTOR), size - at)
+            while left > 0:
+                n = os.pwrite(self.fd, zeros[:min(left, len(zeros))], at)
+                left, at = left - n, at + n
+
+    def abandon(self) -> None:
+        """Not used after all: the file goes, the ordinary writer makes the image."""
+        self.finish_quietly()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            self.path.unlink(missing_ok=True)  # ours: created exclusively above
+        self.active = False
+
+    def finish_quietly(self) -> None:
+        self.stopped = True
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def close(self) -> None:
+        self.finish_quietly()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _entry(inst, profile) -> FileEntry | None:  # noqa: ANN001
+    """The entry the plan will make of inst, where its body is known now."""
+    action = plan.action_for(inst, profile)
+    entry = FileEntry(inst, action, inst.size)
+    if action == "transcode" and inst.reencoded is not None:  # header re-encoded in the scan
+        res = inst.reencoded
+        entry.action, entry.head = "reencode", res.head
+        entry.pixel_range = (res.pixel_offset, res.pixel_length)
+    return entry if entry.action in STREAMED else None
