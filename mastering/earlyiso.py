@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import plan, syscalls
-from .content import Range, Segment, copy_segments, segments
+from .content import Range, Segment, SourceChanged, copy_segments, segments
 from .plan import FileEntry
 
 SECTOR = 2048
@@ -168,6 +168,25 @@ class EarlyImage:
             return None
         self.used = {extent for extent in placed.values()}
         return placed
+
+    def check_sources(self) -> None:
+        """Every source of a body in the image is still the file that was scanned, as the
+        ordinary writer checks while it reads: a file swapped or cut after the scan fails the
+        run, whenever its bytes were copied."""
+        for slot in self.slots.values():
+            if slot.extent not in self.used:
+                continue
+            for part in slot.key:
+                if len(part) == 4 and part[3] is not None:
+                    path, _offset, _length, stamp = part
+                    try:
+                        st = os.stat(path)
+                    except OSError as exc:
+                        raise SourceChanged(f"{path}: changed after it was scanned; nothing "
+                                            "was written") from exc
+                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+                        raise SourceChanged(f"{path}: changed after it was scanned; nothing "
+                                            "was written")
 
     @property
     def end(self) -> int:

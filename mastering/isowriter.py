@@ -351,6 +351,7 @@ def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int 
         try:
             iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
             out.flush()
+            early.check_sources()
             early.clear_unused(total)
             if epoch is not None:
                 _fix_modification_dates(out, epoch)
