@@ -1,4 +1,4 @@
-"""File bodies written into the image while the scan still runs.
+"""File bodies written into the image (or the File-set folder) while the scan still runs.
 
 The image of a large single-volume run is mostly file bodies, and each can be written as soon
 as its header is scanned, while the scan of the others goes on in the workers: copying and
@@ -178,15 +178,7 @@ class EarlyImage:
                 continue
             for part in slot.key:
                 if len(part) == 4 and part[3] is not None:
-                    path, _offset, _length, stamp = part
-                    try:
-                        st = os.stat(path)
-                    except OSError as exc:
-                        raise SourceChanged(f"{path}: changed after it was scanned; nothing "
-                                            "was written") from exc
-                    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
-                        raise SourceChanged(f"{path}: changed after it was scanned; nothing "
-                                            "was written")
+                    _check_stamp(part[0], part[3])
 
     @property
     def end(self) -> int:
@@ -240,3 +232,95 @@ def _entry(inst, profile) -> FileEntry | None:  # noqa: ANN001
         entry.action, entry.head = "reencode", res.head
         entry.pixel_range = (res.pixel_offset, res.pixel_length)
     return entry if entry.action in STREAMED else None
+
+
+class EarlyFolder:
+    """The File-set folder's counterpart: bodies copied into the work folder (on the output's
+    file system) while the scan runs, and renamed to their File IDs when the volume is
+    written. A copy the plan does not want as it is (another action, a dropped file) is
+    left in the work folder, which goes with the run."""
+
+    def __init__(self, folder: Path, profile):  # noqa: ANN001 - Profile
+        self.folder, self.profile = folder, profile
+        self.slots: dict[str, tuple[int, tuple]] = {}  # path -> (number, key)
+        self.used: set[str] = set()
+        self.jobs: queue.Queue[tuple[FileEntry, str] | None] = queue.Queue(maxsize=256)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.active = self.stopped = False
+
+    def walked(self, paths: list[str]) -> None:
+        total = 0
+        for path in paths:
+            try:
+                total += os.stat(path).st_size
+            except OSError:
+                return
+        if total < MIN_BYTES:
+            return
+        self.folder.mkdir()
+        self.active = True
+        self.thread = threading.Thread(target=self._run, name="fileset-early-copy",
+                                       daemon=True)
+        self.thread.start()
+
+    def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
+        if not self.active or self.error is not None or inst.path in self.slots:
+            return
+        entry = _entry(inst, self.profile)
+        if entry is None:
+            return
+        number = len(self.slots)
+        self.slots[inst.path] = (number, _key(segments(entry)))
+        self.jobs.put((entry, str(self.folder / f"{number:07d}")))
+
+    def _run(self) -> None:
+        from .content import copy_to
+
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None or self.stopped:
+                continue
+            try:
+                copy_to(*job)
+            except BaseException as exc:  # noqa: BLE001 - raised in the run by finish()
+                self.error = exc
+
+    def finish(self) -> None:
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+    def take(self, entry: FileEntry, target: Path) -> bool:
+        """Rename the early copy of entry to target if it is the content the plan wants."""
+        slot = self.slots.get(entry.instance.path) if self.active else None
+        if slot is None or entry.action not in STREAMED or _key(segments(entry)) != slot[1]:
+            return False
+        os.rename(self.folder / f"{slot[0]:07d}", target)
+        self.used.add(entry.instance.path)
+        return True
+
+    def check_sources(self) -> None:
+        """As EarlyImage.check_sources: the sources of the copies used are unchanged."""
+        for path in self.used:
+            for part in self.slots[path][1]:
+                if len(part) == 4 and part[3] is not None:
+                    _check_stamp(part[0], part[3])
+
+    def close(self) -> None:
+        self.stopped = True
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+
+
+def _check_stamp(path: str, stamp: tuple) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SourceChanged(f"{path}: changed after it was scanned; nothing was written") from exc
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+        raise SourceChanged(f"{path}: changed after it was scanned; nothing was written")

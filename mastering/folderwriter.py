@@ -13,11 +13,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from threading import Event
+from typing import TYPE_CHECKING
 
 from . import syscalls
 from .cancel import Cancelled
 from .content import Range, copy_segments, copy_to
 from .plan import Volume
+
+if TYPE_CHECKING:
+    from .earlyiso import EarlyFolder
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -26,8 +30,10 @@ def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
           extra_files: list[tuple[tuple[str, ...], bytes | Path | Range]] = (), *,
           label: str = "write",
           sync: bool = True, progress: ProgressFn | None = None,
-          cancel: Event | None = None) -> int:
-    """Write the volume below tmp (which must not exist yet); returns the bytes written."""
+          cancel: Event | None = None, early: EarlyFolder | None = None) -> int:
+    """Write the volume below tmp (which must not exist yet); returns the bytes written.
+    early: copies made while the scan ran, renamed into place where they are what the plan
+    wants (mastering.earlyiso.EarlyFolder)."""
     tmp.mkdir(parents=False)
     entries = volume.entries()
     if isinstance(dicomdir, Path):
@@ -55,10 +61,13 @@ def write(volume: Volume, dicomdir: bytes | Path, tmp: Path,
         if target.parent not in made:
             target.parent.mkdir(parents=True, exist_ok=True)
             made.add(target.parent)
-        copy_to(entry, str(target))
+        if early is None or not early.take(entry, target):
+            copy_to(entry, str(target))
         total += entry.out_size
         if progress:
             progress(label, done, len(entries))
+    if early is not None:
+        early.check_sources()
     if sync:
         _sync_tree(tmp)
     return total

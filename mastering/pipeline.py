@@ -219,14 +219,14 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
          on_publish: Callable[[Report], None] | None) -> Report:
     t0 = time.monotonic()
     work = outputs.make_work(target)  # before the scan: bodies are written while it runs
-    early = earlyiso.EarlyImage(work / "vol1", options.profile, options.sync) if (
-        target.kind == "iso") else None
+    early: earlyiso.EarlyImage | earlyiso.EarlyFolder = (
+        earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
+        if target.kind == "iso" else earlyiso.EarlyFolder(work / "early", options.profile))
     try:
         scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
                                   workers=options.workers, follow_links=options.follow_links,
                                   on_conflict=options.on_conflict, observer=early)
-        if early is not None:
-            early.finish()
+        early.finish()
         report.seconds["scan"] = round(time.monotonic() - t0, 3)
         try:
             outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
@@ -245,8 +245,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
         return _plan_and_write(scanned, target, options, report, work, progress, cancel,
                                on_publish, early)
     finally:
-        if early is not None:
-            early.close()
+        early.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -265,7 +264,7 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
 def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None, on_publish: Callable[[Report], None] | None,
-                    early: earlyiso.EarlyImage | None = None) -> Report:
+                    early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
     if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
         report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
@@ -396,15 +395,19 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
 
 def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
                   options: Options, report: Report, progress: ProgressFn | None,
-                  cancel: Event | None, early: earlyiso.EarlyImage | None = None) -> int:
+                  cancel: Event | None,
+                  early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None) -> int:
     profile = options.profile
     label = f"write {final.name}"
     dd = tmp.with_name(f"{tmp.name}.DICOMDIR")  # in the work folder, not held in memory
     dicomdir.write(vol, dd)
     if kind != "iso":
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
-                                  progress=progress, cancel=cancel)
-    image, early = _image(vol, dd, extra, options, tmp, early)
+                                  progress=progress, cancel=cancel,
+                                  early=early if isinstance(early, earlyiso.EarlyFolder)
+                                  else None)
+    image, early = _image(vol, dd, extra, options, tmp,
+                          early if isinstance(early, earlyiso.EarlyImage) else None)
     if options.source_date_epoch is not None:
         isowriter.set_dates(image, options.source_date_epoch)
     size = isowriter.write(image, tmp, label=label, sync=options.sync,

@@ -131,3 +131,40 @@ def test_a_source_changed_after_its_copy_fails_the_run(tmp_path: Path, streamed)
                progress=progress)
     assert not (tmp_path / "o.iso").exists() and not list(tmp_path.glob(".*.partial"))
     assert streamed == [8]
+
+
+def test_fileset_folder_from_early_copies(tmp_path: Path, streamed, monkeypatch) -> None:
+    """The USB path: copies made while the scan runs are renamed to their File IDs; the
+    folder is the one the ordinary way writes, file for file; a source changed after its
+    copy fails the run."""
+    _inputs(tmp_path)
+    opts = dict(source_date_epoch=EPOCH, workers=2, on_conflict="skip", skip_invalid=True)
+    usb = profiles.load("STD-GEN-USB-JPEG")
+    renamed = []
+    real = earlyiso.EarlyFolder.take
+
+    def take(self, entry, target):
+        done = real(self, entry, target)
+        renamed.append(done)
+        return done
+
+    monkeypatch.setattr(earlyiso.EarlyFolder, "take", take)
+    master([tmp_path / "in"], tmp_path / "early", Options(usb, **opts), kind="folder")
+    assert renamed.count(True) == 8
+    monkeypatch.setattr(earlyiso, "MIN_BYTES", 1 << 60)
+    master([tmp_path / "in"], tmp_path / "plain", Options(usb, **opts), kind="folder")
+    assert renamed.count(True) == 8 and len(renamed) == 16
+    assert _tree(tmp_path / "early") == _tree(tmp_path / "plain")
+    assert dciodvfy_errors(tmp_path / "early" / "DICOMDIR") == []
+    monkeypatch.setattr(earlyiso, "MIN_BYTES", 0)
+    victim = tmp_path / "in" / "a" / "5.dcm"
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and not hasattr(progress, "done"):
+            progress.done = True
+            victim.write_bytes(victim.read_bytes()[:-10])
+
+    with pytest.raises(SourceChanged):
+        master([tmp_path / "in"], tmp_path / "third", Options(usb, **opts), kind="folder",
+               progress=progress)
+    assert not (tmp_path / "third").exists() and not list(tmp_path.glob(".*.partial"))
