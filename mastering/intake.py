@@ -666,7 +666,7 @@ def scan(
                           [p for p in walk.problems if p.kind == "invalid"] + damaged, [], 0,
                           walked=walk.walked)
     if observer is not None:
-        observer.walked(paths if not images else [])
+        observer.walked(paths)  # members of an image included: they are no plain files
     seen: set[str] | None = None  # real paths scanned: made when a DICOMDIR first asks
     merger = _Merger(result, profile, on_conflict)
     shared: dict = {}
@@ -761,6 +761,21 @@ class Observer(Protocol):
     def walked(self, paths: list[str]) -> None: ...
 
     def add(self, inst: Instance) -> None: ...
+
+
+class Observers:
+    """Several observers as one (the early image or folder, the early renderings)."""
+
+    def __init__(self, *items: Observer | None):
+        self.items = [i for i in items if i is not None]
+
+    def walked(self, paths: list[str]) -> None:
+        for item in self.items:
+            item.walked(paths)
+
+    def add(self, inst: Instance) -> None:
+        for item in self.items:
+            item.add(inst)
 
 
 ON_CONFLICT = ("refuse", "skip", "newest")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from threading import Event
@@ -167,33 +168,137 @@ Headers = dict[tuple[str, str, str], tuple]
 
 
 def prepare(entries: list[FileEntry], work: Path, settings: Settings, *, workers: int | None,
-            progress: ProgressFn | None = None, cancel: Event | None = None) -> Headers:
+            progress: ProgressFn | None = None, cancel: Event | None = None,
+            early: EarlyRender | None = None) -> Headers:
     """Attach a Piece to every entry (``entry.web``; None if the file could not be read) and
-    return the patient/study/series headers by series key."""
+    return the patient/study/series headers by series key. early: renderings started while
+    the scan ran; what they do not cover is rendered now."""
     spool = work / "web"
     spool.mkdir(exist_ok=True)
-    headers: Headers = {}
     keys = [(e.instance.patient_id, e.instance.study_uid, e.instance.series_uid)
             for e in entries]
-    seen: set[tuple[str, str, str]] = set()
-    jobs = []
+    headed = early.headed(entries, keys) if early is not None else set()
+    jobs, seen = [], set(headed)
     for i, (e, key) in enumerate(zip(entries, keys, strict=True)):
-        jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen,
-                     e.instance.pixel_data_offset, e.instance.transfer_syntax))
+        jobs.append(_job_args(e.instance, str(spool), i, settings.web, key not in seen))
         seen.add(key)
-    workers = max(1, min(workers or settings.workers or os.cpu_count() or 1, len(jobs)))
-    with workers_mod.pool(workers) as pool:
-        for i, result in enumerate(pool.map(_job, jobs, chunksize=8)):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled while rendering")
-            if progress:
-                progress("render", i + 1, len(jobs))
-            entries[i].web = result if isinstance(result, Piece) else None
-            entries[i].web_bytes = result.medium_bytes if isinstance(result, Piece) else 0
-            if isinstance(result, Piece) and result.headers is not None:
-                headers[keys[i]] = result.headers
-                result.headers = None
+    if early is not None:
+        results = early.results(jobs)
+    else:
+        workers = max(1, min(workers or settings.workers or os.cpu_count() or 1, len(jobs)))
+        pool = workers_mod.pool(workers)
+        results = _mapped(pool, jobs)
+    headers: Headers = {}
+    for i, result in enumerate(results):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled while rendering")
+        if progress:
+            progress("render", i + 1, len(jobs))
+        entries[i].web = result if isinstance(result, Piece) else None
+        entries[i].web_bytes = result.medium_bytes if isinstance(result, Piece) else 0
+        if isinstance(result, Piece) and result.headers is not None:
+            headers.setdefault(keys[i], result.headers)
+            result.headers = None
     return headers
+
+
+def _mapped(pool, jobs: list[tuple]) -> Iterator[Piece | str]:  # noqa: ANN001 - a pool
+    with pool as executor:
+        yield from executor.map(_job, jobs, chunksize=8)
+
+
+def _job_args(inst, spool: str, index: int, web: bool, headers: bool) -> tuple:  # noqa: ANN001
+    return (inst.path, spool, index, web, headers, inst.pixel_data_offset, inst.transfer_syntax)
+
+
+def _batch(jobs: list[tuple]) -> list[Piece | str]:
+    return [_job(job) for job in jobs]
+
+
+class EarlyRender:
+    """Renderings started while the scan runs (an intake observer): each scanned instance
+    is rendered at once, in batches, in a pool of its own, so rendering overlaps the scan
+    and the early copies instead of following them. prepare() takes the results of the
+    instances that made it into the plan and renders whatever else it needs."""
+
+    BATCH = 8
+
+    def __init__(self, work: Path, settings: Settings):
+        self.spool = work / "web"
+        self.settings = settings
+        self.futures: dict[tuple, object] = {}  # job arguments but the index -> future
+        self.pending: list[tuple] = []
+        self.seen: set[tuple[str, str, str]] = set()
+        self.pool = None
+        self.executor = None
+
+    def walked(self, paths: list[str]) -> None:
+        self.spool.mkdir(exist_ok=True)
+        workers = max(1, min(self.settings.workers or os.cpu_count() or 1, len(paths) or 1))
+        self.pool = workers_mod.pool(workers)
+        self.executor = self.pool.__enter__()
+
+    def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
+        key = (inst.patient_id, inst.study_uid, inst.series_uid)
+        job = _job_args(inst, str(self.spool), 0, self.settings.web, key not in self.seen)
+        self.seen.add(key)
+        self.pending.append(job)
+        if len(self.pending) >= self.BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self.pending or self.executor is None:
+            return
+        batch, self.pending = self.pending, []
+        future = self.executor.submit(_batch, batch)
+        for n, job in enumerate(batch):
+            self.futures[_ident(job)] = (future, n, job[4])
+
+    def headed(self, entries: list[FileEntry], keys: list) -> set:
+        """The series whose headers an early rendering of one of these entries brings (a
+        series whose early headers came from a file that was left out gets them anew)."""
+        wanted = {e.instance.path: key for e, key in zip(entries, keys, strict=True)}
+        return {wanted[ident[0]] for ident, (_f, _n, headers) in self.futures.items()
+                if headers and ident[0] in wanted}
+
+    def results(self, jobs: list[tuple]) -> Iterator[Piece | str]:
+        """Each job's result: the early one where the same rendering was made (a header
+        asked for now that the early job did not bring is rendered again), else new."""
+        self._submit()
+        todo = [job for job in jobs if not self._covers(job)]
+        later = {}
+        for start in range(0, len(todo), self.BATCH):
+            batch = todo[start:start + self.BATCH]
+            future = self.executor.submit(_batch, batch)
+            for n, job in enumerate(batch):
+                later[job[2]] = (future, n)
+        for job in jobs:
+            held = later.get(job[2]) or self.futures.get(_ident(job))
+            future, n = held[0], held[1]
+            try:
+                yield future.result()[n]
+            except BrokenProcessPool as exc:
+                raise workers_mod.WorkerDied("a worker process died unexpectedly (out of "
+                                             "memory, or a crash in a decoder); nothing was "
+                                             "written") from exc
+
+    def _covers(self, job: tuple) -> bool:
+        held = self.futures.get(_ident(job))
+        return held is not None and (held[2] or not job[4])
+
+    def close(self) -> None:
+        """Cancel what has not started, let the running batches end, stop the workers."""
+        for held in self.futures.values():
+            held[0].cancel()
+        if self.pool is not None:
+            self.pool.__exit__(None, None, None)
+            self.pool = self.executor = None
+        self.futures.clear()
+
+
+def _ident(job: tuple) -> tuple:
+    """A rendering's arguments but its index (unused since spools are per worker)."""
+    return (job[0], job[1], job[3], job[5], job[6])
 
 
 # -- per volume ------------------------------------------------------------------------------

@@ -222,10 +222,13 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
     early: earlyiso.EarlyImage | earlyiso.EarlyFolder = (
         earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
         if target.kind == "iso" else earlyiso.EarlyFolder(work / "early", options.profile))
+    render = None
     try:
+        render = _early_render(work, options)  # pictures and pages rendered while it runs
         scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
                                   workers=options.workers, follow_links=options.follow_links,
-                                  on_conflict=options.on_conflict, observer=early)
+                                  on_conflict=options.on_conflict,
+                                  observer=intake_mod.Observers(early, render))
         early.finish()
         report.seconds["scan"] = round(time.monotonic() - t0, 3)
         try:
@@ -243,8 +246,10 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
             report.error = "no DICOM instances found in the input"
             raise MasteringError(report.error, report, 3)
         return _plan_and_write(scanned, target, options, report, work, progress, cancel,
-                               on_publish, early)
+                               on_publish, early, render)
     finally:
+        if render is not None:
+            render.close()
         early.close()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -264,7 +269,8 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
 def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
                     cancel: Event | None, on_publish: Callable[[Report], None] | None,
-                    early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None) -> Report:
+                    early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None,
+                    render: pdi.EarlyRender | None = None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
     if scanned.conflicts and options.on_conflict == "refuse":  # --skip-invalid does not skip
         report.error = (f"{len(scanned.conflicts)} SOP Instance UID(s) used by different "
@@ -290,7 +296,7 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
             entry.out_ts = entry.instance.transfer_syntax
         report.conversions[entry.action] = report.conversions.get(entry.action, 0) + 1
     report.seconds["plan"] = round(time.monotonic() - t0, 3)
-    web = _web_stage(entries, work, options, report, progress, cancel)
+    web = _web_stage(entries, work, options, report, progress, cancel, render)
     volumes = _pack(tree, roots, options, report, web)
     if target.in_place and len(volumes) > 1:
         report.error = (f"the content needs {len(volumes)} volumes and {output} is a mounted "
@@ -339,19 +345,31 @@ class _Web:
     web: bool
 
 
-def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, report: Report,
-               progress: ProgressFn | None, cancel: Event | None) -> _Web | None:
-    """Render and summarise every instance for the web content and the label."""
+def _early_render(work: Path, options: Options) -> pdi.EarlyRender | None:
+    """With web content or a label: the renderings, started while the scan runs."""
     if not (options.viewer or options.label):
         return None
     from . import pdi, webcontent  # rendering and templates load only when asked for
 
-    t0 = time.monotonic()
     site = webcontent.load_site(options.site) if options.site else webcontent.Site()
-    settings = pdi.Settings(web=options.viewer, site=site, template_dirs=options.templates,
-                            epoch=options.source_date_epoch, workers=options.workers)
-    headers = pdi.prepare(entries, work, settings, workers=options.workers, progress=progress,
-                          cancel=cancel)
+    return pdi.EarlyRender(work, pdi.Settings(
+        web=options.viewer, site=site, template_dirs=options.templates,
+        epoch=options.source_date_epoch, workers=options.workers))
+
+
+def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, report: Report,
+               progress: ProgressFn | None, cancel: Event | None,
+               render: pdi.EarlyRender | None = None) -> _Web | None:
+    """Render and summarise every instance for the web content and the label."""
+    if render is None:
+        render = _early_render(work, options)
+        if render is None:
+            return None
+    from . import webcontent
+
+    t0 = time.monotonic()
+    settings = render.settings
+    headers = _prepare_web(entries, work, settings, options, progress, cancel, render)
     items = [e.web.item for e in entries if e.web is not None]
     report.web = {"images": sum(isinstance(i, webcontent.WebImage) for i in items),
                   "objects": sum(isinstance(i, webcontent.WebObject) for i in items),
@@ -359,6 +377,17 @@ def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, repo
                   "bytes": sum(e.web_bytes for e in entries)}
     report.seconds["render"] = round(time.monotonic() - t0, 3)
     return _Web(settings, headers, options.viewer)
+
+
+def _prepare_web(entries, work, settings, options, progress, cancel, render):  # noqa: ANN001
+    from . import pdi
+
+    try:
+        return pdi.prepare(entries, work, settings, workers=options.workers,
+                           progress=progress, cancel=cancel,
+                           early=render if render.executor is not None else None)
+    finally:
+        render.close()  # its workers are not needed any more
 
 
 def _pack(tree, roots, options: Options, report: Report, web: _Web | None) -> list[plan.Volume]:

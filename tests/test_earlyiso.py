@@ -168,3 +168,36 @@ def test_fileset_folder_from_early_copies(tmp_path: Path, streamed, monkeypatch)
         master([tmp_path / "in"], tmp_path / "third", Options(usb, **opts), kind="folder",
                progress=progress)
     assert not (tmp_path / "third").exists() and not list(tmp_path.glob(".*.partial"))
+
+
+def test_early_renderings_make_the_web_content_late_ones_make(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """Pictures rendered while the scan runs: the same image as rendered after planning,
+    also where the first file of a series in scan order is left out (its header must not
+    head the series' pages) and where a series' files are scanned out of their order."""
+    from mastering import pdi
+
+    src = tmp_path / "in"
+    make_ct(src / "s", "0.dcm", sop_uid="1.2.3.98", patient_name="WRONG^ONE", value=3,
+            WindowCenter="40", WindowWidth="400")  # scanned first, then left out
+    make_ct(src / "t", "0.dcm", sop_uid="1.2.3.98", value=4)  # its conflicting twin
+    for i in range(1, 5):
+        make_ct(src / "s", f"{9 - i}.dcm", instance=i, rows=48, value=i, WindowCenter="40",
+                WindowWidth="400")
+    opts = Options(profiles.load("STD-GEN-CD"), source_date_epoch=EPOCH, workers=2,
+                   viewer=True, on_conflict="skip")
+    used = []
+    real = pdi.prepare
+
+    def prepare(*args, **kw):
+        used.append(kw.get("early") is not None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pdi, "prepare", prepare)
+    master([src], tmp_path / "early.iso", opts)
+    monkeypatch.setattr(pdi.EarlyRender, "walked", lambda self, paths: None)
+    master([src], tmp_path / "late.iso", opts)
+    assert used == [True, False]
+    assert (tmp_path / "early.iso").read_bytes() == (tmp_path / "late.iso").read_bytes()
+    index = (extract_iso(tmp_path / "early.iso", tmp_path / "x") / "INDEX.HTM").read_text()
+    assert "WRONG" not in index and "DOE" in index
