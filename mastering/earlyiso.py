@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import plan, syscalls
-from .content import Range, Segment, SourceChanged, copy_segments, segments
+from .content import Range, Segment, SourceChanged, copy_segments, copy_to, segments
 from .plan import FileEntry
 
 SECTOR = 2048
@@ -82,21 +82,62 @@ def plan_reserve(paths: list[str]) -> tuple[int, int] | None:
     return -(-reserve // ALIGN) * ALIGN // SECTOR, total
 
 
-class EarlyImage:
-    """The image file of the only volume, its data area filled as instances arrive; a
-    thread does the copies (copy_file_range: the bytes never enter this process)."""
+class _Copier:
+    """A thread that makes the copies queued while the scan runs (kernel-side copies: the
+    bytes never enter this process); a failed copy fails the run when it is finished."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[tuple | None] = queue.Queue(maxsize=256)
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.active = False
+        self.stopped = False  # cancelled or failed: the queued copies are skipped
+
+    def _start(self, name: str) -> None:
+        self.active = True
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None or self.stopped:
+                continue
+            try:
+                self._copy(job)
+            except BaseException as exc:  # noqa: BLE001 - raised in the run by finish()
+                self.error = exc
+
+    def _copy(self, job: tuple) -> None:
+        raise NotImplementedError
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def finish(self) -> None:
+        """The scan is over: wait for the copies; a failed copy fails the run."""
+        self._join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop: the queued copies are skipped."""
+        self.stopped = True
+        self._join()
+
+
+class EarlyImage(_Copier):
+    """The image file of the only volume, its data area filled as instances arrive."""
 
     def __init__(self, path: Path, profile, sync: bool):  # noqa: ANN001 - Profile
+        super().__init__()
         self.path, self.profile, self.sync = path, profile, sync
         self.start = 0  # first sector of the data area, set by walked()
         self.next = 0
         self.slots: dict[str, Slot] = {}
         self.fd: int | None = None
-        self.jobs: queue.Queue[tuple[list[Segment], int] | None] = queue.Queue(maxsize=256)
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        self.active = False
-        self.stopped = False  # cancelled or failed: the queued copies are skipped
         self.used: set[int] = set()
 
     # -- during the scan (intake calls these) ---------------------------------------------
@@ -113,9 +154,7 @@ class EarlyImage:
         self.next = self.start
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
-        self.active = True
-        self.thread = threading.Thread(target=self._run, name="iso-early-writer", daemon=True)
-        self.thread.start()
+        self._start("iso-early-writer")
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
         """An instance was scanned: write its body into the next slot of the data area."""
@@ -130,25 +169,10 @@ class EarlyImage:
         self.jobs.put((parts, self.next * SECTOR))
         self.next += max(1, _sectors(length))
 
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is not None or self.stopped:
-                continue
-            parts, at = job
-            try:
-                for _n in copy_segments(parts, self.fd, at):
-                    pass
-            except BaseException as exc:  # noqa: BLE001 - raised in the run by finish()
-                self.error = exc
-
-    def finish(self) -> None:
-        """The scan is over: wait for the copies; a failed copy fails the run."""
-        if self.thread is not None:
-            self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            raise self.error
+    def _copy(self, job: tuple) -> None:
+        parts, at = job
+        for _n in copy_segments(parts, self.fd, at):
+            pass
 
     # -- when the volume is known ---------------------------------------------------------
 
@@ -202,22 +226,14 @@ class EarlyImage:
 
     def abandon(self) -> None:
         """Not used after all: the file goes, the ordinary writer makes the image."""
-        self.finish_quietly()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        fd = self.fd
+        self.close()
+        if fd is not None:
             self.path.unlink(missing_ok=True)  # ours: created exclusively above
         self.active = False
 
-    def finish_quietly(self) -> None:
-        self.stopped = True
-        if self.thread is not None:
-            self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
-
     def close(self) -> None:
-        self.finish_quietly()
+        super().close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -234,20 +250,17 @@ def _entry(inst, profile) -> FileEntry | None:  # noqa: ANN001
     return entry if entry.action in STREAMED else None
 
 
-class EarlyFolder:
+class EarlyFolder(_Copier):
     """The File-set folder's counterpart: bodies copied into the work folder (on the output's
     file system) while the scan runs, and renamed to their File IDs when the volume is
     written. A copy the plan does not want as it is (another action, a dropped file) is
     left in the work folder, which goes with the run."""
 
     def __init__(self, folder: Path, profile):  # noqa: ANN001 - Profile
+        super().__init__()
         self.folder, self.profile = folder, profile
         self.slots: dict[str, tuple[int, tuple]] = {}  # path -> (number, key)
         self.used: set[str] = set()
-        self.jobs: queue.Queue[tuple[FileEntry, str] | None] = queue.Queue(maxsize=256)
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        self.active = self.stopped = False
 
     def walked(self, paths: list[str]) -> None:
         total = 0
@@ -259,10 +272,7 @@ class EarlyFolder:
         if total < MIN_BYTES:
             return
         self.folder.mkdir()
-        self.active = True
-        self.thread = threading.Thread(target=self._run, name="fileset-early-copy",
-                                       daemon=True)
-        self.thread.start()
+        self._start("fileset-early-copy")
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
         if not self.active or self.error is not None or inst.path in self.slots:
@@ -274,24 +284,8 @@ class EarlyFolder:
         self.slots[inst.path] = (number, _key(segments(entry)))
         self.jobs.put((entry, str(self.folder / f"{number:07d}")))
 
-    def _run(self) -> None:
-        from .content import copy_to
-
-        while (job := self.jobs.get()) is not None:
-            if self.error is not None or self.stopped:
-                continue
-            try:
-                copy_to(*job)
-            except BaseException as exc:  # noqa: BLE001 - raised in the run by finish()
-                self.error = exc
-
-    def finish(self) -> None:
-        if self.thread is not None:
-            self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            raise self.error
+    def _copy(self, job: tuple) -> None:
+        copy_to(*job)
 
     def take(self, entry: FileEntry, target: Path) -> bool:
         """Rename the early copy of entry to target if it is the content the plan wants."""
@@ -308,14 +302,6 @@ class EarlyFolder:
             for part in self.slots[path][1]:
                 if len(part) == 4 and part[3] is not None:
                     _check_stamp(part[0], part[3])
-
-    def close(self) -> None:
-        self.stopped = True
-        if self.thread is not None:
-            self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
-
 
 def _check_stamp(path: str, stamp: tuple) -> None:
     try:

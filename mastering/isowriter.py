@@ -323,18 +323,29 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
         if size is not None:
             return size
     with open(tmp, "xb+") as out:
-        flusher = _Flusher(out.fileno()) if sync else None
-        try:
-            iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
-            if epoch is not None:
-                _fix_modification_dates(out, epoch)
-            out.flush()
-        finally:
-            if flusher:
-                flusher.stop()
-        if sync:
-            os.fsync(out.fileno())
-        return out.tell()
+        _pycdlib_write(iso, out, sync, epoch, tick)
+        return out.seek(0, os.SEEK_END)
+
+
+def _pycdlib_write(iso: pycdlib.PyCdlib, out, sync: bool, epoch: int | None,  # noqa: ANN001
+                   tick: Callable[[int, int, object], None],
+                   then: Callable[[], None] | None = None) -> None:
+    """pycdlib writes the image into out (then: what is to be done before the dates are
+    fixed and the file synced); with sync the flusher runs meanwhile, then fsync."""
+    flusher = _Flusher(out.fileno()) if sync else None
+    try:
+        iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
+        out.flush()
+        if then is not None:
+            then()
+        if epoch is not None:
+            _fix_modification_dates(out, epoch)
+        out.flush()
+    finally:
+        if flusher:
+            flusher.stop()
+    if sync:
+        os.fsync(out.fileno())
 
 
 def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int | None,
@@ -346,21 +357,12 @@ def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int 
     fd = early.fd
     assert fd is not None
     os.ftruncate(fd, total)  # exactly: pycdlib pads a shorter file with its last byte
+    def then() -> None:
+        early.check_sources()
+        early.clear_unused(total)
+
     with open(fd, "r+b", closefd=False) as out:
-        flusher = _Flusher(fd) if sync else None
-        try:
-            iso.write_fp(out, blocksize=BLOCKSIZE, progress_cb=tick)
-            out.flush()
-            early.check_sources()
-            early.clear_unused(total)
-            if epoch is not None:
-                _fix_modification_dates(out, epoch)
-            out.flush()
-        finally:
-            if flusher:
-                flusher.stop()
-        if sync:
-            os.fsync(fd)
+        _pycdlib_write(iso, out, sync, epoch, tick, then)
     early.close()
     return total
 
