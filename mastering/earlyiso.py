@@ -86,6 +86,8 @@ class _Copier:
     """A thread that makes the copies queued while the scan runs (kernel-side copies: the
     bytes never enter this process); a failed copy fails the run when it is finished."""
 
+    NAME = "early-copy"
+
     def __init__(self) -> None:
         self.jobs: queue.Queue[tuple | None] = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
@@ -93,10 +95,13 @@ class _Copier:
         self.active = False
         self.stopped = False  # cancelled or failed: the queued copies are skipped
 
-    def _start(self, name: str) -> None:
-        self.active = True
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+    def _queue(self, job: tuple) -> None:
+        """The thread starts with the first copy: by then the scan's (and the renderings')
+        worker processes are forked, none of them from a process with this thread in it."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=self.NAME, daemon=True)
+            self.thread.start()
+        self.jobs.put(job)
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -154,7 +159,7 @@ class EarlyImage(_Copier):
         self.next = self.start
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
-        self._start("iso-early-writer")
+        self.active = True
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
         """An instance was scanned: write its body into the next slot of the data area."""
@@ -166,7 +171,7 @@ class EarlyImage(_Copier):
         parts = segments(entry)
         length = sum(len(p) if isinstance(p, bytes) else p.length for p in parts)
         self.slots[inst.path] = Slot(self.next, length, _key(parts))
-        self.jobs.put((parts, self.next * SECTOR))
+        self._queue((parts, self.next * SECTOR))
         self.next += max(1, _sectors(length))
 
     def _copy(self, job: tuple) -> None:
@@ -272,7 +277,7 @@ class EarlyFolder(_Copier):
         if total < MIN_BYTES:
             return
         self.folder.mkdir()
-        self._start("fileset-early-copy")
+        self.active = True
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
         if not self.active or self.error is not None or inst.path in self.slots:
@@ -282,7 +287,7 @@ class EarlyFolder(_Copier):
             return
         number = len(self.slots)
         self.slots[inst.path] = (number, _key(segments(entry)))
-        self.jobs.put((entry, str(self.folder / f"{number:07d}")))
+        self._queue((entry, str(self.folder / f"{number:07d}")))
 
     def _copy(self, job: tuple) -> None:
         copy_to(*job)

@@ -237,6 +237,7 @@ class EarlyRender:
         workers = max(1, min(self.settings.workers or os.cpu_count() or 1, len(paths) or 1))
         self.pool = workers_mod.pool(workers)
         self.executor = self.pool.__enter__()
+        self.executor.submit(os.getpid)  # forks the workers now, before any thread is started
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
         key = (inst.patient_id, inst.study_uid, inst.series_uid)

@@ -228,7 +228,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
         scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
                                   workers=options.workers, follow_links=options.follow_links,
                                   on_conflict=options.on_conflict,
-                                  observer=intake_mod.Observers(early, render))
+                                  observer=intake_mod.Observers(render, early))
         early.finish()
         report.seconds["scan"] = round(time.monotonic() - t0, 3)
         try:
