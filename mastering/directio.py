@@ -27,13 +27,14 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .content import Range, Segment, SourceChanged, check_stamp
 
 SECTOR = 2048
-WINDOW = 8 << 20  # bytes per write: large for the device, small for memory (3 in use)
+WINDOW = 4 << 20  # bytes per write: large for the device, small for memory (2 in use)
 ALIGN = 4096  # O_DIRECT lengths and offsets: a multiple of any logical block size in use
 
 ProgressFn = Callable[[int, int], None]
@@ -119,23 +120,31 @@ class DirectUnsupported(OSError):
     """The file system took the file but refused the first direct write."""
 
 
+class Body(Protocol):
+    """A file's content to be written (isowriter.Body): its segments, made on demand."""
+
+    length: int
+
+    def parts(self) -> list[Segment]: ...
+
+
 def stream(fd: int, total: int, metadata: list[tuple[int, bytes]],
-           bodies: list[tuple[int, list[Segment], int]], progress: ProgressFn | None = None,
+           bodies: list[tuple[int, Body]], progress: ProgressFn | None = None,
            check: Callable[[], None] | None = None) -> None:
     """Write the image of total bytes to fd (opened by open_direct): metadata and bodies
-    (offset, segments, length), none overlapping, zeros everywhere else."""
-    pieces: list[tuple[int, int, object]] = [(at, len(data), data) for at, data in metadata]
-    pieces += [(at, length, parts) for at, parts, length in bodies]
+    (offset, body), none overlapping, zeros everywhere else. A body's segments are made
+    when it is written, not all at once (memory: 50,000 files are 50,000 lists)."""
+    pieces: list[tuple[int, bytes | Body]] = [*metadata, *bodies]
     pieces.sort(key=lambda p: p[0])
     if progress:
         progress(0, total)
     with _Writer(fd) as writer:
         window = _Window(writer, total, progress, check)
-        for at, _length, what in pieces:
+        for at, what in pieces:
             if isinstance(what, bytes):
                 window.put_bytes(at, what)
             else:
-                window.put_segments(at, what)  # type: ignore[arg-type]
+                window.put_segments(at, what.parts())
         window.finish()
     os.ftruncate(fd, total)  # the last window was written rounded up to ALIGN
 
@@ -225,7 +234,7 @@ def _zero(buf: mmap.mmap, start: int, end: int) -> None:
 class _Writer:
     """A thread that writes filled windows while the next one is filled (3 buffers)."""
 
-    BUFFERS = 3
+    BUFFERS = 2  # one filled while the other is written
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -285,9 +294,3 @@ class _Writer:
                 raise
             self.first = False
             view, offset = view[n:], offset + n
-
-
-def bodies_of(recorded: list[tuple[int, object]]) -> Iterator[tuple[int, list[Segment], int]]:
-    """(offset, segments, length) of the bodies an Image noted (see isowriter.Body)."""
-    for at, body in recorded:
-        yield at, body.parts(), body.length  # type: ignore[attr-defined]

@@ -385,7 +385,7 @@ def _write_direct(iso: Image, tmp: Path, epoch: int | None,
             _fix_modification_dates(capture, epoch)
         total = iso.pvd.space_size * iso.logical_block_size
         allocate(fd, total)
-        directio.stream(fd, total, capture.pieces(), list(directio.bodies_of(iso.recorded)),
+        directio.stream(fd, total, capture.pieces(), iso.recorded,
                         progress=lambda done, whole: tick(done, whole, None))
         os.fsync(fd)
         return total

@@ -430,6 +430,8 @@ def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: li
     label = f"write {final.name}"
     dd = tmp.with_name(f"{tmp.name}.DICOMDIR")  # in the work folder, not held in memory
     dicomdir.write(vol, dd)
+    for entry in vol.entries():  # the records are written: their keys are not needed again
+        entry.instance.leaf = b""
     if kind != "iso":
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
                                   progress=progress, cancel=cancel,

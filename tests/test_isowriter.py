@@ -59,7 +59,7 @@ def test_three_ways_of_writing_give_one_image(tmp_path: Path, monkeypatch, tree:
         return real(parts, out, offset)
 
     def counted_stream(fd, total, metadata, bodies, **kw):
-        streamed.extend(at for at, _parts, _length in bodies)
+        streamed.extend(at for at, _body in bodies)
         return real_stream(fd, total, metadata, bodies, **kw)
 
     monkeypatch.setattr(isowriter, "copy_segments", counted)
@@ -91,8 +91,8 @@ def test_direct_writes_span_windows(tmp_path: Path, monkeypatch) -> None:
     if fd is None:
         pytest.skip("the file system of the test folder takes no direct writes")
     metadata = [(0, b"M" * 5000), (20_000, b"N" * 100)]
-    bodies = [(22_528, [b"HEAD", content.Range(str(src), 7, 30_000)], 30_004),
-              (53_248, [content.Range(str(src), 0, 51_200)], 51_200)]
+    bodies = [(22_528, isowriter.Body(b"HEAD" + src.read_bytes()[7:30_007], 30_004)),
+              (53_248, isowriter.Body(content.Range(str(src), 0, 51_200), 51_200))]
     seen = []
     directio.stream(fd, 106_496, metadata, bodies, progress=lambda d, t: seen.append(d))
     os.close(fd)
