@@ -130,37 +130,45 @@ class Body(Protocol):
 
 def stream(fd: int, total: int, metadata: list[tuple[int, bytes]],
            bodies: list[tuple[int, Body]], progress: ProgressFn | None = None,
-           check: Callable[[], None] | None = None) -> None:
+           check: Callable[[], None] | None = None,
+           regions: list[tuple[int, int]] | None = None) -> None:
     """Write the image of total bytes to fd (opened by open_direct): metadata and bodies
     (offset, body), none overlapping, zeros everywhere else. A body's segments are made
-    when it is written, not all at once (memory: 50,000 files are 50,000 lists)."""
+    when it is written, not all at once (memory: 50,000 files are 50,000 lists). regions:
+    only these (start, end) byte ranges (starts a multiple of ALIGN) are written, what lies
+    outside them is left as it is (the early image's data area)."""
     pieces: list[tuple[int, bytes | Body]] = [*metadata, *bodies]
     pieces.sort(key=lambda p: p[0])
     if progress:
         progress(0, total)
     with _Writer(fd) as writer:
-        window = _Window(writer, total, progress, check)
-        for at, what in pieces:
-            if isinstance(what, bytes):
-                window.put_bytes(at, what)
-            else:
-                window.put_segments(at, what.parts())
-        window.finish()
+        for start, end in regions or [(0, total)]:
+            window = _Window(writer, start, end, total, progress, check)
+            for at, what in pieces:
+                if not start <= at < end:
+                    continue
+                if isinstance(what, bytes):
+                    window.put_bytes(at, what)
+                else:
+                    window.put_segments(at, what.parts())
+            window.finish()
     os.ftruncate(fd, total)  # the last window was written rounded up to ALIGN
 
 
 class _Window:
-    """The part of the image being filled: WINDOW bytes from base."""
+    """The part of the image being filled: WINDOW bytes from base, in a run of windows
+    from start to end (end may be moved while the run is filled, see EarlyImage)."""
 
-    def __init__(self, writer: _Writer, total: int, progress: ProgressFn | None,
-                 check: Callable[[], None] | None):
-        self.writer, self.total, self.progress, self.check = writer, total, progress, check
-        self.base, self.filled = 0, 0  # filled: bytes of this window already set
+    def __init__(self, writer: _Writer, start: int, end: int, total: int,
+                 progress: ProgressFn | None = None, check: Callable[[], None] | None = None):
+        self.writer, self.end, self.total = writer, end, total
+        self.progress, self.check = progress, check
+        self.base, self.filled = start, 0  # filled: bytes of this window already set
         self.buf = writer.take()
 
     def _advance(self) -> None:
         """Zero the rest of the window, hand it to the writer, start the next one."""
-        end = min(WINDOW, self.total - self.base)
+        end = min(WINDOW, self.end - self.base)
         _zero(self.buf, self.filled, end)
         self.writer.give(self.buf, self.base, end)
         if self.progress:
@@ -213,12 +221,14 @@ class _Window:
             check_stamp(part, src.fileno())
 
     def finish(self) -> None:
-        end = self.total - self.base
+        while self.end - self.base > WINDOW:  # zeros (or the rounding) past this window
+            self._advance()
+        end = self.end - self.base
         if end > 0:
             _zero(self.buf, self.filled, end)
             self.writer.give(self.buf, self.base, end)
             if self.progress:
-                self.progress(self.total, self.total)
+                self.progress(self.end, self.total)
         else:
             self.writer.put_back(self.buf)
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import plan, syscalls
+from . import directio, plan, syscalls
 from .content import Range, Segment, SourceChanged, copy_segments, copy_to, segments
 from .plan import FileEntry
 
@@ -134,7 +134,11 @@ class _Copier:
 
 
 class EarlyImage(_Copier):
-    """The image file of the only volume, its data area filled as instances arrive."""
+    """The image file of the only volume, its data area filled as instances arrive.
+
+    A durable run writes it straight to the disk (mastering.directio: the data area is one
+    stream of windows, in slot order); a --no-sync run copies into the page cache, as the
+    ordinary writer does (kernel copies at each slot)."""
 
     def __init__(self, path: Path, profile, sync: bool):  # noqa: ANN001 - Profile
         super().__init__()
@@ -144,6 +148,9 @@ class EarlyImage(_Copier):
         self.slots: dict[str, Slot] = {}
         self.fd: int | None = None
         self.used: set[int] = set()
+        self.direct = False
+        self._writer: directio._Writer | None = None
+        self._window: directio._Window | None = None
 
     # -- during the scan (intake calls these) ---------------------------------------------
 
@@ -157,7 +164,15 @@ class EarlyImage(_Copier):
                                             > self.profile.capacity_bytes):
             return  # may need a second volume: the plan decides, the ordinary way
         self.next = self.start
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self.fd = directio.open_direct(self.path) if self.sync else None
+        self.direct = self.fd is not None and _takes_direct_writes(self.fd)
+        if not self.direct and self.fd is not None:  # opened, but refuses the writes
+            os.close(self.fd)
+            self.path.unlink()
+            self.fd = None
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              0o666)
         syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
         self.active = True
 
@@ -176,8 +191,32 @@ class EarlyImage(_Copier):
 
     def _copy(self, job: tuple) -> None:
         parts, at = job
-        for _n in copy_segments(parts, self.fd, at):
-            pass
+        if not self.direct:
+            for _n in copy_segments(parts, self.fd, at):
+                pass
+            return
+        if self._window is None:
+            self._writer = directio._Writer(self.fd).__enter__()
+            self._window = directio._Window(self._writer, self.start * SECTOR, 1 << 62, 0)
+        self._window.put_segments(at, parts)
+
+    def _join(self) -> None:
+        """The copies are done; in direct mode the data area's last window goes out too."""
+        super()._join()
+        window, writer, self._window, self._writer = self._window, self._writer, None, None
+        if writer is None:
+            return
+        try:
+            if window is not None and self.error is None and not self.stopped:
+                window.end = self.end * SECTOR
+                window.finish()
+        except BaseException as exc:  # noqa: BLE001 - raised by finish()
+            self.error = self.error or exc
+        finally:
+            try:
+                writer.__exit__(None, None, None)
+            except BaseException as exc:  # noqa: BLE001 - raised by finish()
+                self.error = self.error or exc
 
     # -- when the volume is known ---------------------------------------------------------
 
@@ -218,16 +257,23 @@ class EarlyImage(_Copier):
     def clear_unused(self, size: int) -> None:
         """Zeros over every slot whose file is not on the medium: nothing of a dropped file
         (a conflicting object of another patient, say) stays in the image (of size bytes:
-        slots past its end are already gone)."""
+        slots past its end are already gone). Through the page cache: a slot need not be
+        aligned as direct writes want (the sync that follows writes them back)."""
         zeros = bytes(1 << 20)
-        for slot in self.slots.values():
-            if slot.extent in self.used:
-                continue
-            at = slot.extent * SECTOR
-            left = min(max(SECTOR, _sectors(slot.length) * SECTOR), size - at)
-            while left > 0:
-                n = os.pwrite(self.fd, zeros[:min(left, len(zeros))], at)
-                left, at = left - n, at + n
+        unused = [slot for slot in self.slots.values() if slot.extent not in self.used]
+        if not unused:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC) if self.direct else self.fd
+        try:
+            for slot in unused:
+                at = slot.extent * SECTOR
+                left = min(max(SECTOR, _sectors(slot.length) * SECTOR), size - at)
+                while left > 0:
+                    n = os.pwrite(fd, zeros[:min(left, len(zeros))], at)
+                    left, at = left - n, at + n
+        finally:
+            if fd != self.fd:
+                os.close(fd)
 
     def abandon(self) -> None:
         """Not used after all: the file goes, the ordinary writer makes the image."""
@@ -242,6 +288,20 @@ class EarlyImage(_Copier):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _takes_direct_writes(fd: int) -> bool:
+    """Some file systems open with O_DIRECT and refuse the writes: try the first block
+    (zeros, as the system area of every image begins)."""
+    import mmap
+
+    block = mmap.mmap(-1, ALIGN)
+    try:
+        return os.pwrite(fd, block, 0) == ALIGN
+    except OSError:
+        return False
+    finally:
+        block.close()
 
 
 def _entry(inst, profile) -> FileEntry | None:  # noqa: ANN001

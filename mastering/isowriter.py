@@ -27,6 +27,7 @@ from .syscalls import allocate
 
 ProgressFn = Callable[[str, int, int], None]
 BLOCKSIZE = 1 << 20
+SECTOR = 2048
 #: bodies already in the image (mastering.earlyiso): (id(entry) -> first sector, the data
 #: area's first sector, the first sector after it)
 EarlyLayout = tuple[dict[int, int], int, int]
@@ -112,6 +113,8 @@ class Image(pycdlib.PyCdlib):
             return
         at = ino.extent_location() * self.logical_block_size
         if self.placed is not None and id(body.source) in self.placed:
+            if self.capture is not None:
+                self.capture.note(at, body.length)
             yield body.length  # written while the scan ran
             return
         if self.capture is not None:
@@ -357,12 +360,30 @@ def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int 
     fd = early.fd
     assert fd is not None
     os.ftruncate(fd, total)  # exactly: pycdlib pads a shorter file with its last byte
+
     def then() -> None:
         early.check_sources()
         early.clear_unused(total)
 
-    with open(fd, "r+b", closefd=False) as out:
-        _pycdlib_write(iso, out, sync, epoch, tick, then)
+    if early.direct:  # the rest straight to the disk too: around the data area
+        capture = directio.Capture()
+        iso.capture, iso.recorded = capture, []
+        try:
+            iso.write_fp(capture, blocksize=BLOCKSIZE)
+            if epoch is not None:
+                _fix_modification_dates(capture, epoch)
+            regions = [(0, early.start * SECTOR), (early.end * SECTOR, total)]
+            directio.stream(fd, total, capture.pieces(), iso.recorded,
+                            progress=lambda done, whole: tick(done, whole, None),
+                            regions=[r for r in regions if r[0] < r[1]])
+        finally:
+            iso.capture, iso.recorded = None, []
+        then()
+        if sync:
+            os.fsync(fd)
+    else:
+        with open(fd, "r+b", closefd=False) as out:
+            _pycdlib_write(iso, out, sync, epoch, tick, then)
     early.close()
     return total
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.fileset import FileSet
 
-from mastering import earlyiso, profiles
+from mastering import directio, earlyiso, profiles
 from mastering.content import SourceChanged
 from mastering.pipeline import MasteringError, Options, master
 
@@ -25,6 +25,8 @@ def streamed(monkeypatch):
     """Every run with enough files streams; counts the runs whose early layout was used."""
     monkeypatch.setattr(earlyiso, "MIN_BYTES", 0)
     monkeypatch.setattr(earlyiso, "RESERVE_SHARE", 1e9)
+    monkeypatch.setattr(directio, "WINDOW", 3 * 4096)  # bodies and zeros across windows
+    monkeypatch.setattr(directio, "_ZEROS", bytes(3 * 4096))
     used: list[int] = []
     real = earlyiso.EarlyImage.placement
 

@@ -102,6 +102,11 @@ def test_direct_writes_span_windows(tmp_path: Path, monkeypatch) -> None:
     want[22_528:52_532] = b"HEAD" + src.read_bytes()[7:30_007]
     want[53_248:104_448] = src.read_bytes()
     assert data == bytes(want) and seen[0] == 0 and seen[-1] == 106_496
+    fd = directio.open_direct(tmp_path / "p.bin")  # regions; zeros to the end of the first
+    directio.stream(fd, 106_496, metadata, bodies, regions=[(0, 20_480), (53_248, 106_496)])
+    os.close(fd)
+    want[20_480:53_248] = bytes(32_768)  # not written: a hole (the early data area's place)
+    assert (tmp_path / "p.bin").read_bytes() == bytes(want)
 
 
 @pytest.mark.oracle
