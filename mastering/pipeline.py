@@ -217,41 +217,50 @@ def _check_folder_free(target: outputs.Target) -> None:
 def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, report: Report,
          progress: ProgressFn | None, cancel: Event | None, side_outputs: Sequence[Path],
          on_publish: Callable[[Report], None] | None) -> Report:
-    t0 = time.monotonic()
     work = outputs.make_work(target)  # before the scan: bodies are written while it runs
     early: earlyiso.EarlyImage | earlyiso.EarlyFolder = (
         earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
         if target.kind == "iso" else earlyiso.EarlyFolder(work / "early", options.profile))
     render = None
     try:
-        render = _early_render(work, options)  # pictures and pages rendered while it runs
-        scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
-                                  workers=options.workers, follow_links=options.follow_links,
-                                  on_conflict=options.on_conflict,
-                                  observer=intake_mod.Observers(render, early))
-        early.finish()
-        report.seconds["scan"] = round(time.monotonic() - t0, 3)
-        try:
-            outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
-                                 scanned.walked)
-        except outputs.OutputError as exc:
-            report.error = str(exc)
-            raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
-        _record_intake(report, scanned)
-        if scanned.invalid and not options.skip_invalid:
-            report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
-            raise MasteringError(report.error, report, 3)
-        report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
-        if not scanned.instances:
-            report.error = "no DICOM instances found in the input"
-            raise MasteringError(report.error, report, 3)
-        return _plan_and_write(scanned, target, options, report, work, progress, cancel,
-                               on_publish, early, render)
+        render = _early_render(work, options)  # pictures rendered while the scan runs
+        return _scan_plan_write(inputs, target, options, report, progress, cancel,
+                                side_outputs, on_publish, work, early, render)
     finally:
         if render is not None:
             render.close()
         early.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _scan_plan_write(inputs: Sequence[Path], target: outputs.Target, options: Options,
+                     report: Report, progress: ProgressFn | None, cancel: Event | None,
+                     side_outputs: Sequence[Path], on_publish: Callable[[Report], None] | None,
+                     work: Path, early: earlyiso.EarlyImage | earlyiso.EarlyFolder,
+                     render: pdi.EarlyRender | None) -> Report:
+    t0 = time.monotonic()
+    scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
+                              workers=options.workers, follow_links=options.follow_links,
+                              on_conflict=options.on_conflict,
+                              observer=intake_mod.Observers(render, early))
+    early.finish()
+    report.seconds["scan"] = round(time.monotonic() - t0, 3)
+    try:
+        outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
+                             scanned.walked)
+    except outputs.OutputError as exc:
+        report.error = str(exc)
+        raise MasteringError(report.error, report, exc.exit_code, outputs_ok=False) from exc
+    _record_intake(report, scanned)
+    if scanned.invalid and not options.skip_invalid:
+        report.error = f"{len(scanned.invalid)} invalid input file(s); nothing was written"
+        raise MasteringError(report.error, report, 3)
+    report.skipped = (report.invalid if options.skip_invalid else []) + report.skipped
+    if not scanned.instances:
+        report.error = "no DICOM instances found in the input"
+        raise MasteringError(report.error, report, 3)
+    return _plan_and_write(scanned, target, options, report, work, progress, cancel,
+                           on_publish, early, render)
 
 
 def _record_intake(report: Report, scanned: IntakeResult) -> None:
