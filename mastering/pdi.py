@@ -355,16 +355,25 @@ def _add_items(we: webcontent.WebSeries, entries: list[FileEntry]) -> None:
             we.objects.append(piece.item)
 
 
-def volume_files(patients: list[webcontent.WebPatient], volume: Volume,
-                 settings: Settings) -> list[webcontent.MediumFile]:
-    """The volume's web files; the pages of its series are made in worker processes."""
+def volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,
+                 meanwhile: Callable[[], object] | None = None) -> list[webcontent.MediumFile]:
+    """The volume's web files; the pages of its series are made in worker processes, and
+    meanwhile (the label, say) is done here while they work."""
     series = sum(len(st.series) for p in patients for st in p.studies)
     workers = max(1, min(settings.workers or os.cpu_count() or 1, series))
     if not settings.web or workers == 1:
+        if meanwhile is not None:
+            meanwhile()
         return _volume_files(patients, volume, settings, None)
+
     with workers_mod.pool(workers) as pool:
-        return _volume_files(patients, volume, settings,
-                             lambda fn, jobs: pool.map(fn, jobs, chunksize=1))
+        def mapper(fn, jobs):  # noqa: ANN001, ANN202 - webcontent.Mapper
+            results = pool.map(fn, jobs, chunksize=1)  # submitted: the workers start
+            if meanwhile is not None:
+                meanwhile()
+            return results
+
+        return _volume_files(patients, volume, settings, mapper)
 
 
 def _volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,

@@ -426,9 +426,15 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
     from . import pdi
 
     patients = pdi.patients_of(vol, web.headers)
-    for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
-        labels.append((src, final.parent / src.name))
-    return pdi.volume_files(patients, vol, web.settings) if web.web else []
+
+    def label() -> None:  # drawn while the workers make the pages
+        for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
+            labels.append((src, final.parent / src.name))
+
+    if not web.web:
+        label()
+        return []
+    return pdi.volume_files(patients, vol, web.settings, meanwhile=label)
 
 
 def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
