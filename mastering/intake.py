@@ -531,9 +531,14 @@ def _dataset(hdr: records.Header) -> Dataset:
     return hdr.ds if isinstance(hdr, records.PydicomHeader) else hdr.pydicom().ds
 
 
+@cache
+def _keyword(tag: int) -> str:
+    return pydicom.datadict.keyword_for_tag(tag)
+
+
 def _type1(hdr: records.Header, tag: int, known: dict[str, str], filled: list,
            check: _Checker) -> bytes | None:
-    keyword = pydicom.datadict.keyword_for_tag(tag)
+    keyword = _keyword(tag)
     why = ""
     encoded = _encoded(hdr, tag, _Checker(check.charsets, [])) if hdr.has(tag) else None
     if hdr.has(tag) and encoded is None:

@@ -211,17 +211,12 @@ class RawHeader:
             return None
         vr, elem = item
         if self.explicit:
-            return elem[12:] if vr.decode() in LONG_VRS else elem[8:]
+            return elem[12:] if vr in _LONG_VR_BYTES else elem[8:]
         return elem[8:]
 
     def _vr(self, tag: int) -> str:
         vr = self.elements[tag][0]
-        if vr:
-            return vr.decode()
-        try:
-            return dictionary_VR(tag)
-        except KeyError:
-            return "UN"
+        return vr.decode() if vr else _implicit_vr(tag)
 
     def has(self, tag: int) -> bool:
         if tag in self.oversized:
@@ -264,6 +259,16 @@ class RawHeader:
 
 
 Header = PydicomHeader | RawHeader
+_LONG_VR_BYTES = frozenset(vr.encode() for vr in LONG_VRS)
+
+
+@cache
+def _implicit_vr(tag: int) -> str:
+    """The dictionary's VR of an element read without one (Implicit VR), UN if unknown."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 # -- filling missing Type 1 keys -------------------------------------------------------------
