@@ -1,10 +1,12 @@
-"""The image written straight to the disk (``O_DIRECT``), for durable runs.
+"""The image written straight to the disk (``O_DIRECT``).
 
 A durable image is one the disk holds before it gets its name. Through the page cache that
 costs every byte twice: copied into cache pages, then written back while the run waits in
-``fsync`` (on this project's machine the write-back, not the disk, is the slow part: see
-BENCHMARKS.md). Written with ``O_DIRECT`` the bytes go from this process's buffer to the
-device, and the final ``fdatasync`` has only the file's metadata left to do.
+``fsync`` (on this project's machine the page cache, not the disk, is the slow part, and an
+image of 5 GB fills it to the dirty limit: see BENCHMARKS.md). Written with ``O_DIRECT`` the
+bytes go from this process's buffer to the device and the final ``fsync`` has only the
+file's metadata left to do; with --no-sync there is no fsync, and the run still takes less
+CPU than through the page cache, which the scan's workers use.
 
 pycdlib still lays the image out and produces every descriptor, path table and directory
 record: they are captured in memory (:class:`Capture`, a few MB for 50,000 files), and the

@@ -140,9 +140,9 @@ class _Copier:
 class EarlyImage(_Copier):
     """The image file of the only volume, its data area filled as instances arrive.
 
-    A durable run writes it straight to the disk (mastering.directio: the data area is one
-    stream of windows, in slot order); a --no-sync run copies into the page cache, as the
-    ordinary writer does (kernel copies at each slot)."""
+    It is written straight to the disk (mastering.directio: the data area is one stream of
+    windows, in slot order); where the file system refuses direct writes, by kernel copies
+    into the page cache at each slot."""
 
     def __init__(self, path: Path, profile, sync: bool):  # noqa: ANN001 - Profile
         super().__init__()
@@ -168,7 +168,7 @@ class EarlyImage(_Copier):
                                             > self.profile.capacity_bytes):
             return  # may need a second volume: the plan decides, the ordinary way
         self.next = self.start
-        self.fd = directio.open_direct(self.path) if self.sync else None
+        self.fd = directio.open_direct(self.path)
         self.direct = self.fd is not None and _takes_direct_writes(self.fd)
         if not self.direct and self.fd is not None:  # opened, but refuses the writes
             os.close(self.fd)

@@ -308,10 +308,12 @@ def _walk(iso: pycdlib.PyCdlib):
 def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool = True,
           epoch: int | None = None, progress: ProgressFn | None = None,
           cancel: Event | None = None, early: earlyiso.EarlyImage | None = None) -> int:
-    """Write the image to tmp (created exclusively); returns its size. With sync, the data is
-    on the disk when this returns: a background flusher starts the write-back while the image
-    is still being written, so the final fsync has little left to wait for. early: the image
-    file the scan has already filled with bodies (built with its layout), completed here."""
+    """Write the image to tmp (created exclusively); returns its size. The image goes
+    straight to the disk (mastering.directio) where the file system allows; elsewhere
+    through the page cache by kernel copies. With sync, the data is on the disk when this
+    returns (in the page cache's case a background flusher starts the write-back while the
+    image is still being written, so the final fsync has little left to wait for). early:
+    the image file the scan has already filled with bodies (built with its layout)."""
 
     def tick(done: int, total: int, _opaque: object) -> None:
         if cancel is not None and cancel.is_set():
@@ -321,8 +323,8 @@ def write(iso: pycdlib.PyCdlib, tmp: Path, *, label: str = "write", sync: bool =
 
     if early is not None:
         return _write_early(iso, early, sync, epoch, tick)
-    if sync and iso.kernel_copy:
-        size = _write_direct(iso, tmp, epoch, tick)
+    if iso.kernel_copy:
+        size = _write_direct(iso, tmp, epoch, tick, sync)
         if size is not None:
             return size
     with open(tmp, "xb+") as out:
@@ -389,9 +391,9 @@ def _write_early(iso: Image, early: earlyiso.EarlyImage, sync: bool, epoch: int 
 
 
 def _write_direct(iso: Image, tmp: Path, epoch: int | None,
-                  tick: Callable[[int, int, object], None]) -> int | None:
-    """A durable image by direct writes (mastering.directio); None where the file system
-    does not take them (nothing is left at tmp then)."""
+                  tick: Callable[[int, int, object], None], sync: bool = True) -> int | None:
+    """The image by direct writes (mastering.directio), made durable with sync; None where
+    the file system does not take them (nothing is left at tmp then)."""
     fd = directio.open_direct(tmp)
     if fd is None:
         return None
@@ -408,7 +410,8 @@ def _write_direct(iso: Image, tmp: Path, epoch: int | None,
         allocate(fd, total)
         directio.stream(fd, total, capture.pieces(), iso.recorded,
                         progress=lambda done, whole: tick(done, whole, None))
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         return total
     except directio.DirectUnsupported:
         os.unlink(tmp)  # created here, exclusively: ours to remove
