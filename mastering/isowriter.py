@@ -2,8 +2,12 @@
 
 CD: strict ISO 9660 Level 1, no Joliet, no Rock Ridge; File ID ``C1\\...\\CN`` becomes
 ``/C1/.../CN.;1`` and the File-set ID is the Primary Volume Descriptor's Volume Identifier
-(PS3.12 F.1). DVD and BD follow the profile's file-system settings. File bodies stream from their
-sources at write time; the image is written under a temporary name and renamed when complete.
+(PS3.12 F.1). DVD and BD follow the profile's file-system settings. pycdlib lays the image out
+and writes its metadata; the file bodies go from their sources to their extents without
+passing through Python: straight to the disk where the file system takes direct writes
+(mastering.directio), else by kernel copies into the page cache (Image), or already during
+the scan (mastering.earlyiso). The image is written under a temporary name and renamed when
+complete.
 """
 
 from __future__ import annotations
