@@ -2,8 +2,9 @@
 """Generate a deterministic synthetic CT corpus laid out like a PACS export.
 
 The corpus is a tree ``<patient>/<study>/<series>/IMG00001.dcm`` of CT Image Storage Part 10
-files (512x512, 16 bits allocated, 12 stored). Names are lower-case, long and carry extensions,
-so they are *not* conformant PS3.10 File IDs: the mastering tool has to rename them. 10% of the
+files (512x512 by default, ``--matrix`` for other sizes; 16 bits allocated, 12 stored). Names
+are lower-case, long and carry extensions, so they are *not* conformant PS3.10 File IDs: the
+mastering tool has to rename them. 10% of the
 files are Implicit VR Little Endian, the rest Explicit VR Little Endian.
 
 Speed: one pydicom header template per series; pixel data comes from a few precomputed
@@ -17,6 +18,7 @@ Usage::
 
     .venv/bin/python bench/make_corpus.py --preset large --out bench/corpus/large
     .venv/bin/python bench/make_corpus.py --instances 2000 --out bench/corpus/n2000
+    .venv/bin/python bench/make_corpus.py --preset many --out bench/corpus/many  # 50,000 x 64x64
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ from pydicom.uid import (
     generate_uid,
 )
 
-PRESETS: dict[str, int] = {"small": 500, "large": 5000}
+#: preset -> (instances, matrix): "many" is the scale test, 50,000 small images that fit a disk
+PRESETS: dict[str, tuple[int, int]] = {"small": (500, 512), "large": (5000, 512),
+                                       "many": (50_000, 64)}
 GENERATOR_VERSION = 1
 DEFAULT_SEED = 20240601
-ROWS = COLS = 512
+ROWS = COLS = 512  # the default matrix
 IMPLICIT_FRACTION = 0.10
 N_VARIANTS = 16  # distinct phantom slices per series; each file also gets a unique stamp
 SERIES_MIN, SERIES_MAX = 100, 300
@@ -92,6 +96,7 @@ class SeriesPlan:
     pixel_spacing: float
     kvp: int
     z_start: float
+    matrix: int = ROWS  # rows = columns
 
 
 def uid(seed: int, *parts: object) -> str:
@@ -134,7 +139,7 @@ def _study(rng: random.Random, seed: int, p: int, s: int) -> dict[str, str]:
             "dir": f"study_{s + 1:02d}_{date}_{description.lower().replace(' ', '_')}"}
 
 
-def plan_corpus(n: int, seed: int) -> list[SeriesPlan]:
+def plan_corpus(n: int, seed: int, matrix: int = ROWS) -> list[SeriesPlan]:
     """Lay n instances out in patients (1-2 studies) and studies (1-2 series)."""
     rng = random.Random(seed)
     sizes = split_series(n, rng)
@@ -150,14 +155,16 @@ def plan_corpus(n: int, seed: int) -> list[SeriesPlan]:
                     break
                 size = sizes[len(plans)]
                 local = tuple(i for i in range(size) if first + i in implicit)
-                plans.append(_series(rng, seed, patient, study, k + 1, first, size, local))
+                plans.append(_series(rng, seed, patient, study, k + 1, first, size, local,
+                                     matrix))
                 first += size
         p += 1
     return plans
 
 
 def _series(rng: random.Random, seed: int, patient: dict[str, str], study: dict[str, str],
-            number: int, first: int, size: int, implicit: tuple[int, ...]) -> SeriesPlan:
+            number: int, first: int, size: int, implicit: tuple[int, ...],
+            matrix: int = ROWS) -> SeriesPlan:
     description, thickness, kernel = rng.choice(RECONS)
     rel_dir = "/".join([f"patient_{patient['dir']}", study["dir"],
                         f"series_{number:03d}_{description.lower().replace(' ', '_')}"])
@@ -167,18 +174,19 @@ def _series(rng: random.Random, seed: int, patient: dict[str, str], study: dict[
         series_uid=uid(seed, "series", first), series_number=number,
         series_description=description, kernel=kernel, slice_thickness=thickness,
         pixel_spacing=round(rng.uniform(0.6, 0.9), 4), kvp=rng.choice([100, 120, 140]),
-        z_start=round(rng.uniform(-400.0, -100.0), 2), **keep)
+        z_start=round(rng.uniform(-400.0, -100.0), 2), matrix=matrix, **keep)
 
 
 @functools.cache
-def phantom_variants(seed: int) -> tuple[bytes, ...]:
+def phantom_variants(seed: int, matrix: int = ROWS) -> tuple[bytes, ...]:
     """N_VARIANTS phantom slices (stored values = HU + 1024, 12 bits) with fixed noise."""
-    y, x = np.mgrid[-256:256, -256:256].astype(np.float32)
-    noise = np.random.default_rng(seed).normal(0.0, 12.0, (ROWS, COLS)).astype(np.float32)
+    half = matrix // 2
+    y, x = np.mgrid[-half:matrix - half, -half:matrix - half].astype(np.float32) * (512 / matrix)
+    noise = np.random.default_rng(seed).normal(0.0, 12.0, (matrix, matrix)).astype(np.float32)
     out = []
     for v in range(N_VARIANTS):
         k = 0.55 + 0.45 * np.sin(np.pi * (v + 0.5) / N_VARIANTS)
-        hu = np.full((ROWS, COLS), -1000.0, dtype=np.float32)
+        hu = np.full((matrix, matrix), -1000.0, dtype=np.float32)
         hu[(x / 210) ** 2 + (y / 160) ** 2 <= 1] = 40.0
         for cx in (-95, 95):
             hu[((x - cx) / (65 * k)) ** 2 + ((y + 10) / (90 * k)) ** 2 <= 1] = -820.0
@@ -220,7 +228,7 @@ def _add_acquisition(ds: Dataset, plan: SeriesPlan) -> None:
     ds.BodyPartExamined = plan.body_part
     ds.SliceThickness = f"{plan.slice_thickness:g}"
     ds.KVP = str(plan.kvp)
-    ds.ReconstructionDiameter = f"{plan.pixel_spacing * COLS:.2f}"
+    ds.ReconstructionDiameter = f"{plan.pixel_spacing * plan.matrix:.2f}"
     ds.ConvolutionKernel = plan.kernel
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = plan.study_uid
@@ -236,7 +244,7 @@ def _add_image(ds: Dataset, plan: SeriesPlan) -> None:
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ROWS, COLS
+    ds.Rows = ds.Columns = plan.matrix
     ds.PixelSpacing = [f"{plan.pixel_spacing:g}"] * 2
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.PixelRepresentation = 0
@@ -250,7 +258,7 @@ def instance_header(ds: Dataset, plan: SeriesPlan, i: int, implicit: bool) -> by
     ds.SOPInstanceUID = sop_uid
     ds.InstanceNumber = i + 1
     z = plan.z_start + i * plan.slice_thickness
-    origin = -plan.pixel_spacing * (COLS - 1) / 2
+    origin = -plan.pixel_spacing * (plan.matrix - 1) / 2
     ds.ImagePositionPatient = [f"{origin:.4f}", f"{origin:.4f}", f"{z:.3f}"]
     ds.SliceLocation = f"{z:.3f}"
     meta = FileMetaDataset()
@@ -272,9 +280,10 @@ def pixel_element_header(nbytes: int, implicit: bool) -> bytes:
 
 def pixel_bytes(plan: SeriesPlan, i: int) -> bytes:
     """A phantom slice chosen by z position, stamped with the instance number (unique bytes)."""
-    variant = phantom_variants(plan.seed)[(i * N_VARIANTS) // plan.n_slices]
-    pixels = np.frombuffer(variant, dtype="<u2").reshape(ROWS, COLS).copy()
-    pixels[-8:, :64] = (plan.first_index + i) % 4096  # corner stamp in the air region
+    variant = phantom_variants(plan.seed, plan.matrix)[(i * N_VARIANTS) // plan.n_slices]
+    pixels = np.frombuffer(variant, dtype="<u2").reshape(plan.matrix, plan.matrix).copy()
+    stamp = max(1, plan.matrix // 64)
+    pixels[-stamp:, : 8 * stamp] = (plan.first_index + i) % 4096  # corner stamp in the air
     return pixels.tobytes()
 
 
@@ -308,18 +317,20 @@ def read_manifest(out: Path) -> dict | None:
         return None
 
 
-def corpus_matches(out: Path, instances: int, seed: int = DEFAULT_SEED) -> bool:
+def corpus_matches(out: Path, instances: int, seed: int = DEFAULT_SEED,
+                   matrix: int = ROWS) -> bool:
     """True if ``out`` holds a complete corpus generated with these parameters."""
     m = read_manifest(out)
     return bool(m and out.is_dir() and m.get("instances") == instances
-                and m.get("seed") == seed and m.get("generator_version") == GENERATOR_VERSION)
+                and m.get("seed") == seed and m.get("generator_version") == GENERATOR_VERSION
+                and m.get("matrix", ROWS) == matrix)
 
 
 def generate(instances: int, out: Path, seed: int = DEFAULT_SEED, jobs: int = 0,
-             preset: str | None = None) -> dict:
+             preset: str | None = None, matrix: int = ROWS) -> dict:
     """Generate the corpus into ``out`` (which must not exist or be empty); return the manifest."""
     start = time.perf_counter()
-    plans = plan_corpus(instances, seed)
+    plans = plan_corpus(instances, seed, matrix)
     out.mkdir(parents=True, exist_ok=True)
     files = nbytes = 0
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
@@ -327,6 +338,7 @@ def generate(instances: int, out: Path, seed: int = DEFAULT_SEED, jobs: int = 0,
             files, nbytes = files + f, nbytes + b
     manifest = {
         "generator_version": GENERATOR_VERSION, "preset": preset, "instances": instances,
+        "matrix": matrix,
         "seed": seed, "files": files, "bytes": nbytes,
         "implicit_files": sum(len(p.implicit) for p in plans),
         "patients": len({p.patient_id for p in plans}),
@@ -341,10 +353,13 @@ def generate(instances: int, out: Path, seed: int = DEFAULT_SEED, jobs: int = 0,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = ap.add_mutually_exclusive_group(required=True)
-    size.add_argument("--preset", choices=sorted(PRESETS), help="small=500, large=5000 instances")
+    size.add_argument("--preset", choices=sorted(PRESETS),
+                      help="small=500, large=5000 instances of 512x512; many=50,000 of 64x64")
     size.add_argument("--instances", type=int, help="arbitrary number of instances")
     ap.add_argument("--out", type=Path, required=True, help="corpus folder to create")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--matrix", type=int, help="rows = columns of every image (default 512, "
+                    "or the preset's)")
     ap.add_argument("--jobs", type=int, default=0, help="worker processes (default: all CPUs)")
     ap.add_argument("--force", action="store_true", help="replace an existing corpus folder")
     return ap.parse_args(argv)
@@ -352,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    instances = PRESETS[args.preset] if args.preset else args.instances
+    instances, matrix = PRESETS[args.preset] if args.preset else (args.instances, ROWS)
+    matrix = args.matrix or matrix
     if instances < 1:
         sys.exit("--instances must be positive")
     if args.out.exists() and any(args.out.iterdir()):
@@ -360,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{args.out} exists and is not empty (use --force to replace it)")
         shutil.rmtree(args.out)
         manifest_path(args.out).unlink(missing_ok=True)
-    m = generate(instances, args.out, args.seed, args.jobs, args.preset)
+    if not 16 <= matrix <= 4096:
+        sys.exit("--matrix must be 16..4096")
+    m = generate(instances, args.out, args.seed, args.jobs, args.preset, matrix)
     print(f"{m['files']} files, {m['bytes'] / 1e9:.2f} GB, {m['implicit_files']} implicit VR, "
           f"{m['patients']} patients / {m['studies']} studies / {m['series']} series "
           f"in {m['seconds']:.1f} s -> {args.out}")

@@ -1,24 +1,33 @@
 #!/usr/bin/env python
-"""Time ``mastering iso`` against the ISO floor and the dcmmkdir + xorriso reference.
+"""Time ``mastering`` against the reference tools, and check the targets of issue 10.
 
 On one corpus, in the same run and with a warm page cache, this times:
 
-* ``mastering``: ``mastering iso CORPUS -o OUT.iso --profile P --no-span`` for each profile
-  (STD-GEN-DVD-JPEG, plus STD-GEN-CD when the corpus fits a CD);
-* ``floor``: ``xorriso -as mkisofs -quiet -o OUT.iso CORPUS`` (packing the same bytes);
+* ``mastering``: ``mastering iso CORPUS -o OUT.iso --profile P --no-span``, durable (the
+  default) and with ``--no-sync``, for each profile (STD-GEN-DVD-JPEG, plus STD-GEN-CD when
+  the corpus fits a CD), and with ``--viewer`` (``--no-sync``);
+* ``floor``: ``xorriso -as mkisofs -quiet -o OUT.iso CORPUS`` (packing the same bytes), alone
+  and followed by ``sync``;
 * ``reference``: ``dcmmkdir +r +id DIR +D DIR/DICOMDIR -P..`` then ``xorriso`` on a copy of the
   corpus already renamed to conformant File IDs and converted to Explicit VR LE (the copy is
-  preparation and is not timed).
+  preparation and is not timed);
+* the USB path: ``mastering fileset CORPUS -o DIR`` (durable and ``--no-sync``) against
+  ``cp -r CORPUS DIR`` (alone and followed by ``sync``) onto the same file system, and
+  ``mastering usb`` once it exists (issue 9: see usb_steps);
+* start-up: ``mastering --help`` and ``mastering profiles``.
 
-Each measured command runs ``--repeat`` times (interleaved); the table gives the median wall
-time, the median user+sys CPU time of the child (``os.wait4``: the child and every descendant
-it waited for) and the largest peak RSS (``ru_maxrss``). ``--scaling 1000,2000,...`` instead
-times mastering (and the floor) on generated corpora of those sizes.
+Each measured command runs ``--repeat`` times (default 3, interleaved); the table gives the
+median wall time, the median user+sys CPU time of the child (``os.wait4``: the child and every
+descendant it waited for) and the largest peak RSS (``ru_maxrss``); a second table the ratios
+against the targets. ``--scaling 1000,2000,...`` instead times mastering (and the floor) on
+generated corpora of those sizes (``50000x64``: 50,000 images of 64x64).
 
-Usage (from the repository root)::
+Usage (from the repository root; a fresh clone needs only ``scripts/bootstrap --test``)::
 
+    .venv/bin/python bench/run.py --preset large --viewer      # generates the corpus if needed
     .venv/bin/python bench/run.py --corpus bench/corpus/large
-    .venv/bin/python bench/run.py --scaling 1000,2000,5000,10000
+    .venv/bin/python bench/run.py --scaling 1000,2000,5000,10000,50000x64
+    .venv/bin/python bench/run.py --all                        # both, one report
 """
 
 from __future__ import annotations
@@ -51,8 +60,14 @@ DCMMKDIR_PROFILE = {CD: "-Pgp", DVD: "-Pdv", "STD-GEN-DVD-J2K": "-Pd2",
                     "STD-GEN-BD-JPEG": "-Pbd", "STD-GEN-BD-J2K": "-Pb2", "STD-GEN-BD": "-Pbd",
                     "STD-GEN-USB-JPEG": "-Pfl", "STD-GEN-USB-J2K": "-Pf2"}
 CAPACITY_HEADROOM = 1.10  # pass --capacity when corpus bytes x this exceed the profile's media
-TARGET_FLOOR_RATIO = 1.25
-TARGET_RSS_MB = 250
+#: issue 10, on 2 cores and the large preset
+TARGET_FLOOR_RATIO = 1.0  # mastering iso / floor, --no-sync and durable alike
+TARGET_VIEWER_RATIO = 2.0  # --no-sync --viewer / --no-sync
+TARGET_START_S = 0.2  # mastering --help, mastering profiles
+TARGET_USB_RATIO = 1.1  # mastering fileset / cp -r
+TARGET_RSS_MB = 250  # 50,000 small instances
+TARGET_RSS_LARGE_MB = 120  # 10,000 large instances
+START_REPEAT = 10  # start-up commands are short: more runs for the median
 
 
 def log(msg: str) -> None:
@@ -357,6 +372,7 @@ class Step:
     commands: list[tuple[str, list[str]]]
     outputs: list[Path]  # removed before each repeat (and after, unless --keep)
     check: str | None = None  # log text that means failure even with exit status 0
+    repeat: int | None = None  # runs of this step (default: the run's --repeat)
 
     def run_once(self, logfile: Path, keep: bool) -> None:
         clean(self.outputs)
@@ -375,9 +391,15 @@ class Step:
             self.result.status = f"error: {tail(logfile)}"
         if self.result.status == "ok":
             self.result.samples.append(combine(samples))
-            self.result.output_bytes = file_size(self.outputs[-1])
+            self.result.output_bytes = output_size(self.outputs[-1]) if self.outputs else 0
         if not keep:
             clean(self.outputs)
+
+
+def output_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return file_size(path)
 
 
 def combine(samples: list[Sample]) -> Sample:
@@ -392,17 +414,18 @@ def clean(paths: list[Path]) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+        # what a mastering run keeps beside its output (the record of what it published)
+        p.with_name(f".{p.name}.mastering.json").unlink(missing_ok=True)
 
 
-def single(name: str, cmd: list[str], out: Path) -> Step:
-    return Step(Result(name, " ".join(cmd)), [(name, cmd)], [out])
+def single(name: str, cmd: list[str], out: Path | None) -> Step:
+    return Step(Result(name, " ".join(cmd)), [(name, cmd)], [out] if out else [])
 
 
-def synced_floor_step(src: Path, iso: Path) -> Step:
-    """The floor made durable: xorriso, then sync, as mastering fsyncs its image by default."""
-    xo = floor_cmd(src, iso)
-    res = Result("floor + sync", f"{' '.join(xo)} && sync")
-    return Step(res, [("xorriso", xo), ("sync", ["sync"])], [iso])
+def then_sync(name: str, cmd: list[str], out: Path) -> Step:
+    """cmd made durable: cmd, then sync (as mastering fsyncs its output by default)."""
+    res = Result(f"{name} + sync", f"{' '.join(cmd)} && sync")
+    return Step(res, [(name, cmd), ("sync", ["sync"])], [out])
 
 
 def reference_step(fileset: Path, switch: str, iso: Path) -> Step:
@@ -413,16 +436,23 @@ def reference_step(fileset: Path, switch: str, iso: Path) -> Step:
 
 
 def run_steps(steps: list[Step], repeat: int, logdir: Path, keep: bool) -> None:
+    """Every step once, then again, ... (interleaved), each as often as it asks."""
     logdir.mkdir(parents=True, exist_ok=True)
-    for r in range(repeat):
+    rounds = max([repeat, *(s.repeat or 0 for s in steps)])
+    for r in range(rounds):
         for i, step in enumerate(steps):
-            if step.result.status != "ok":
+            times = step.repeat or repeat
+            if step.result.status != "ok" or r >= times:
                 continue
-            log(f"[{r + 1}/{repeat}] {step.result.name}")
+            log(f"[{r + 1}/{times}] {step.result.name}")
             logfile = logdir / f"{i:02d}-{slug(step.result.name)}.log"
-            step.run_once(logfile, keep and r == repeat - 1)
+            step.run_once(logfile, keep and r == times - 1)
             s = step.result
             log(f"    {s.status}" if s.status != "ok" else f"    {s.samples[-1].wall_s:.2f} s")
+            LOAD.append(os.getloadavg()[0])
+
+
+LOAD: list[float] = []  # 1-minute load average after each measured run
 
 
 def slug(text: str) -> str:
@@ -440,8 +470,9 @@ def default_profiles(corpus_bytes: int) -> list[str]:
 def corpus_steps(args: argparse.Namespace, info: CorpusInfo, work: Path) -> list[Step]:
     corpus, exe = Path(info.path), mastering_exe(args.mastering)
     profiles = args.profile or default_profiles(info.bytes)
+    floor = floor_cmd(corpus, work / "floor-sync.iso")
     steps = [single("floor", floor_cmd(corpus, work / "floor.iso"), work / "floor.iso"),
-             synced_floor_step(corpus, work / "floor-sync.iso")]
+             then_sync("floor", floor, work / "floor-sync.iso")]
     fileset = work / "conformant"
     for switch in dict.fromkeys(DCMMKDIR_PROFILE.get(p, "-Pgp") for p in profiles):
         steps.append(reference_step(fileset, switch, work / f"reference{switch}.iso"))
@@ -453,56 +484,86 @@ def corpus_steps(args: argparse.Namespace, info: CorpusInfo, work: Path) -> list
             exe, corpus, fast, p, info.bytes, ("--no-sync",)), fast))
     if args.viewer:
         steps.append(viewer_step(exe, corpus, work, profiles[0], info.bytes))
-    if args.usb:
+    if not args.no_usb:
         steps += usb_steps(exe, corpus, work)
+    steps += startup_steps(exe)
     return steps
-
-
-USB = "STD-GEN-USB-JPEG"
-
-
-def usb_steps(exe: str, corpus: Path, work: Path) -> list[Step]:
-    """The USB path (issue 10: at most 1.1 x cp -r of the corpus to the same file system):
-    `mastering fileset --replace` into an existing folder is the in-place writer a stick gets
-    (fsync of every file, DICOMDIR last), beside cp -r (+ sync) into the same file system."""
-    cp = work / "usb-cp"
-    steps = [single("usb cp -r", ["cp", "-r", str(corpus), str(cp)], cp)]
-    res = Result("usb cp -r + sync", f"cp -r {corpus} {cp}-s && sync")
-    steps.append(Step(res, [("cp -r", ["cp", "-r", str(corpus), f"{cp}-s"]), ("sync", ["sync"])],
-                      [Path(f"{cp}-s")]))
-    for name, extra in (("usb in place", ()), ("usb in place --no-sync", ("--no-sync",)),
-                        ("usb in place --verify", ("--verify",))):
-        out = work / slug(name)
-        cmd = [exe, "fileset", str(corpus), "-o", str(out), "--profile", USB, "--replace",
-               "--quiet", *extra]
-        res = Result(name, " ".join(cmd))
-        steps.append(Step(res, [("mkdir", ["mkdir", str(out)]), (name, cmd)], [out]))
-    return steps
-
-
-def usb_ratios(results: list[Result]) -> list[dict]:
-    by = {r.name: r for r in results}
-    pairs = (("usb in place", "usb cp -r + sync"), ("usb in place --no-sync", "usb cp -r"),
-             ("usb in place --verify", "usb cp -r + sync"))
-    return [{"run": a, "vs": b, "ratio": ratio(by[a], by.get(b))} for a, b in pairs if a in by]
 
 
 def viewer_step(exe: str, corpus: Path, work: Path, profile: str, nbytes: int) -> Step:
+    """--viewer against the same run without it: both --no-sync (issue 10, target 2)."""
     iso = work / f"mastering-{profile}-viewer.iso"
-    step = single(f"mastering {profile} --viewer",
-                  mastering_cmd(exe, corpus, iso, profile, nbytes, ("--viewer",)), iso)
+    step = single(f"mastering {profile} --no-sync --viewer",
+                  mastering_cmd(exe, corpus, iso, profile, nbytes, ("--no-sync", "--viewer")),
+                  iso)
+    step.outputs += [iso.with_name(iso.stem + ".label.svg"),
+                     iso.with_name(iso.stem + ".label.png")]
+    step.outputs.reverse()  # the image last: its size is the row's output
     supported = viewer_supported(exe)
     if supported is False:
         step.result.status = "not available"
     return step
 
 
+USB_PROFILE = "STD-GEN-USB-JPEG"
+
+
+def usb_steps(exe: str, corpus: Path, work: Path) -> list[Step]:
+    """The USB path against cp -r of the raw corpus onto the same file system (the work
+    folder): ``mastering fileset`` onto a new folder, durable (its default: every file and
+    folder fsynced) against cp -r + sync, --no-sync against cp -r; and the in-place writer
+    that ``mastering usb`` runs on a mounted stick (``fileset --replace`` into an existing
+    folder: the same code, journal and proofs, fsync of every file, DICOMDIR last), timed
+    against the same cp -r rows."""
+    cp_dir, fs_dir, fast_dir = work / "cp", work / "fileset", work / "fileset-nosync"
+    cp = ["cp", "-r", str(corpus), str(cp_dir)]
+    fileset = [exe, "fileset", str(corpus), "-o", str(fs_dir), "--profile", USB_PROFILE]
+    fast = [exe, "fileset", str(corpus), "-o", str(fast_dir), "--profile", USB_PROFILE,
+            "--no-sync"]
+    steps = [single("cp -r", cp, cp_dir),
+             then_sync("cp -r", ["cp", "-r", str(corpus), str(work / "cp-sync")],
+                       work / "cp-sync"),
+             single("mastering fileset", fileset, fs_dir),
+             single("mastering fileset --no-sync", fast, fast_dir)]
+    for name, extra in (("mastering usb (in place)", ()),
+                        ("mastering usb (in place) --no-sync", ("--no-sync",))):
+        out = work / slug(name)
+        cmd = [exe, "fileset", str(corpus), "-o", str(out), "--profile", USB_PROFILE,
+               "--replace", "--quiet", *extra]
+        steps.append(Step(Result(name, " ".join(cmd)),
+                          [("mkdir", ["mkdir", str(out)]), (name, cmd)], [out]))
+    return steps
+
+
+def startup_steps(exe: str) -> list[Step]:
+    """Start-up (issue 10, target 3): the wall time of two commands that do almost nothing."""
+    return [Step(Result(name, " ".join(cmd)), [(name, cmd)], [], repeat=START_REPEAT)
+            for name, cmd in (("mastering --help", [exe, "--help"]),
+                              ("mastering profiles", [exe, "profiles"]),
+                              ("python -c pass", [sys.executable, "-I", "-c", "pass"]))]
+
+
+def corpus_path(args: argparse.Namespace) -> Path:
+    """--corpus as given, or the --preset corpus under --corpus-dir, generated if needed."""
+    if args.corpus:
+        return args.corpus.resolve()
+    n, matrix = make_corpus.PRESETS[args.preset]
+    path = args.corpus_dir / args.preset
+    if not make_corpus.corpus_matches(path, n, matrix=matrix):
+        clean([path, make_corpus.manifest_path(path)])
+        log(f"generating the {args.preset} preset ({n} instances of {matrix}x{matrix}) into "
+            f"{path}")
+        m = make_corpus.generate(n, path, jobs=args.jobs, preset=args.preset, matrix=matrix)
+        log(f"    {m['bytes'] / 1e9:.2f} GB in {m['seconds']:.1f} s")
+    return path.resolve()
+
+
 def run_corpus_mode(args: argparse.Namespace, work: Path) -> dict:
-    corpus = args.corpus.resolve()
+    corpus = corpus_path(args)
     info = corpus_info(corpus)
     if info.files == 0:
         sys.exit(f"no files under {corpus}")
-    repeat = args.repeat or (3 if info.bytes < 1_000_000_000 else 1)
+    repeat = args.repeat or 3
     log(f"corpus {corpus}: {info.files} files, {info.bytes / 1e9:.2f} GB; repeat {repeat}")
     steps = corpus_steps(args, info, work)
     log("preparing the conformant copy for dcmmkdir (not timed)")
@@ -510,12 +571,21 @@ def run_corpus_mode(args: argparse.Namespace, work: Path) -> dict:
     converted = prepare_conformant(corpus, work / "conformant")
     prep_s = time.perf_counter() - t0
     warm_s = warm_up(corpus, args)
+    load_before = os.getloadavg()
     run_steps(steps, repeat, work / "logs", args.keep)
     results = [s.result for s in steps]
     return {"mode": "corpus", "corpus": asdict(info), "repeat": repeat,
             "prepare_s": round(prep_s, 2), "converted_for_dcmmkdir": converted,
             "warmup_read_s": round(warm_s, 2), "results": [r.summary() for r in results],
-            "ratios": ratios(results), "usb_ratios": usb_ratios(results)}
+            "ratios": ratios(results), "targets": targets(results),
+            "load": load_summary(load_before)}
+
+
+def load_summary(before: tuple[float, float, float]) -> dict:
+    """The machine's load (1-minute average) before and during the measured runs."""
+    during = LOAD or [before[0]]
+    return {"before": round(before[0], 2), "median": round(statistics.median(during), 2),
+            "max": round(max(during), 2), "cpus": os.cpu_count()}
 
 
 def warm_up(corpus: Path, args: argparse.Namespace) -> float:
@@ -528,11 +598,12 @@ def warm_up(corpus: Path, args: argparse.Namespace) -> float:
 
 
 def ratios(results: list[Result]) -> list[dict]:
+    """Every mastering iso row against its floor and the dcmmkdir + xorriso reference."""
     by_name = {r.name: r for r in results}
     floor = by_name.get("floor")
     rows = []
     for r in results:
-        if not r.name.startswith("mastering ") or "--viewer" in r.name:
+        if not r.name.startswith("mastering STD") or "--viewer" in r.name:
             continue
         profile = r.name.split()[1]
         synced = "--no-sync" not in r.name
@@ -544,8 +615,44 @@ def ratios(results: list[Result]) -> list[dict]:
     return rows
 
 
-def ratio(a: Result, b: Result | None) -> float | None:
-    if not (a.ok and b and b.ok):
+def targets(results: list[Result]) -> list[dict]:
+    """Issue 10's targets, each with the measured figure and whether it is met."""
+    by_name = {r.name: r for r in results}
+    iso = next((r.name for r in results if r.name.startswith("mastering STD")
+                and " --" not in r.name), None)
+    rows: list[dict] = []
+
+    def add(target: str, what: str, num: str | None, den: str | None, limit: float) -> None:
+        a, b = by_name.get(num or ""), by_name.get(den or "") if den else None
+        value = (ratio(a, b) if den else (round(a.median("wall_s"), 3) if a and a.ok else None)
+                 ) if a else None
+        status = a.status if a is not None and not a.ok else (
+            b.status if b is not None and not b.ok else "")
+        rows.append({"target": target, "what": what, "value": value, "limit": limit,
+                     "unit": "×" if den else "s",
+                     "met": None if value is None else value <= limit, "status": status})
+
+    add("1", "`mastering iso --no-sync` / floor", f"{iso} --no-sync", "floor",
+        TARGET_FLOOR_RATIO)
+    add("1", "`mastering iso` (durable) / (floor + sync)", iso, "floor + sync",
+        TARGET_FLOOR_RATIO)
+    add("2", "`--no-sync --viewer` / `--no-sync`", f"{iso} --no-sync --viewer",
+        f"{iso} --no-sync", TARGET_VIEWER_RATIO)
+    add("3", "`mastering --help` wall", "mastering --help", None, TARGET_START_S)
+    add("3", "`mastering profiles` wall", "mastering profiles", None, TARGET_START_S)
+    add("5", "`mastering fileset --no-sync` / `cp -r`", "mastering fileset --no-sync", "cp -r",
+        TARGET_USB_RATIO)
+    add("5", "`mastering fileset` (durable) / (`cp -r` + sync)", "mastering fileset",
+        "cp -r + sync", TARGET_USB_RATIO)
+    add("5", "`mastering usb` in place, `--no-sync` / `cp -r`",
+        "mastering usb (in place) --no-sync", "cp -r", TARGET_USB_RATIO)
+    add("5", "`mastering usb` in place (durable) / (`cp -r` + sync)", "mastering usb (in place)",
+        "cp -r + sync", TARGET_USB_RATIO)
+    return rows
+
+
+def ratio(a: Result | None, b: Result | None) -> float | None:
+    if not (a and a.ok and b and b.ok):
         return None
     return round(a.median("wall_s") / b.median("wall_s"), 3)
 
@@ -553,36 +660,48 @@ def ratio(a: Result, b: Result | None) -> float | None:
 # --------------------------------------------------------------------------- scaling mode
 
 
-def scaling_corpus(n: int, corpus_dir: Path, jobs: int) -> Path:
+def parse_size(spec: str) -> tuple[int, int]:
+    """'5000' -> (5000, 512); '50000x64' -> (50000, 64)."""
+    n, _, matrix = spec.strip().partition("x")
+    return int(n), int(matrix or make_corpus.ROWS)
+
+
+def scaling_corpus(n: int, corpus_dir: Path, jobs: int, matrix: int = make_corpus.ROWS) -> Path:
     """A corpus of n instances: reuse any matching one under corpus_dir, else generate it."""
     for manifest in sorted(corpus_dir.glob("*.json")):
         candidate = manifest.with_suffix("")
-        if make_corpus.corpus_matches(candidate, n):
+        if make_corpus.corpus_matches(candidate, n, matrix=matrix):
             return candidate
-    path = corpus_dir / f"n{n}"
+    path = corpus_dir / (f"n{n}" if matrix == make_corpus.ROWS else f"n{n}x{matrix}")
     clean([path, make_corpus.manifest_path(path)])
-    log(f"generating {n} instances into {path}")
-    m = make_corpus.generate(n, path, jobs=jobs)
+    log(f"generating {n} instances of {matrix}x{matrix} into {path}")
+    m = make_corpus.generate(n, path, jobs=jobs, matrix=matrix)
     log(f"    {m['bytes'] / 1e9:.2f} GB in {m['seconds']:.1f} s")
     return path
 
 
+DEFAULT_SCALING = "1000,2000,5000,10000,5000x64,50000x64"
+
+
 def run_scaling_mode(args: argparse.Namespace, work: Path) -> dict:
-    sizes = [int(s) for s in args.scaling.split(",") if s.strip()]
+    sizes = [parse_size(s) for s in (args.scaling or DEFAULT_SCALING).split(",") if s.strip()]
     exe, profile, rows = mastering_exe(args.mastering), (args.profile or [DVD])[0], []
-    for n in sizes:
-        corpus = scaling_corpus(n, args.corpus_dir, args.jobs).resolve()
+    load_before = os.getloadavg()
+    for n, matrix in sizes:
+        corpus = scaling_corpus(n, args.corpus_dir, args.jobs, matrix).resolve()
         info = corpus_info(corpus)
         warm_s = warm_up(corpus, args)
-        iso = work / f"mastering-{n}.iso"
+        iso = work / f"mastering-{n}x{matrix}.iso"
         steps = [single(f"mastering {profile}",
                         mastering_cmd(exe, corpus, iso, profile, info.bytes), iso),
                  single("floor", floor_cmd(corpus, work / f"floor-{n}.iso"),
                         work / f"floor-{n}.iso")]
-        run_steps(steps, args.repeat or 1, work / "logs" / f"n{n}", args.keep)
-        rows.append({"instances": n, "corpus": asdict(info), "warmup_read_s": round(warm_s, 2),
+        run_steps(steps, args.repeat or 1, work / "logs" / f"n{n}x{matrix}", args.keep)
+        rows.append({"instances": n, "matrix": matrix, "corpus": asdict(info),
+                     "warmup_read_s": round(warm_s, 2),
                      "results": [s.result.summary() for s in steps]})
-    return {"mode": "scaling", "profile": profile, "repeat": args.repeat or 1, "rows": rows}
+    return {"mode": "scaling", "profile": profile, "repeat": args.repeat or 1, "rows": rows,
+            "load": load_summary(load_before)}
 
 
 # --------------------------------------------------------------------------- report
@@ -626,59 +745,86 @@ def result_row(s: dict, subs: dict[str, str], indent: str = "") -> str:
             f"({s['user_s']:.2f}+{s['sys_s']:.2f}) | {s['peak_rss_mb']:.0f} | {out} | `{cmd}` |")
 
 
+def load_line(report: dict) -> str:
+    load = report.get("load") or {}
+    return (f"Machine load (1-minute average, {load.get('cpus')} CPUs): {load.get('before')} "
+            f"before the runs, median {load.get('median')} and at most {load.get('max')} "
+            "during them.")
+
+
 def corpus_markdown(report: dict) -> list[str]:
     c = report["corpus"]
     subs = {report["work"]: "$WORK", c["path"]: "$CORPUS", str(REPO) + "/": ""}
     lines = [f"Corpus `{c['path']}`: {c['files']} files, {c['bytes'] / 1e9:.3f} GB "
-             f"({c['implicit_files']} Implicit VR); repeats: {report['repeat']} (median); "
-             f"warm-up read {report['warmup_read_s']} s; conformant copy prepared in "
-             f"{report['prepare_s']} s ({report['converted_for_dcmmkdir']} dcmconv +te).  ",
-             f"`$CORPUS` = `{c['path']}`, `$WORK` = `{report['work']}`.", "",
-             "| Run | Status | Wall s | CPU s (user+sys) | Peak RSS MB | Output MB | Command |",
+             f"({c['implicit_files']} Implicit VR); repeats: {report['repeat']} (median, "
+             f"interleaved; start-up commands {START_REPEAT}); warm-up read "
+             f"{report['warmup_read_s']} s; conformant copy prepared in {report['prepare_s']} s "
+             f"({report['converted_for_dcmmkdir']} dcmconv +te).  ",
+             f"`$CORPUS` = `{c['path']}`, `$WORK` = `{report['work']}`.  ", load_line(report),
+             "", "| Run | Status | Wall s | CPU s (user+sys) | Peak RSS MB | Output MB | Command |",
              "|---|---|---:|---:|---:|---:|---|"]
     for s in report["results"]:
         lines.append(result_row(s, subs))
         if len(s.get("parts", [])) > 1:
             lines += [result_row(p, subs, "↳ ") for p in s["parts"]]
-    lines += ["", f"| Profile | mastering / floor (target ≤ {TARGET_FLOOR_RATIO}) | "
-              "mastering / (dcmmkdir + xorriso) (target ≤ 1.0) | Reference |",
-              "|---|---:|---:|---|"]
-    lines += [f"| {r['profile']} | {fmt(r['vs_floor'], '.3f')} ({r.get('floor')}) | "
-              f"{fmt(r['vs_reference'], '.3f')} | {r['reference']} |" for r in report["ratios"]]
-    if report.get("usb_ratios"):
-        lines += ["", "| USB path | ratio (target ≤ 1.1) | against |", "|---|---:|---|"]
-        lines += [f"| {r['run']} | {fmt(r['ratio'], '.3f')} | {r['vs']} |"
-                  for r in report["usb_ratios"]]
+    lines += ["", "| Target (issue 10) | Measured | Limit | Verdict |", "|---|---:|---:|---|"]
+    for t in report.get("targets", []):
+        verdict = ("met" if t["met"] else "**missed**") if t["met"] is not None else (
+            t["status"] or "not measured")
+        lines.append(f"| {t['target']}. {t['what']} | {fmt(t['value'], '.3f')} {t['unit']} | "
+                     f"≤ {t['limit']} {t['unit']} | {cell(verdict)} |")
+    lines += ["", "| Profile | mastering / floor | mastering / (dcmmkdir + xorriso) | Floor | "
+              "Reference |", "|---|---:|---:|---|---|"]
+    lines += [f"| {r['profile']} | {fmt(r['vs_floor'], '.3f')} | "
+              f"{fmt(r['vs_reference'], '.3f')} | {r.get('floor')} | {r['reference']} |"
+              for r in report["ratios"]]
     return lines
 
 
 def scaling_markdown(report: dict) -> list[str]:
-    lines = [f"Scaling, profile {report['profile']}, repeats: {report['repeat']} (median).", "",
-             "| Instances | GB | mastering wall s | ms / instance | CPU s | Peak RSS MB | "
-             "floor wall s | mastering / floor |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Scaling, profile {report['profile']}, repeats: {report['repeat']} (median).  ",
+             load_line(report), "",
+             "| Instances | Matrix | GB | mastering wall s | CPU s | CPU ms / instance | "
+             "Peak RSS MB | floor wall s | mastering / floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         m, f = row["results"]
-        n, gb = row["instances"], row["corpus"]["bytes"] / 1e9
+        n, gb, mx = row["instances"], row["corpus"]["bytes"] / 1e9, row.get("matrix", 512)
         if m["status"] != "ok":
-            lines.append(f"| {n} | {gb:.2f} | {m['status']} | | | | {fmt(f.get('wall_s'))} | |")
+            lines.append(f"| {n} | {mx} | {gb:.2f} | {cell(m['status'])} | | | | "
+                         f"{fmt(f.get('wall_s'))} | |")
             continue
         r = m["wall_s"] / f["wall_s"] if f["status"] == "ok" else None
-        lines.append(f"| {n} | {gb:.2f} | {m['wall_s']:.2f} | {1000 * m['wall_s'] / n:.2f} | "
-                     f"{m['cpu_s']:.2f} | {m['peak_rss_mb']:.0f} | {fmt(f.get('wall_s'))} | "
-                     f"{fmt(r, '.3f')} |")
+        lines.append(f"| {n} | {mx} | {gb:.2f} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | "
+                     f"{1000 * m['cpu_s'] / n:.2f} | {m['peak_rss_mb']:.0f} | "
+                     f"{fmt(f.get('wall_s'))} | {fmt(r, '.3f')} |")
     return lines + ["", *scaling_verdict(report), ""]
 
 
 def scaling_verdict(report: dict) -> list[str]:
-    ok = [(r["instances"], r["results"][0]) for r in report["rows"]
-          if r["results"][0]["status"] == "ok"]
-    if len(ok) < 2:
-        return ["Not enough successful sizes for a growth verdict."]
-    per = [m["wall_s"] / n for n, m in ok]
-    rss = [m["peak_rss_mb"] for _, m in ok]
-    return [f"Per-instance time max/min: {max(per) / min(per):.2f} (1.0 = perfectly linear). "
-            f"Peak RSS {min(rss):.0f}–{max(rss):.0f} MB "
-            f"(largest/smallest size: {rss[-1] / rss[0]:.2f}; target < {TARGET_RSS_MB} MB, flat)."]
+    """Per matrix: CPU per instance largest/smallest size (1.0 = linear); the RSS targets."""
+    out = []
+    by_matrix: dict[int, list[tuple[int, dict]]] = {}
+    for r in report["rows"]:
+        if r["results"][0]["status"] == "ok":
+            by_matrix.setdefault(r.get("matrix", 512), []).append((r["instances"],
+                                                                  r["results"][0]))
+    for matrix, ok in sorted(by_matrix.items(), reverse=True):
+        per = [m["cpu_s"] / n for n, m in ok]
+        rss = ", ".join(f"{m['peak_rss_mb']:.0f} MB at {n:,}" for n, m in ok)
+        if len(ok) > 1:
+            spread = per[-1] / per[0]
+            out.append(f"{matrix}x{matrix}: CPU per instance at {ok[-1][0]:,} / at "
+                       f"{ok[0][0]:,} = {spread:.2f} (1.0 = linear). Peak RSS: {rss}.")
+        else:
+            out.append(f"{matrix}x{matrix}: one size only. Peak RSS: {rss}.")
+    for n, matrix, limit in ((50_000, 64, TARGET_RSS_MB), (10_000, 512, TARGET_RSS_LARGE_MB)):
+        hit = next((m for k, m in by_matrix.get(matrix, []) if k == n), None)
+        if hit is not None:
+            verdict = "met" if hit["peak_rss_mb"] <= limit else "**missed**"
+            out.append(f"Target 4: peak RSS at {n:,} instances of {matrix}x{matrix}: "
+                       f"{hit['peak_rss_mb']:.0f} MB (≤ {limit} MB): {verdict}.")
+    return out or ["No successful size."]
 
 
 def markdown(report: dict) -> str:
@@ -687,8 +833,10 @@ def markdown(report: dict) -> str:
              f"Host: {env['cpu']}, {env['cpus_usable']} CPUs usable, {env['mem_gb']} GB RAM, "
              f"Linux {env['kernel']}, Python {env['python']}.  ",
              f"Tools: {env['xorriso']}; {env['dcmmkdir']}; mastering: {env['mastering']}.", ""]
-    body = corpus_markdown if report["mode"] == "corpus" else scaling_markdown
-    return "\n".join(lines + body(report)) + "\n"
+    for part in report.get("parts", [report]):
+        body = corpus_markdown if part["mode"] == "corpus" else scaling_markdown
+        lines += body(part) + [""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -698,20 +846,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--corpus", type=Path, help="corpus folder to benchmark")
-    mode.add_argument("--scaling", help="comma-separated instance counts, e.g. 1000,2000,5000")
+    mode.add_argument("--preset", choices=sorted(make_corpus.PRESETS),
+                      help="benchmark a preset corpus under --corpus-dir (generated if needed)")
+    mode.add_argument("--scaling", help="comma-separated sizes, e.g. 1000,5000,50000x64 "
+                      "(instances, or instances x matrix)")
+    mode.add_argument("--all", action="store_true", help="--preset large --viewer, then "
+                      f"--scaling {DEFAULT_SCALING}, in one report")
     ap.add_argument("--repeat", type=int, default=0,
-                    help="runs per command (default: 3 below 1 GB of corpus, else 1)")
+                    help="runs per command (default: 3, interleaved; 1 for --scaling)")
     ap.add_argument("--profile", action="append",
                     help=f"mastering profile (repeatable; default {DVD}, plus {CD} if it fits)")
-    ap.add_argument("--viewer", action="store_true", help="also time `mastering iso --viewer`")
-    ap.add_argument("--usb", action="store_true", help="also time the USB path (in-place "
-                    "write) beside cp -r into the same file system")
+    ap.add_argument("--viewer", action="store_true",
+                    help="also time `mastering iso --no-sync --viewer`")
+    ap.add_argument("--no-usb", action="store_true", help="leave out the USB path rows")
     ap.add_argument("--mastering", help="mastering executable (default .venv/bin/mastering)")
     ap.add_argument("--work", type=Path, default=BENCH / "work", help="scratch folder")
     ap.add_argument("--keep", action="store_true", help="keep ISOs and the conformant copy")
     ap.add_argument("--results", type=Path, default=BENCH / "results")
     ap.add_argument("--corpus-dir", type=Path, default=BENCH / "corpus",
-                    help="where --scaling finds or generates corpora")
+                    help="where --preset and --scaling find or generate corpora")
     ap.add_argument("--jobs", type=int, default=0, help="corpus generation workers")
     ap.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     return ap.parse_args(argv)
@@ -723,9 +876,18 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve() / stamp
     work.mkdir(parents=True)
     try:
-        run = run_scaling_mode if args.scaling else run_corpus_mode
-        report = {"timestamp": stamp, "environment": environment(args), "work": str(work),
-                  **run(args, work)}
+        report = {"timestamp": stamp, "environment": environment(args), "work": str(work)}
+        if args.all:
+            args.preset, args.viewer = "large", True
+            (work / "corpus").mkdir()
+            first = {"work": str(work / "corpus"), **run_corpus_mode(args, work / "corpus")}
+            LOAD.clear()
+            (work / "scaling").mkdir()
+            second = {"work": str(work / "scaling"), **run_scaling_mode(args, work / "scaling")}
+            report |= {"mode": "all", "parts": [first, second]}
+        else:
+            run = run_scaling_mode if args.scaling else run_corpus_mode
+            report |= run(args, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -745,7 +907,6 @@ def write_report(report: dict, args: argparse.Namespace, stamp: str) -> None:
     else:
         print(text, end="")
     log(f"results written to {args.results / (stamp + '.md')}")
-
 
 
 if __name__ == "__main__":

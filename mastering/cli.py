@@ -27,20 +27,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from threading import Event
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from . import __version__, profiles
 from .cancel import Cancelled
 from .daemon import cli as daemon_cli
-from .outputs import OutputError, check_report_path, write_atomically
-from .pipeline import MasteringError, Options, Report, check_fileset_id, master
 from .terminal import Printer, printable
-from .workers import WorkerDied
+
+if TYPE_CHECKING:  # the pipeline (pydicom, numpy) and rich load only for the commands that
+    from rich.console import Console  # use them: --help and profiles start in a blink
+    from rich.text import Text
+
+    from .pipeline import Options, Report
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INVALID, EXIT_FIT, EXIT_VERIFY, EXIT_IO = (
     0, 1, 2, 3, 4, 5, 6)
@@ -108,13 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--profile", default="STD-GEN-CD")
     ver.add_argument("--json", action="store_true")
     daemon_cli.add_commands(sub)
-    from .usb import cli as usb_cli
+    from .usb import parser as usb_parser
 
-    usb_cli.add_parsers(sub)  # usb, kiosk
+    usb_parser.add_parsers(sub)  # usb, kiosk
     return p
 
 
 def _fileset_id(value: str) -> str:
+    from .pipeline import check_fileset_id
+
     try:
         return check_fileset_id(value)
     except ValueError as exc:
@@ -177,6 +177,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
+    from .outputs import OutputError, check_report_path
+    from .pipeline import Options
+
     profile = profiles.load(args.profile)
     if args.capacity is not None:
         profile = profile.with_capacity(args.capacity)
@@ -208,6 +211,10 @@ def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
 
 def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: Printer,
                 err: Printer, decided: Callable[[], object]) -> int:
+    from .outputs import write_atomically
+    from .pipeline import MasteringError, master
+    from .workers import WorkerDied
+
     show = not args.quiet and not args.json and err.terminal
     code, report, written = EXIT_OK, None, False
 
@@ -282,10 +289,13 @@ class _Bar:
     """A rich progress bar per stage (scan, convert, write ...), only on a terminal."""
 
     def __init__(self, console: Console | None, enabled: bool):
+        from rich import progress as bars
+
         self.enabled = enabled and console is not None
-        self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=console, transient=True) if self.enabled else None
+        self.progress = bars.Progress(
+            bars.TextColumn("{task.description:<22}"), bars.BarColumn(),
+            bars.MofNCompleteColumn(), bars.TimeRemainingColumn(), console=console,
+            transient=True) if self.enabled else None
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> _Bar:
@@ -301,12 +311,16 @@ class _Bar:
         if self.progress is None:
             return
         if stage not in self.tasks:
+            from rich.markup import escape
+
             self.tasks[stage] = self.progress.add_task(escape(printable(stage)), total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
 
 
 def _emit(report: Report, args: argparse.Namespace, out: Printer, err: Printer, *,
           report_written: bool) -> None:
+    from .outputs import write_atomically
+
     data = dataclasses.asdict(report)
     if args.report and not report_written:
         try:
@@ -378,6 +392,9 @@ def _problem_list(con: Printer, title: str, items: list[dict]) -> None:
         for item in items:
             con.line(f"{printable(item['path'])}: {printable(item['reason'])}")
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("file", overflow="fold")
     table.add_column("reason", overflow="fold")
@@ -411,6 +428,8 @@ def _profiles(args: argparse.Namespace, out: Printer) -> int:
             out.line(f"{p.id}\t{p.media_kind} ({p.filesystem})\t{capacity}\t"
                      f"{','.join(p.transfer_syntaxes)}\t{p.standard}")
         return EXIT_OK
+    from rich.table import Table
+
     table = Table("profile", "media", "capacity", "transfer syntaxes", "standard")
     for p in found.values():
         table.add_row(p.id, f"{p.media_kind} ({p.filesystem})",
@@ -421,9 +440,12 @@ def _profiles(args: argparse.Namespace, out: Printer) -> int:
 
 
 def _ts_name(uid: str) -> str:
-    from pydicom.uid import UID
+    """The standard's name of a transfer syntax (PS3.6 Table A-1, kept as data so that this
+    command does not load pydicom)."""
+    from importlib import resources
 
-    return f"{UID(uid).name}"
+    table = resources.files("mastering._standard").joinpath("transfer_syntaxes.json")
+    return json.loads(table.read_text("utf-8"))["names"].get(uid, uid)
 
 
 def _inspect(args: argparse.Namespace, out: Printer, err: Printer) -> int:
@@ -449,6 +471,8 @@ def _inspect(args: argparse.Namespace, out: Printer, err: Printer) -> int:
 def _print_tree(summary: dict, out: Printer) -> None:
     """Patients, studies and series: a tree on a terminal, indented lines elsewhere. Every
     value is from the medium, so it is escaped and never read as markup."""
+    from rich.text import Text
+
     c = summary.get("counts", {})
     head = (f"File-set {printable(summary.get('fileset_id') or '(no ID)')}: "
             f"{c.get('patients', 0)} patient(s), {c.get('studies', 0)} study(ies), "

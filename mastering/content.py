@@ -159,28 +159,53 @@ def copy_to(entry: FileEntry, dst: str) -> None:
     """Write the entry's content to dst: kernel-side copies for file ranges (one read, one
     write, no Python buffers), the meta header written directly."""
     with open(dst, "xb", buffering=0) as out:
-        for part in segments(entry):
-            if isinstance(part, bytes):
-                out.write(part)
-            else:
-                _copy_range(part, out)
+        for _n in copy_segments(segments(entry), out.fileno(), 0):
+            pass
 
 
-def _copy_range(part: Range, out: io.FileIO) -> None:
-    with open(part.path, "rb") as src:
+#: bytes per kernel copy call: large enough to cost nothing, small enough for progress and
+#: cancellation to be seen within a large file
+KERNEL_CHUNK = 8 << 20
+
+
+def copy_segments(parts: list[Segment], out: int, offset: int) -> Iterator[int]:
+    """Write the segments into the file out (a descriptor) from byte offset on, without
+    moving its file position; yields the bytes written as it goes. File ranges are copied
+    inside the kernel (copy_file_range: the bytes never enter this process), each source
+    checked against its scan stamp before and after, and a short source is an error."""
+    for part in parts:
+        if isinstance(part, bytes):
+            _pwrite_all(out, part, offset)
+            offset += len(part)
+            yield len(part)
+            continue
+        for n in _copy_range(part, out, offset):
+            offset += n
+            yield n
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(part: Range, out: int, at: int) -> Iterator[int]:
+    with open(part.path, "rb", buffering=0) as src:
         check_stamp(part, src.fileno())
         left, offset = part.length, part.offset
         while left:
-            n = _kernel_copy(src.fileno(), out.fileno(), left, offset)
+            n = _kernel_copy(src.fileno(), out, min(left, KERNEL_CHUNK), offset, at)
             if n == 0:
                 break
-            left -= n
-            offset += n
-        if left:  # fall back: another file system, no kernel support, or the source shrank
-            src.seek(offset)
-            for chunk in _chunks(src, left):
-                out.write(chunk)
-                left -= len(chunk)
+            left, offset, at = left - n, offset + n, at + n
+            yield n
+        # fall back: another file system, no kernel support, or the source shrank
+        for chunk in _chunks(src, offset, left):
+            _pwrite_all(out, chunk, at)
+            left, at = left - len(chunk), at + len(chunk)
+            yield len(chunk)
         if left:
             raise SourceChanged(f"{part.path}: source changed size while being written")
         check_stamp(part, src.fileno())
@@ -193,23 +218,23 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.
                              errno.ENOTSUP})
 
 
-def _kernel_copy(src: int, dst: int, count: int, offset: int) -> int:
-    """Bytes copied inside the kernel, or 0 where it cannot copy (the caller reads and
-    writes instead)."""
+def _kernel_copy(src: int, dst: int, count: int, offset: int, at: int) -> int:
+    """Bytes copied inside the kernel from src at offset to dst at at, or 0 where it cannot
+    copy (the caller reads and writes instead)."""
     if not hasattr(os, "copy_file_range"):
         return 0
     try:
-        return os.copy_file_range(src, dst, count, offset)
+        return os.copy_file_range(src, dst, count, offset, at)
     except OSError as exc:
         if exc.errno in _NO_KERNEL_COPY:
             return 0
         raise
 
 
-def _chunks(fh: io.BufferedReader, left: int, size: int = 1 << 20) -> Iterator[bytes]:
+def _chunks(fh: io.FileIO, offset: int, left: int, size: int = 1 << 20) -> Iterator[bytes]:
     while left > 0:
-        chunk = fh.read(min(size, left))
+        chunk = os.pread(fh.fileno(), min(size, left), offset)
         if not chunk:
             return
-        left -= len(chunk)
+        left, offset = left - len(chunk), offset + len(chunk)
         yield chunk

@@ -56,7 +56,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import io
 import os
 import re
 import secrets
@@ -71,7 +70,7 @@ from threading import Event
 from typing import TYPE_CHECKING
 
 from . import fat, part10, plan, update
-from .content import SegmentReader, copy_to, segments
+from .content import Range, SegmentReader, copy_to, segments
 from .intake import Cancelled, IntakeResult
 from .outputs import sync_dir as _fsync  # fsync of a file or folder
 from .pipeline import MasteringError
@@ -80,7 +79,7 @@ if TYPE_CHECKING:
     from .pipeline import Options, Report
 
 ProgressFn = Callable[[str, int, int], None]
-Extra = list[tuple[tuple[str, ...], bytes | Path]]
+Extra = list[tuple[tuple[str, ...], bytes | Path | Range]]
 JOURNAL = "DICOMDIR.JNL"
 JOURNAL_MAGIC = "mastering in-place journal 2"
 #: the web content's manifest in the root (sha256sum lines after this first line)
@@ -750,8 +749,8 @@ def with_manifest(extra: Extra) -> Extra:
         return extra
     lines = [MANIFEST_MAGIC]
     for comps, data in extra:
-        digest = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) \
-            else sha256_of(data)
+        with _reader(data) as src:
+            digest = hashlib.file_digest(src, "sha256").hexdigest()
         lines.append(f"{digest}  {'/'.join(comps)}")
     return [*extra, ((MANIFEST,), ("\n".join(lines) + "\n").encode("ascii"))]
 
@@ -796,8 +795,17 @@ def _upper(names: Iterable[str]) -> set[str]:
     return {n.upper() for n in names}
 
 
-def _size(data: bytes | Path) -> int:
+def _size(data: bytes | Path | Range) -> int:
+    if isinstance(data, Range):
+        return data.length
     return len(data) if isinstance(data, bytes) else os.path.getsize(data)
+
+
+def _reader(data: bytes | Path | Range) -> SegmentReader:
+    """The web content as a stream: bytes, a file, or a range of a spooled file."""
+    if isinstance(data, Path):
+        data = Range(str(data), 0, os.path.getsize(data))
+    return SegmentReader([data])
 
 
 def _lsize(path: Path) -> int:
@@ -843,14 +851,10 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def _write_content(target: str, data: bytes | Path) -> None:
-    with open(target, "xb") as out:
-        if isinstance(data, bytes):
-            out.write(data)
-        else:
-            with open(data, "rb") as src:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
+def _write_content(target: str, data: bytes | Path | Range) -> None:
+    with open(target, "xb") as out, _reader(data) as src:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
 
 
 def _new_folders(files: list[tuple[tuple[str, ...], int]], root: Path) -> dict[str, int]:
@@ -986,11 +990,8 @@ def compare(vol: plan.Volume, dicomdir: bytes, extra: Extra, root: Path,
             progress("read back", done, len(new))
     for comps, data in extra:
         name = "/".join(comps)
-        if isinstance(data, bytes):
-            why = _same(root / name, io.BytesIO(data))
-        else:
-            with open(data, "rb") as src:
-                why = _same(root / name, src)
+        with _reader(data) as src:
+            why = _same(root / name, src)
         if why:
             bad.append((name, why))
     return bad

@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from threading import Event
@@ -23,6 +24,7 @@ import pydicom
 from . import isosource, label, render, webcontent
 from . import workers as workers_mod
 from .cancel import Cancelled
+from .content import Range
 from .plan import SECTOR, FileEntry, Volume
 
 ProgressFn = Callable[[str, int, int], None]
@@ -40,6 +42,7 @@ class Settings:
     site: webcontent.Site = field(default_factory=webcontent.Site)
     template_dirs: tuple[Path, ...] = ()
     epoch: int | None = None  # SOURCE_DATE_EPOCH: dates on pages and labels
+    workers: int | None = None  # processes for rendering and pages (default: every CPU)
 
 
 @dataclass
@@ -54,13 +57,37 @@ class Piece:
 # -- per instance (worker processes) --------------------------------------------------------
 
 
-def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
-    """Read, render and spool one instance; errors come back as text."""
-    path, spool, index, web, headers = args
+_SERIES: list[render.SeriesRenderer] = []  # per worker process
+
+
+def _series_renderer() -> render.SeriesRenderer:
+    if not _SERIES:
+        _SERIES.append(render.SeriesRenderer(**RENDER_OPTIONS))
+    return _SERIES[0]
+
+
+def _job(args: tuple[str, str, int, bool, bool, int, str]) -> Piece | str:
+    """Read, render and spool one instance; errors come back as text. The slices of a
+    series take the fast way (render.SeriesRenderer); the first of each series, whose
+    header the pages need whole, and anything unusual are read through pydicom."""
+    path, spool, index, web, headers, pixel_offset, body_ts = args
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if web:  # one read of the whole file serves the pages and the pictures
+            done = (_series_renderer().render(path, pixel_offset, body_ts)
+                    if web and not headers else None)
+            if done is not None:
+                rendering, elements = done
+                image = webcontent.image_from_values(
+                    render.raw_text(elements, 0x00080018, ()),
+                    render.raw_text(elements, 0x00200013, ()), rendering)
+                item = _spool_image(image, Path(spool), index)
+                return Piece(item, _bytes(item), None)
+            native = render.read_native(path, pixel_offset, body_ts) if web else None
+            if native is not None:  # the header, and the pixels straight from the file
+                ds, pixels = native
+                item = _item(path, ds, Path(spool), index, pixels)
+            elif web:  # one read of the whole file serves the pages and the pictures
                 ds = render.read(path)
                 item = _item(path, ds, Path(spool), index)
             else:
@@ -74,10 +101,10 @@ def _job(args: tuple[str, str, int, bool, bool]) -> Piece | str:
     return Piece(item, _bytes(item), trio)
 
 
-def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
-    if render.renderable(ds):
+def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int, pixels=None):  # noqa: ANN001
+    if pixels is not None or render.renderable(ds):
         try:
-            result = render.render_dataset(ds, source=path, **RENDER_OPTIONS)
+            result = render.render_dataset(ds, source=path, native=pixels, **RENDER_OPTIONS)
         except render.RenderError:
             result = None  # listed as an object instead: the DICOM file is still there
         if result is not None:
@@ -85,26 +112,40 @@ def _item(path: str, ds: pydicom.Dataset, spool: Path, index: int):
             return _spool_image(image, spool, index)
     obj = webcontent.object_from_dataset(ds)
     if obj.pdf is not None and isinstance(obj.pdf, bytes):
-        obj.pdf = _keep(obj.pdf, spool / f"{index:07d}.PDF")
+        obj.pdf = _keep(obj.pdf, spool)
     return obj
 
 
 def _spool_image(image: webcontent.WebImage, spool: Path, index: int) -> webcontent.WebImage:
-    stem = spool / f"{index:07d}"
-    image.jpegs = [_keep(j, Path(f"{stem}A{n:05d}.JPG")) for n, j in enumerate(image.jpegs)]
-    image.presets = {name: [_keep(j, Path(f"{stem}{chr(66 + p)}{n:05d}.JPG"))
-                            for n, j in enumerate(jpegs)]
-                     for p, (name, jpegs) in enumerate(image.presets.items())}
+    image.jpegs = [_keep(j, spool) for j in image.jpegs]
+    image.presets = {name: [_keep(j, spool) for j in jpegs]
+                     for name, jpegs in image.presets.items()}
     if isinstance(image.thumbnail, bytes):
-        image.thumbnail = _keep(image.thumbnail, Path(f"{stem}T.JPG"))
+        image.thumbnail = _keep(image.thumbnail, spool)
     return image
 
 
-def _keep(content: bytes | Path, path: Path) -> Path:
-    if isinstance(content, Path):
+_SPOOL: dict[tuple[int, str], int] = {}  # (process, spool folder) -> its open spool file
+
+
+def _keep(content: webcontent.Content, spool: Path) -> webcontent.Content:
+    """Bytes go to the end of this worker process's own spool file in the work folder and
+    are kept as a byte range of it: one file per worker instead of two per image (their
+    creation and removal cost as much as the encoding), and the ISO writer copies ranges
+    inside the kernel like any other file."""
+    if not isinstance(content, bytes):
         return content
-    path.write_bytes(content)
-    return path
+    key = (os.getpid(), str(spool))
+    fd = _SPOOL.get(key)
+    if fd is None:
+        path = spool / f"W{os.getpid()}.SPL"
+        # appended to: a later pool's worker that gets the same process number goes on
+        fd = _SPOOL[key] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    offset = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view):]
+    return Range(str(spool / f"W{os.getpid()}.SPL"), offset, len(content))
 
 
 def _rounded(content: bytes | Path | None) -> int:
@@ -127,32 +168,138 @@ Headers = dict[tuple[str, str, str], tuple]
 
 
 def prepare(entries: list[FileEntry], work: Path, settings: Settings, *, workers: int | None,
-            progress: ProgressFn | None = None, cancel: Event | None = None) -> Headers:
+            progress: ProgressFn | None = None, cancel: Event | None = None,
+            early: EarlyRender | None = None) -> Headers:
     """Attach a Piece to every entry (``entry.web``; None if the file could not be read) and
-    return the patient/study/series headers by series key."""
+    return the patient/study/series headers by series key. early: renderings started while
+    the scan ran; what they do not cover is rendered now."""
     spool = work / "web"
     spool.mkdir(exist_ok=True)
-    headers: Headers = {}
     keys = [(e.instance.patient_id, e.instance.study_uid, e.instance.series_uid)
             for e in entries]
-    seen: set[tuple[str, str, str]] = set()
-    jobs = []
+    headed = early.headed(entries, keys) if early is not None else set()
+    jobs, seen = [], set(headed)
     for i, (e, key) in enumerate(zip(entries, keys, strict=True)):
-        jobs.append((e.instance.path, str(spool), i, settings.web, key not in seen))
+        jobs.append(_job_args(e.instance, str(spool), i, settings.web, key not in seen))
         seen.add(key)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with workers_mod.pool(workers) as pool:
-        for i, result in enumerate(pool.map(_job, jobs, chunksize=8)):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled while rendering")
-            if progress:
-                progress("render", i + 1, len(jobs))
-            entries[i].web = result if isinstance(result, Piece) else None
-            entries[i].web_bytes = result.medium_bytes if isinstance(result, Piece) else 0
-            if isinstance(result, Piece) and result.headers is not None:
-                headers[keys[i]] = result.headers
-                result.headers = None
+    if early is not None:
+        results = early.results(jobs)
+    else:
+        workers = max(1, min(workers or settings.workers or os.cpu_count() or 1, len(jobs)))
+        pool = workers_mod.pool(workers)
+        results = _mapped(pool, jobs)
+    headers: Headers = {}
+    for i, result in enumerate(results):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled while rendering")
+        if progress:
+            progress("render", i + 1, len(jobs))
+        entries[i].web = result if isinstance(result, Piece) else None
+        entries[i].web_bytes = result.medium_bytes if isinstance(result, Piece) else 0
+        if isinstance(result, Piece) and result.headers is not None:
+            headers.setdefault(keys[i], result.headers)
+            result.headers = None
     return headers
+
+
+def _mapped(pool, jobs: list[tuple]) -> Iterator[Piece | str]:  # noqa: ANN001 - a pool
+    with pool as executor:
+        yield from executor.map(_job, jobs, chunksize=8)
+
+
+def _job_args(inst, spool: str, index: int, web: bool, headers: bool) -> tuple:  # noqa: ANN001
+    return (inst.path, spool, index, web, headers, inst.pixel_data_offset, inst.transfer_syntax)
+
+
+def _batch(jobs: list[tuple]) -> list[Piece | str]:
+    return [_job(job) for job in jobs]
+
+
+class EarlyRender:
+    """Renderings started while the scan runs (an intake observer): each scanned instance
+    is rendered at once, in batches, in a pool of its own, so rendering overlaps the scan
+    and the early copies instead of following them. prepare() takes the results of the
+    instances that made it into the plan and renders whatever else it needs."""
+
+    BATCH = 8
+
+    def __init__(self, work: Path, settings: Settings):
+        self.spool = work / "web"
+        self.settings = settings
+        self.futures: dict[tuple, object] = {}  # job arguments but the index -> future
+        self.pending: list[tuple] = []
+        self.seen: set[tuple[str, str, str]] = set()
+        self.pool = None
+        self.executor = None
+
+    def walked(self, paths: list[str]) -> None:
+        self.spool.mkdir(exist_ok=True)
+        workers = max(1, min(self.settings.workers or os.cpu_count() or 1, len(paths) or 1))
+        self.pool = workers_mod.pool(workers)
+        self.executor = self.pool.__enter__()
+        self.executor.submit(os.getpid)  # forks the workers now, before any thread is started
+
+    def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
+        key = (inst.patient_id, inst.study_uid, inst.series_uid)
+        job = _job_args(inst, str(self.spool), 0, self.settings.web, key not in self.seen)
+        self.seen.add(key)
+        self.pending.append(job)
+        if len(self.pending) >= self.BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self.pending or self.executor is None:
+            return
+        batch, self.pending = self.pending, []
+        future = self.executor.submit(_batch, batch)
+        for n, job in enumerate(batch):
+            self.futures[_ident(job)] = (future, n, job[4])
+
+    def headed(self, entries: list[FileEntry], keys: list) -> set:
+        """The series whose headers an early rendering of one of these entries brings (a
+        series whose early headers came from a file that was left out gets them anew)."""
+        wanted = {e.instance.path: key for e, key in zip(entries, keys, strict=True)}
+        return {wanted[ident[0]] for ident, (_f, _n, headers) in self.futures.items()
+                if headers and ident[0] in wanted}
+
+    def results(self, jobs: list[tuple]) -> Iterator[Piece | str]:
+        """Each job's result: the early one where the same rendering was made (a header
+        asked for now that the early job did not bring is rendered again), else new."""
+        self._submit()
+        todo = [job for job in jobs if not self._covers(job)]
+        later = {}
+        for start in range(0, len(todo), self.BATCH):
+            batch = todo[start:start + self.BATCH]
+            future = self.executor.submit(_batch, batch)
+            for n, job in enumerate(batch):
+                later[job[2]] = (future, n)
+        for job in jobs:
+            held = later.get(job[2]) or self.futures.get(_ident(job))
+            future, n = held[0], held[1]
+            try:
+                yield future.result()[n]
+            except BrokenProcessPool as exc:
+                raise workers_mod.WorkerDied("a worker process died unexpectedly (out of "
+                                             "memory, or a crash in a decoder); nothing was "
+                                             "written") from exc
+
+    def _covers(self, job: tuple) -> bool:
+        held = self.futures.get(_ident(job))
+        return held is not None and (held[2] or not job[4])
+
+    def close(self) -> None:
+        """Cancel what has not started, let the running batches end, stop the workers."""
+        for held in self.futures.values():
+            held[0].cancel()
+        if self.pool is not None:
+            self.pool.__exit__(None, None, None)
+            self.pool = self.executor = None
+        self.futures.clear()
+
+
+def _ident(job: tuple) -> tuple:
+    """A rendering's arguments but its index (unused since spools are per worker)."""
+    return (job[0], job[1], job[3], job[5], job[6])
 
 
 # -- per volume ------------------------------------------------------------------------------
@@ -209,10 +356,34 @@ def _add_items(we: webcontent.WebSeries, entries: list[FileEntry]) -> None:
 
 
 def volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,
-                 cancel: Event | None = None) -> list[tuple[tuple[str, ...], bytes | Path]]:
+                 meanwhile: Callable[[], object] | None = None,
+                 cancel: Event | None = None) -> list[webcontent.MediumFile]:
+    """The volume's web files; the pages of its series are made in worker processes, and
+    meanwhile (the label, say) is done here while they work."""
+    series = sum(len(st.series) for p in patients for st in p.studies)
+    workers = max(1, min(settings.workers or os.cpu_count() or 1, series))
+    if not settings.web or workers == 1:
+        if meanwhile is not None:
+            meanwhile()
+        return _volume_files(patients, volume, settings, None, cancel)
+
+    with workers_mod.pool(workers) as pool:
+        def mapper(fn, jobs):  # noqa: ANN001, ANN202 - webcontent.Mapper
+            results = pool.map(fn, jobs, chunksize=1)  # submitted: the workers start
+            if meanwhile is not None:
+                meanwhile()
+            return results
+
+        return _volume_files(patients, volume, settings, mapper, cancel)
+
+
+def _volume_files(patients: list[webcontent.WebPatient], volume: Volume, settings: Settings,
+                  mapper: webcontent.Mapper | None,
+                  cancel: Event | None) -> list[webcontent.MediumFile]:
     return webcontent.build(patients, volume=volume.index, volumes=volume.count,
                             site=settings.site, template_dirs=settings.template_dirs,
-                            web=settings.web, created=created(settings), cancel=cancel)
+                            web=settings.web, created=created(settings), mapper=mapper,
+                            cancel=cancel)
 
 
 def write_labels(target: Path, patients: list[webcontent.WebPatient], volume: Volume,

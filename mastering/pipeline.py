@@ -21,6 +21,7 @@ from . import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     dicomdir,
+    earlyiso,
     folderwriter,
     isowriter,
     outputs,
@@ -223,13 +224,13 @@ def _check_outputs(inputs: Sequence[Path], target: outputs.Target, side_outputs:
 
 
 def _check_site(options: Options) -> None:
-    from .webcontent import load_site
-
     for folder in options.templates:
         if not Path(folder).is_dir():
             raise outputs.OutputError(f"{folder}: the template folder does not exist", 2)
     if options.site is None:
         return
+    from .webcontent import load_site  # the templates load only when asked for
+
     site = Path(options.site)
     if not site.is_file():
         raise outputs.OutputError(f"{site}: the site settings are not a regular file", 2)
@@ -261,10 +262,33 @@ def _check_folder_free(target: outputs.Target) -> None:
 def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, report: Report,
          progress: ProgressFn | None, cancel: Event | None, side_outputs: Sequence[Path],
          on_publish: Callable[[Report], None] | None) -> Report:
+    work = outputs.make_work(target)  # before the scan: bodies are written while it runs
+    early: earlyiso.EarlyImage | earlyiso.EarlyFolder = (
+        earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
+        if target.kind == "iso" else earlyiso.EarlyFolder(work / "early", options.profile))
+    render = None
+    try:
+        render = _early_render(work, options)  # pictures rendered while the scan runs
+        return _scan_plan_write(inputs, target, options, report, progress, cancel,
+                                side_outputs, on_publish, work, early, render)
+    finally:
+        if render is not None:
+            render.close()
+        early.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _scan_plan_write(inputs: Sequence[Path], target: outputs.Target, options: Options,
+                     report: Report, progress: ProgressFn | None, cancel: Event | None,
+                     side_outputs: Sequence[Path], on_publish: Callable[[Report], None] | None,
+                     work: Path, early: earlyiso.EarlyImage | earlyiso.EarlyFolder,
+                     render: pdi.EarlyRender | None) -> Report:
     t0 = time.monotonic()
     scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
                               workers=options.workers, follow_links=options.follow_links,
-                              on_conflict=options.on_conflict)
+                              on_conflict=options.on_conflict,
+                              observer=intake_mod.Observers(render, early))
+    early.finish()
     report.seconds["scan"] = round(time.monotonic() - t0, 3)
     try:
         outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],
@@ -281,12 +305,8 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
     if not scanned.instances:
         report.error = "no DICOM instances found in the input"
         raise MasteringError(report.error, report, 3)
-    work = outputs.make_work(target)
-    try:
-        return _plan_and_write(scanned, target, options, report, work, progress, cancel,
-                               on_publish)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return _plan_and_write(scanned, target, options, report, work, progress, cancel,
+                           on_publish, early, render)
 
 
 def _leave_out(report: Report, options: Options, problems: list[dict],
@@ -328,7 +348,9 @@ def _record_intake(report: Report, scanned: IntakeResult) -> None:
 
 def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Options,
                     report: Report, work: Path, progress: ProgressFn | None,
-                    cancel: Event | None, on_publish: Callable[[Report], None] | None) -> Report:
+                    cancel: Event | None, on_publish: Callable[[Report], None] | None,
+                    early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None,
+                    render: pdi.EarlyRender | None = None) -> Report:
     profile, output, kind = options.profile, target.output, target.kind
     place = None
     if kind == "inplace":  # what the folder holds: refused, appended to or to be replaced
@@ -359,7 +381,7 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
             entry.out_ts = entry.instance.transfer_syntax
         report.conversions[entry.action] = report.conversions.get(entry.action, 0) + 1
     report.seconds["plan"] = round(time.monotonic() - t0, 3)
-    web = _web_stage(entries, work, options, report, progress, cancel)
+    web = _web_stage(entries, work, options, report, progress, cancel, render)
     volumes = _pack(tree, roots, options, report, web)
     if place is not None:
         volumes = [place.adopt(volumes)]
@@ -374,7 +396,8 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
     labels: list[tuple[Path, Path]] = []
     for vol, tmp, final in zip(volumes, temps, finals, strict=True):
         extra = _volume_web(vol, web, work, final, labels, cancel)
-        size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel)
+        size = _write_volume(vol, tmp, final, kind, extra, options, report, progress, cancel,
+                             early)
         report.volumes.append(_volume_report(vol, final, size))
         if options.verify:
             _verify(tmp, final, profile, report, progress, cancel)
@@ -406,12 +429,12 @@ def _plan_and_write(scanned: IntakeResult, target: outputs.Target, options: Opti
 def _check_finals(target: outputs.Target, finals: list[Path], options: Options,
                   scanned: IntakeResult, work: Path) -> None:
     """Before a byte is written: every volume and label can go where it must."""
-    from .label import label_paths
-
     try:
         outputs.check_finals(target, finals, scanned.walked, work,
                              folders=target.kind == "folder")
         if options.label or options.viewer:
+            from .label import label_paths  # the renderer loads only for labels
+
             outputs.check_finals(target, [p for f in finals for p in label_paths(f)],
                                  scanned.walked, work, folders=False)
     except outputs.OutputError as exc:
@@ -448,19 +471,31 @@ class _Web:
     web: bool
 
 
-def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, report: Report,
-               progress: ProgressFn | None, cancel: Event | None) -> _Web | None:
-    """Render and summarise every instance for the web content and the label."""
+def _early_render(work: Path, options: Options) -> pdi.EarlyRender | None:
+    """With web content or a label: the renderings, started while the scan runs."""
     if not (options.viewer or options.label):
         return None
     from . import pdi, webcontent  # rendering and templates load only when asked for
 
-    t0 = time.monotonic()
     site = webcontent.load_site(options.site) if options.site else webcontent.Site()
-    settings = pdi.Settings(web=options.viewer, site=site, template_dirs=options.templates,
-                            epoch=options.source_date_epoch)
-    headers = pdi.prepare(entries, work, settings, workers=options.workers, progress=progress,
-                          cancel=cancel)
+    return pdi.EarlyRender(work, pdi.Settings(
+        web=options.viewer, site=site, template_dirs=options.templates,
+        epoch=options.source_date_epoch, workers=options.workers))
+
+
+def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, report: Report,
+               progress: ProgressFn | None, cancel: Event | None,
+               render: pdi.EarlyRender | None = None) -> _Web | None:
+    """Render and summarise every instance for the web content and the label."""
+    if render is None:
+        render = _early_render(work, options)
+        if render is None:
+            return None
+    from . import webcontent
+
+    t0 = time.monotonic()
+    settings = render.settings
+    headers = _prepare_web(entries, work, settings, options, progress, cancel, render)
     items = [e.web.item for e in entries if e.web is not None]
     report.web = {"images": sum(isinstance(i, webcontent.WebImage) for i in items),
                   "objects": sum(isinstance(i, webcontent.WebObject) for i in items),
@@ -468,6 +503,17 @@ def _web_stage(entries: list[plan.FileEntry], work: Path, options: Options, repo
                   "bytes": sum(e.web_bytes for e in entries)}
     report.seconds["render"] = round(time.monotonic() - t0, 3)
     return _Web(settings, headers, options.viewer)
+
+
+def _prepare_web(entries, work, settings, options, progress, cancel, render):  # noqa: ANN001
+    from . import pdi
+
+    try:
+        return pdi.prepare(entries, work, settings, workers=options.workers,
+                           progress=progress, cancel=cancel,
+                           early=render if render.executor is not None else None)
+    finally:
+        render.close()  # its workers are not needed any more
 
 
 def _pack(tree, roots, options: Options, report: Report, web: _Web | None) -> list[plan.Volume]:
@@ -498,30 +544,63 @@ def _volume_web(vol: plan.Volume, web: _Web | None, work: Path, final: Path,
     from . import pdi
 
     patients = pdi.patients_of(vol, web.headers)
-    for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
-        labels.append((src, final.parent / src.name))
-    return pdi.volume_files(patients, vol, web.settings, cancel) if web.web else []
+
+    def label() -> None:  # drawn while the workers make the pages
+        for src in pdi.write_labels(work / final.name, patients, vol, web.settings):
+            labels.append((src, final.parent / src.name))
+
+    if not web.web:
+        label()
+        return []
+    return pdi.volume_files(patients, vol, web.settings, meanwhile=label, cancel=cancel)
 
 
 def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: list,
                   options: Options, report: Report, progress: ProgressFn | None,
-                  cancel: Event | None) -> int:
+                  cancel: Event | None,
+                  early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None = None) -> int:
     profile = options.profile
     label = f"write {final.name}"
-    dd = dicomdir.encode(vol)
+    dd = tmp.with_name(f"{tmp.name}.DICOMDIR")  # in the work folder, not held in memory
+    dicomdir.write(vol, dd)
+    for entry in vol.entries():  # the records are written: their keys are not needed again
+        entry.instance.leaf = b""
     if kind != "iso":
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
-                                  progress=progress, cancel=cancel)
-    image = isowriter.build(vol, dd, profile, extra, volume_id=_volume_id(options, vol))
+                                  progress=progress, cancel=cancel,
+                                  early=early if isinstance(early, earlyiso.EarlyFolder)
+                                  else None)
+    image, early = _image(vol, dd, extra, options, tmp,
+                          early if isinstance(early, earlyiso.EarlyImage) else None)
     if options.source_date_epoch is not None:
         isowriter.set_dates(image, options.source_date_epoch)
     size = isowriter.write(image, tmp, label=label, sync=options.sync,
-                           epoch=options.source_date_epoch, progress=progress, cancel=cancel)
+                           epoch=options.source_date_epoch, progress=progress, cancel=cancel,
+                           early=early)
     image.close()
     if profile.capacity_bytes and size > profile.capacity_bytes:
         raise MasteringError(f"{final.name}: image of {size} bytes exceeds the capacity "
                              f"{profile.capacity_bytes}", report, 4)
     return size
+
+
+def _image(vol: plan.Volume, dd: Path, extra: list, options: Options, tmp: Path,
+           early: earlyiso.EarlyImage | None):
+    """The volume's pycdlib image: with the bodies the scan already wrote into tmp where
+    they can stay (the only volume, its metadata fits before them), else the ordinary way."""
+    volume_id = _volume_id(options, vol)
+    usable = early is not None and early.active and vol.count == 1 and early.path == tmp
+    placed = early.placement(vol.entries()) if usable else None
+    if placed is not None:
+        image = isowriter.build(vol, dd, options.profile, extra, volume_id=volume_id,
+                                early=(placed, early.start, early.end))
+        image._reshuffle_extents()
+        if not image.overflow:
+            return image, early
+        image.close()
+    if early is not None and early.active:
+        early.abandon()
+    return isowriter.build(vol, dd, options.profile, extra, volume_id=volume_id), None
 
 
 def _volume_id(options: Options, vol: plan.Volume) -> str | None:

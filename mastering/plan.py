@@ -228,9 +228,9 @@ def assign_file_ids(volume: Volume, profile: Profile) -> None:
     for p, patient in enumerate(volume.patients):
         for s, study in enumerate(patient.studies):
             for e, se in enumerate(study.series):
+                folder = ("DICOM", f"PT{p:06d}", f"ST{s:06d}", f"SE{e:06d}")  # one per series
                 for i, entry in enumerate(se.entries):
-                    entry.file_id = ("DICOM", f"PT{p:06d}", f"ST{s:06d}", f"SE{e:06d}",
-                                     f"IM{i:06d}")
+                    entry.file_id = (*folder, f"IM{i:06d}")
     for i, entry in enumerate(volume.root_entries):
         entry.file_id = ("DICOM", "ROOTRECS", f"OB{i:06d}")
     _check_file_ids(volume, profile)

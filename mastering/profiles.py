@@ -12,8 +12,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.uid import UID
-
 #: Where the bundled profile files live (repository layout: ``mastering/`` beside ``profiles/``).
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -40,7 +38,7 @@ class Profile:
     joliet: bool
     rock_ridge: bool
     udf: str
-    transfer_syntaxes: tuple[UID, ...]
+    transfer_syntaxes: tuple[str, ...]  # UIDs
     max_components: int
     max_component_length: int
     #: record type -> {"1": [...], "1C": [...], ...}: keys this profile adds to Annex F
@@ -102,7 +100,7 @@ def _parse(path: Path) -> Profile:
             joliet=bool(fs.get("joliet", False)),
             rock_ridge=bool(fs.get("rock_ridge", False)),
             udf=fs.get("udf", ""),
-            transfer_syntaxes=tuple(UID(u) for u in ts["allowed"]),
+            transfer_syntaxes=tuple(str(u) for u in ts["allowed"]),
             max_components=int(naming.get("max_components", 7)),
             max_component_length=int(naming.get("max_component_length", 8)),
             extra_keys=extra,

@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from io import BytesIO
 
@@ -221,17 +221,12 @@ class RawHeader:
             return None
         vr, elem = item
         if self.explicit:
-            return elem[12:] if vr.decode() in LONG_VRS else elem[8:]
+            return elem[12:] if vr in _LONG_VR_BYTES else elem[8:]
         return elem[8:]
 
     def _vr(self, tag: int) -> str:
         vr = self.elements[tag][0]
-        if vr:
-            return vr.decode()
-        try:
-            return dictionary_VR(tag)
-        except KeyError:
-            return "UN"
+        return vr.decode() if vr else _implicit_vr(tag)
 
     def has(self, tag: int) -> bool:
         if tag in self.oversized:
@@ -274,6 +269,16 @@ class RawHeader:
 
 
 Header = PydicomHeader | RawHeader
+_LONG_VR_BYTES = frozenset(vr.encode() for vr in LONG_VRS)
+
+
+@cache
+def _implicit_vr(tag: int) -> str:
+    """The dictionary's VR of an element read without one (Implicit VR), UN if unknown."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
 
 
 # -- filling missing Type 1 keys -------------------------------------------------------------
@@ -456,10 +461,12 @@ def value_bytes(element: bytes) -> bytes:
     return _parts(element)[2].rstrip(b" \0")
 
 
+@lru_cache(maxsize=4096)
 def check_element(tag: int, element: bytes, charsets: tuple[str, ...]) -> Checked:
     """Check a key element's VR, value format and multiplicity for the DICOMDIR (PS3.5
     Table 6.2-1, PS3.6); repair what has one meaning (:func:`values.normalize`, a text VR
-    other than the dictionary's); say why it cannot be used otherwise."""
+    other than the dictionary's); say why it cannot be used otherwise. Remembered: the
+    patient, study and series keys of a series are the same in every one of its files."""
     from . import values
 
     _tag, vr, value = _parts(element)

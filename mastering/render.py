@@ -43,6 +43,7 @@ import io
 import logging
 import math
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -238,14 +240,265 @@ def read(path: Path | str) -> pydicom.FileDataset:
 
 def render_dataset(ds: Dataset, *, source: str = "", max_size: int = 1024,
                    thumb_size: int = 128, quality: int = 85, max_presets: int = 3,
-                   max_frames: int | None = None, optimize: bool = True) -> Rendering:
+                   max_frames: int | None = None, optimize: bool = True,
+                   native: np.ndarray | None = None) -> Rendering:
     """:func:`render` for a data set already read with :func:`read`; source names it in
-    errors."""
+    errors. native: the frame as :func:`read_native` read it (ds is then the header)."""
     opts = _Options(max_size, thumb_size, quality, max_presets, max_frames, optimize)
     try:
-        return _render(ds, opts)
+        return _render(ds, opts, native)
     except _Unrenderable as exc:
         raise RenderError(f"{source}: {exc}") from exc
+
+
+# -- the native fast path --------------------------------------------------------------------
+
+NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def read_native(path: str, pixel_offset: int, body_ts: str
+                ) -> tuple[Dataset, np.ndarray] | None:
+    """The header (pydicom, up to the pixel data) and the pixel array read straight from the
+    file, for the most common images: one frame of native little endian grey pixels
+    (PS3.5 8.1.1, 8 or 16 bits allocated, one sample) in a plain file whose Pixel Data
+    element is at pixel_offset (from intake). No decoder is set up and the pixel bytes are
+    read once, with no copy; bits above Bits Stored are cleared, or sign-extended for signed
+    data, as pydicom's decoder does. None for anything else (the caller reads the whole
+    file with :func:`read`): compressed, big endian, colour, multi-frame, float, enhanced."""
+    if body_ts not in NATIVE_SYNTAXES or pixel_offset < 0 or not os.path.lexists(path):
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        shape = _native_shape(ds)
+        if shape is None:
+            return None
+        rows, columns, bits, stored, signed = shape
+        header = 8 if body_ts == ImplicitVRLittleEndian else 12
+        nbytes = rows * columns * bits // 8
+        with open(path, "rb", buffering=0) as fh:
+            head = os.pread(fh.fileno(), header, pixel_offset)
+            if head[:4] != PIXEL_DATA_TAG or int.from_bytes(head[-4:], "little") not in (
+                    nbytes, nbytes + 1):
+                return None
+            data = os.pread(fh.fileno(), nbytes, pixel_offset + header)
+    except (OSError, ValueError, EOFError, InvalidDicomError):
+        return None
+    if len(data) != nbytes:
+        return None
+    dtype = f"<{'i' if signed else 'u'}{bits // 8}"
+    arr = np.frombuffer(data, dtype=dtype).reshape(rows, columns)
+    return ds, _clear_unused_bits(arr, stored, signed)
+
+
+#: what decides how a plain grey frame is shown (PS3.3 C.7.6.3, C.11.1, C.11.2, C.7.6.2): two
+#: files that agree on all of them (the slices of a series, as a rule) are shown the same way
+DISPLAY_TAGS = (
+    0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280030, 0x00280034,
+    0x00280100, 0x00280101, 0x00280102, 0x00280103, 0x00281050, 0x00281051, 0x00281052,
+    0x00281053, 0x00281054, 0x00281055, 0x00281056, 0x00283000, 0x00283010, 0x00286010,
+    0x00280120, 0x00280121, 0x20500020, 0x00181164, 0x00182010, 0x52009229, 0x52009230,
+    0x7FE00008, 0x7FE00009,
+)
+#: per image: what the web content shows of it (webcontent.WebImage, Rendering.summary)
+IMAGE_TAGS = (0x00080005, 0x00080018, 0x00200013, 0x00080060, 0x00201041, 0x00204000,
+              0x0008103E)
+_SUMMARY_TAGS = {"modality": 0x00080060, "instance_number": 0x00200013,
+                 "slice_location": 0x00201041, "image_comments": 0x00204000,
+                 "series_description": 0x0008103E}
+_COLLECT = frozenset(DISPLAY_TAGS + IMAGE_TAGS)
+
+
+@dataclass(frozen=True, eq=False)
+class _Display:
+    """How one kind of plain grey frame is shown, worked out once: the lookup table of each
+    VOI over every stored bit pattern (cleared or sign-extended to Bits Stored first, as
+    pydicom's decoder does), and the geometry."""
+
+    rows: int
+    columns: int
+    bits: int
+    size: tuple[int, int]
+    label: str
+    vois: list[_Voi]  # the default, then the extra presets
+    presets: list[_Voi]
+    luts: list[np.ndarray]
+
+
+class SeriesRenderer:
+    """Renders one frame of plain grey images a series at a time (the web content's case):
+    the header is taken from a structural walk (:func:`mastering.part10.inspect`) instead
+    of pydicom, and a file whose display attributes (DISPLAY_TAGS, byte for byte) equal an
+    earlier file's is shown with that file's lookup tables: the per-image work is reading
+    the pixels once, one table lookup per preset and the JPEG encodings. The images are the
+    ones :func:`render` makes (tested). Anything else returns None from :meth:`render`."""
+
+    LIMIT = 16  # kinds of display remembered
+
+    def __init__(self, **options: Any):
+        self.opts = _Options(**{"max_size": 1024, "thumb_size": 128, "quality": 85,
+                                "max_presets": 3, "max_frames": None, **options})
+        self.known: dict[bytes, _Display | None] = {}
+
+    def render(self, path: str, pixel_offset: int, body_ts: str
+               ) -> tuple[Rendering, dict[int, tuple[bytes, bytes]]] | None:
+        """The rendering and the raw elements of the file (tag -> (VR as read, element): see
+        :func:`mastering.part10.inspect`), or None."""
+        if body_ts not in NATIVE_SYNTAXES or pixel_offset < 0 or not os.path.lexists(path):
+            return None
+        from . import part10
+
+        try:
+            layout = part10.inspect(Path(path), collect=_COLLECT)
+        except (OSError, ValueError):
+            return None
+        elements = layout.elements or {}
+        if (layout.body_ts != body_ts or layout.pixel_data_offset != pixel_offset
+                or layout.oversized):
+            return None
+        key = body_ts.encode() + b"".join(
+            struct.pack("<I", t) + elements[t][1] for t in DISPLAY_TAGS if t in elements)
+        if key not in self.known:
+            self._learn(key, path, pixel_offset, body_ts)
+        display = self.known[key]
+        if display is None:
+            return None
+        pixels = self._pixels(path, pixel_offset, body_ts, display)
+        if pixels is None:
+            return None
+        return self._paint(display, pixels, elements), elements
+
+    def _learn(self, key: bytes, path: str, pixel_offset: int, body_ts: str) -> None:
+        if len(self.known) >= self.LIMIT:
+            self.known.pop(next(iter(self.known)))
+        self.known[key] = None
+        native = read_native(path, pixel_offset, body_ts)
+        if native is None:
+            return
+        ds, arr = native
+        pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        try:
+            painter = _Painter.create(ds, 0, arr, pi, self.opts)
+        except _Unrenderable:
+            return
+        if painter.colour or painter.auto is not None:  # a window from this frame's pixels
+            return
+        shape = _native_shape(ds)
+        assert shape is not None  # read_native checked it
+        rows, columns, bits, stored, signed = shape
+        size = _display_size(rows, columns, _aspect(ds), self.opts.max_size)
+        vois = [painter.presets[0], *painter.extras]
+        raw = np.arange(1 << bits, dtype=np.int64)
+        values = raw & ((1 << stored) - 1)
+        if signed:
+            values = np.where(values >= 1 << (stored - 1), values - (1 << stored), values)
+        modality = _modality(values, ds)
+        luts = [_display(modality, voi, painter.invert) for voi in vois]
+        self.known[key] = _Display(rows, columns, bits, size, DEFAULT, vois,
+                                   list(painter.presets), luts)
+
+    @staticmethod
+    def _pixels(path: str, offset: int, body_ts: str, d: _Display) -> np.ndarray | None:
+        header = 8 if body_ts == ImplicitVRLittleEndian else 12
+        nbytes = d.rows * d.columns * d.bits // 8
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                head = os.pread(fh.fileno(), header, offset)
+                data = os.pread(fh.fileno(), nbytes, offset + header)
+        except OSError:
+            return None
+        if (head[:4] != PIXEL_DATA_TAG or len(data) != nbytes
+                or int.from_bytes(head[-4:], "little") not in (nbytes, nbytes + 1)):
+            return None
+        return np.frombuffer(data, dtype=f"<u{d.bits // 8}").reshape(d.rows, d.columns)
+
+    def _paint(self, d: _Display, pixels: np.ndarray,
+               elements: dict[int, tuple[bytes, bytes]]) -> Rendering:
+        opts = self.opts
+        frames: list[RenderedFrame] = []
+        extra: dict[str, list[RenderedFrame]] = {}
+        thumbnail = b""
+        for i, (voi, lut) in enumerate(zip(d.vois, d.luts, strict=True)):
+            image = _resize(Image.fromarray(lut.take(pixels)), d.size)
+            done = RenderedFrame(1, _jpeg(image, opts), image.width, image.height,
+                                 d.label if i == 0 else voi.name)
+            if i == 0:
+                thumbnail = _jpeg(_fit(image, opts.thumb_size, THUMB_GAP), opts)
+                frames.append(done)
+            else:
+                extra[voi.name] = [done]
+        summary = {"rows": str(d.rows), "columns": str(d.columns), "frames": "1"}
+        charsets = raw_charsets(elements)
+        for name, tag in _SUMMARY_TAGS.items():
+            text = raw_text(elements, tag, charsets)
+            if text:
+                summary[name] = text
+        return Rendering(frames=frames, presets=[v.preset() for v in d.presets], extra=extra,
+                         thumbnail=thumbnail, summary=summary)
+
+
+def raw_charsets(elements: dict[int, tuple[bytes, bytes]]) -> tuple[str, ...]:
+    from .records import charsets_of
+
+    item = elements.get(0x00080005)  # CS: an 8-byte header, explicit or implicit
+    return charsets_of(item[1]) if item else ()
+
+
+def raw_text(elements: dict[int, tuple[bytes, bytes]], tag: int,
+             charsets: tuple[str, ...]) -> str:
+    """The text of a raw little endian element as :func:`part10.inspect` collects it,
+    decoded by Specific Character Set (PS3.5 6.1), padding and spaces stripped."""
+    from . import values
+
+    item = elements.get(tag)
+    if item is None:
+        return ""
+    return values._decode(_raw_value(*item), charsets).strip(" \0")
+
+
+def _raw_value(vr: bytes, element: bytes) -> bytes:
+    """The value of a collected element: after a 12-byte header for the explicit VRs with a
+    4-byte length (PS3.5 7.1.2), else after 8 (explicit short, or implicit: vr is b"")."""
+    from .part10 import LONG_VRS
+
+    return element[12:] if vr in LONG_VRS else element[8:]
+
+
+def _native_shape(ds: Dataset) -> tuple[int, int, int, int, bool] | None:
+    """(rows, columns, bits allocated, bits stored, signed) where the fast path applies."""
+    if any(k in ds for k in ("FloatPixelData", "DoubleFloatPixelData", "ModalityLUTSequence",
+                             "VOILUTSequence", "SharedFunctionalGroupsSequence",
+                             "PerFrameFunctionalGroupsSequence")):
+        return None
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored") or ds.BitsAllocated)
+        signed = int(ds.get("PixelRepresentation") or 0) == 1
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if pi not in GREY or samples != 1 or frames != 1 or bits not in (8, 16):
+        return None
+    if rows < 1 or columns < 1 or not 1 <= stored <= bits:
+        return None
+    return rows, columns, bits, stored, signed
+
+
+def _clear_unused_bits(arr: np.ndarray, stored: int, signed: bool) -> np.ndarray:
+    """PS3.5 8.1.1: only Bits Stored bits are the value; a copy only where others are set."""
+    bits = arr.dtype.itemsize * 8
+    if stored == bits:
+        return arr
+    if signed:
+        low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+        if arr.min() >= low and arr.max() <= high:
+            return arr
+        shift = bits - stored
+        return (arr << shift) >> shift
+    mask = (1 << stored) - 1
+    return arr if arr.max() <= mask else arr & mask
 
 
 def render_job(args: tuple[Any, ...]) -> Rendering | str:
@@ -314,18 +567,21 @@ def _why_not(ds: Dataset) -> str | None:
 # -- the pipeline ----------------------------------------------------------------------------
 
 
-def _render(ds: Dataset, opts: _Options) -> Rendering:
-    """Decode the selected frames one at a time, representative frame first."""
-    if reason := _why_not(ds):
+def _render(ds: Dataset, opts: _Options, native: np.ndarray | None = None) -> Rendering:
+    """Decode the selected frames one at a time, representative frame first; a native frame
+    read by :func:`read_native` needs no decoding."""
+    if native is None and (reason := _why_not(ds)):
         raise _Unrenderable(reason)
-    count = _frame_count(ds)
+    count = 1 if native is not None else _frame_count(ds)
     selected = range(count if opts.max_frames is None else min(count, opts.max_frames))
     rep = _representative(ds, count)
     order = [rep, *(i for i in selected if i != rep)]
     painter: _Painter | None = None
     frames: dict[str, dict[int, RenderedFrame]] = {}
     thumbnail = b""
-    for index, arr, pi in _decode(ds, order):
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    decoded = [(0, native, pi)] if native is not None else _decode(ds, order)
+    for index, arr, pi in decoded:
         painter = painter or _Painter.create(ds, index, arr, pi, opts)
         for name, image in painter.images(index, arr, pi, extras=index in selected):
             if index == rep and name is None:

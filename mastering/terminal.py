@@ -12,9 +12,6 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from rich.console import Console
-from rich.text import Text
-
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -46,10 +43,16 @@ class Printer:
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.terminal = _isatty(self.stream)
-        self.console = Console(file=self.stream, highlight=False) if self.terminal else None
+        self.console = None
+        if self.terminal:  # rich loads only for a terminal
+            from rich.console import Console
+
+            self.console = Console(file=self.stream, highlight=False)
 
     def line(self, *pieces: str | tuple[str, str]) -> None:
         if self.console is not None:
+            from rich.text import Text
+
             text = Text()
             for piece in pieces:
                 text.append(*(piece if isinstance(piece, tuple) else (piece,)))

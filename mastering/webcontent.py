@@ -37,8 +37,8 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from threading import Event
 from typing import Any
@@ -51,11 +51,13 @@ from pydicom.uid import UID
 
 from . import __version__
 from .cancel import check
+from .content import Range, copy_segments
 
 log = logging.getLogger(__name__)
 
-#: what goes into a file: its bytes, or a file to stream them from
-Content = bytes | Path
+#: what goes into a file: its bytes, a file to stream them from, or a byte range of a file
+#: (a worker's spool file: mastering.pdi)
+Content = bytes | Path | Range
 #: one file on the medium: its path components and its content
 MediumFile = tuple[tuple[str, ...], Content]
 
@@ -311,6 +313,13 @@ def image_from_rendering(ds: Dataset, rendering: Any, *,
                          file_id: tuple[str, ...] = ()) -> WebImage:
     """A WebImage from a mastering.render Rendering (``frames``, ``presets``, ``extra``,
     ``thumbnail``, ``summary``), read by attribute so any object of that shape will do."""
+    return image_from_values(_text(ds, "SOPInstanceUID"), _text(ds, "InstanceNumber"),
+                             rendering, file_id=file_id)
+
+
+def image_from_values(sop_instance_uid: str, number: str, rendering: Any, *,
+                      file_id: tuple[str, ...] = ()) -> WebImage:
+    """:func:`image_from_rendering` with the instance's UID and number as text."""
     frames = list(rendering.frames)
     presets = list(getattr(rendering, "presets", []) or [])
     default = str(getattr(frames[0], "preset", "") or "") if frames else ""
@@ -320,7 +329,7 @@ def image_from_rendering(ds: Dataset, rendering: Any, *,
              for name, fr in dict(getattr(rendering, "extra", {}) or {}).items() if name != default}
     windows = {str(p.name): (float(p.center), float(p.width)) for p in presets}
     return WebImage(
-        sop_instance_uid=_text(ds, "SOPInstanceUID"), number=_text(ds, "InstanceNumber"),
+        sop_instance_uid=sop_instance_uid, number=number,
         jpegs=[f.jpeg for f in frames], presets=extra,
         thumbnail=getattr(rendering, "thumbnail", None) or None,
         summary={str(k): str(v) for k, v in dict(getattr(rendering, "summary", {})).items()},
@@ -535,7 +544,7 @@ class Collector:
             image.thumbnail = self._keep(image.thumbnail, "JPG")
 
     def _keep(self, content: Content, suffix: str) -> Content:
-        if self._spool is None or isinstance(content, Path):
+        if self._spool is None or not isinstance(content, bytes):
             return content
         self._count += 1
         path = self._spool / f"{self._count:08d}.{suffix}"
@@ -820,17 +829,23 @@ class Renderer:
 # -- the medium -----------------------------------------------------------------------------
 
 
+#: runs a function over a list of arguments, in order (map, or a process pool's map)
+Mapper = Callable[[Callable[[Any], Any], list], Iterable]
+
+
 def build(patients: Sequence[WebPatient], *, volume: int = 1, volumes: int = 1,
           site: Site | None = None, template_dirs: Sequence[Path] = (), web: bool = True,
           viewer: bool = True, created: dt.datetime | None = None,
-          cancel: Event | None = None) -> list[MediumFile]:
+          cancel: Event | None = None, mapper: Mapper | None = None) -> list[MediumFile]:
     """Every non-DICOM file of one volume: README.TXT and INDEX.HTM, and with ``web`` the
     IHE_PDI tree and (with ``viewer``) VIEWER/ and the pages' reference to its script. Pass
     only what is on this volume (each volume's index covers its own content). Content is
-    bytes or a Path to stream from."""
-    r = Renderer.create(site or Site(), template_dirs, volume=volume, volumes=volumes, web=web,
-                        created=created)
-    r.common["use_viewer"] = web and viewer
+    bytes, a Path or a Range to stream from. mapper: how the series' pages are made, one
+    call per series (a process pool's map makes them in parallel; default here, in order)."""
+    created = created_at(created)  # one date on every page, whichever process makes it
+    spec = _Spec(site or Site(), tuple(template_dirs), volume, volumes, web, web and viewer,
+                 created)
+    r = _renderer(spec)
     tree = layout(patients, r.t)
     files: list[MediumFile] = [
         (("README.TXT",), r.text("readme.txt", tree=tree)),
@@ -838,9 +853,42 @@ def build(patients: Sequence[WebPatient], *, volume: int = 1, volumes: int = 1,
                                 inline_css=None if web else _inline_css(r))),
     ]
     if web:
-        files += _web_files(r, tree, cancel)
+        files += _web_files(r, tree, cancel, spec, mapper)
     check_names(files)
     return files
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a Renderer is made from: sent to the processes that make pages."""
+
+    site: Site
+    template_dirs: tuple[Path, ...]
+    volume: int
+    volumes: int
+    web: bool
+    use_viewer: bool
+    created: dt.datetime
+
+
+_RENDERERS: dict[str, Renderer] = {}  # per process: templates are compiled once
+
+
+def _renderer(spec: _Spec) -> Renderer:
+    key = repr(spec)
+    r = _RENDERERS.get(key)
+    if r is None:
+        r = Renderer.create(spec.site, spec.template_dirs, volume=spec.volume,
+                            volumes=spec.volumes, web=spec.web, created=spec.created)
+        r.common["use_viewer"] = spec.use_viewer
+        _RENDERERS.clear()  # one volume at a time
+        _RENDERERS[key] = r
+    return r
+
+
+def _series_job(job: tuple[_Spec, WebPatient, WebStudy, SeriesNode]) -> list[MediumFile]:
+    spec, patient, study, node = job
+    return _series_files(_renderer(spec), patient, study, node)
 
 
 def _inline_css(r: Renderer) -> Markup:
@@ -852,8 +900,8 @@ def _inline_css(r: Renderer) -> Markup:
     return Markup(css)
 
 
-def _web_files(r: Renderer, tree: list[PatientNode],
-               cancel: Event | None = None) -> list[MediumFile]:
+def _web_files(r: Renderer, tree: list[PatientNode], cancel: Event | None, spec: _Spec,
+               mapper: Mapper | None) -> list[MediumFile]:
     site: Site = r.common["site"]
     files: list[MediumFile] = [((WEB_DIR, "STYLE.CSS"), r.render("style.css").encode())]
     if site.logo is not None:
@@ -861,11 +909,13 @@ def _web_files(r: Renderer, tree: list[PatientNode],
     if r.common["use_viewer"]:
         files += [((VIEWER_DIR, "VIEWER.JS"), r.render("viewer.js").encode("utf-8")),
                   ((VIEWER_DIR, "VIEWER.CSS"), r.render("viewer.css").encode("utf-8"))]
-    for pn in tree:
-        for sn in pn.studies:
-            for node in sn.series:
-                check(cancel, "while building the web pages")
-                files += _series_files(r, pn.patient, sn.study, node)
+    # each job carries its patient and study without their other studies and series: the
+    # pages show only their own fields, and a job is then the size of its own series
+    jobs = [(spec, replace(pn.patient, studies=[]), replace(sn.study, series=[]), node)
+            for pn in tree for sn in pn.studies for node in sn.series]
+    for made in (mapper or map)(_series_job, jobs):
+        check(cancel, "while building the web pages")
+        files += made
     return files
 
 
@@ -920,6 +970,8 @@ def check_names(files: Sequence[MediumFile]) -> None:
 
 
 def content_size(content: Content) -> int:
+    if isinstance(content, Range):
+        return content.length
     return content.stat().st_size if isinstance(content, Path) else len(content)
 
 
@@ -949,7 +1001,11 @@ def write_files(files: Iterable[MediumFile], root: Path) -> None:
     for comps, content in files:
         target = root.joinpath(*comps)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
+        if isinstance(content, Range):
+            with open(target, "wb", buffering=0) as dst:
+                for _n in copy_segments([content], dst.fileno(), 0):
+                    pass
+        elif isinstance(content, Path):
             with content.open("rb") as src, target.open("wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)

@@ -66,3 +66,10 @@ def _terminate(executor: ProcessPoolExecutor) -> None:
     for proc in list(getattr(executor, "_processes", {}).values()):
         with contextlib.suppress(OSError, AttributeError):
             proc.kill()
+    # A worker killed while it was writing a result leaves half a message in the result
+    # pipe: the pool's manager thread then waits for the rest for ever, and shutdown() with
+    # it (seen when a run is cancelled while its workers start). This process holds the
+    # pipe's other write end: closed, the manager reads end-of-file, takes the pool as
+    # broken and ends.
+    with contextlib.suppress(OSError, AttributeError):
+        executor._result_queue._writer.close()

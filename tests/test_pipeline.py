@@ -295,7 +295,7 @@ def test_verify_failure_publishes_nothing(tmp_path: Path, monkeypatch) -> None:
     """A DICOMDIR that lost its last record leaves an orphan: --verify must refuse the volume."""
     from mastering import dicomdir
 
-    real = dicomdir.encode
+    real = dicomdir.chunks
 
     def broken(volume):
         import copy
@@ -304,7 +304,7 @@ def test_verify_failure_publishes_nothing(tmp_path: Path, monkeypatch) -> None:
         shown.patients[0].studies[0].series[0].entries.pop()
         return real(shown)
 
-    monkeypatch.setattr(dicomdir, "encode", broken)
+    monkeypatch.setattr(dicomdir, "chunks", broken)
     make_ct(tmp_path / "in", "a.dcm", instance=1)
     make_ct(tmp_path / "in", "b.dcm", instance=2)
     with pytest.raises(MasteringError) as err:

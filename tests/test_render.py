@@ -547,3 +547,50 @@ def test_speed_512_ct_slice(tmp_path: Path, record_property: Any) -> None:
     record_property("render_ms_optimized", round(best[0], 2))
     record_property("render_ms_plain_huffman", round(best[1], 2))
     assert best[0] < 50
+
+
+def test_series_renderer_makes_the_images_render_makes(tmp_path: Path) -> None:
+    """The fast way for the slices of a series (header from the structural walk, pixels read
+    straight from the file, lookup tables kept per kind of display) gives the very bytes of
+    the general path, for unsigned, signed, 8-bit, garbage above Bits Stored, two windows,
+    MONOCHROME1 and Implicit VR; anything else is left to the general path."""
+    from mastering import intake, profiles
+    from mastering.render import SeriesRenderer
+
+    from .conftest import make_ct
+
+    rng = np.random.default_rng(7)
+    cases = {
+        "u12": dict(),
+        "u12_garbage": dict(pixels=rng.integers(0, 65535, 64 * 64, dtype="<u2")),
+        "s16": dict(PixelRepresentation=1, BitsStored=16, HighBit=15,
+                    pixels=rng.integers(-2000, 3000, 64 * 64).astype("<i2")),
+        "s12": dict(PixelRepresentation=1, pixels=rng.integers(-2048, 2047, 64 * 64)
+                    .astype("<i2")),
+        "windows": dict(WindowCenter=["40", "500"], WindowWidth=["400", "2000"],
+                        WindowCenterWidthExplanation=["SOFT", "BONE"]),
+        "mono1": dict(PhotometricInterpretation="MONOCHROME1"),
+        "implicit": dict(implicit=True),
+        "u8": dict(BitsAllocated=8, BitsStored=8, HighBit=7,
+                   pixels=rng.integers(0, 255, 64 * 64, dtype="u1")),
+    }
+    profile = profiles.load("STD-GEN-DVD-JPEG")
+    fast = SeriesRenderer(optimize=False)
+    for name, attrs in cases.items():
+        attrs = dict(attrs)
+        pixels = attrs.pop("pixels", rng.integers(0, 4095, 64 * 64, dtype="<u2"))
+        attrs.setdefault("WindowCenter", "40")
+        attrs.setdefault("WindowWidth", "400")
+        for i in (1, 2):  # the second file of a kind uses the first one's tables
+            path = make_ct(tmp_path / name, f"{i}.dcm", instance=i, rows=64,
+                           PixelData=pixels.tobytes(), RescaleIntercept=-1024, **attrs)
+            inst = intake.scan_file(str(path), profile)
+            done = fast.render(str(path), inst.pixel_data_offset, inst.transfer_syntax)
+            assert done is not None, name
+            slow = render(path, optimize=False)
+            got = done[0]
+            assert (got.frames, got.extra, got.thumbnail, got.summary, got.presets) == (
+                slow.frames, slow.extra, slow.thumbnail, slow.summary, slow.presets), name
+    auto = make_ct(tmp_path / "auto", "1.dcm", rows=64)  # no window: computed per image
+    inst = intake.scan_file(str(auto), profile)
+    assert fast.render(str(auto), inst.pixel_data_offset, inst.transfer_syntax) is None

@@ -460,13 +460,21 @@ def test_interrupt_during_the_run_leaves_nothing(tmp_path: Path) -> None:
 # -- 7. two runs, one output -----------------------------------------------------------------
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def test_second_run_to_the_same_output_refuses(tmp_path: Path) -> None:
     src = many(tmp_path, 300, rows=32)
     first = start("iso", str(src), "-o", str(tmp_path / "x.iso"))
+    lock = tmp_path / ".x.iso.lock"
     try:
-        lock = tmp_path / ".x.iso.lock"
-        assert wait_for(lambda: lock.exists() and lock.read_text().startswith("pid "))
-        os.kill(first.pid, signal.SIGSTOP)  # holding the lock (its pid is written after)
+        # held once the holder has written its pid: the file exists a moment before that
+        assert wait_for(lambda: _text(lock).startswith("pid"))
+        os.kill(first.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         second = run("iso", str(src), "-o", str(tmp_path / "x.iso"))
         assert time.monotonic() - t0 < 10
