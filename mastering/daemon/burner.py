@@ -32,6 +32,9 @@ from .spool import fsync_dir
 log = logging.getLogger("mastering.daemon.burner")
 
 BLOCK = 2048
+#: what `-as cdrecord` writes past an image: its default 300 KiB pad, and the rounding seen on
+#: pseudo-drives (170-175 blocks in all); a disc must have room for the image and this
+PAD_BYTES = 182 * BLOCK
 PROGRESS = re.compile(r"(\d+)\s+of\s+(\d+)\s+MB written")
 
 
@@ -123,9 +126,10 @@ class DiscDrive:
 
     @staticmethod
     def _room(state: MediaState, size: int) -> str:
-        if size and state.free_bytes and state.free_bytes < size:
-            return (f"the disc holds {state.free_bytes} bytes, the image needs {size}: "
-                    "insert a larger blank disc")
+        need = size + PAD_BYTES if size else 0
+        if need and state.free_bytes and state.free_bytes < need:
+            return (f"the disc holds {state.free_bytes} bytes, the image needs {need} (with "
+                    "the burn's padding): insert a larger blank disc")
         return ""
 
     def burn(self, image: Path, state: MediaState, cancel: threading.Event,

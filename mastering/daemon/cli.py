@@ -199,6 +199,11 @@ def _purge(store, cfg, days: float, actor: str) -> int:
         finally:
             lock.release()
         print(f"purged {len(jobs)} job(s), {files} spool file(s) removed")
+        left = store.tombstones()
+        if left:
+            print(f"{len(left)} spool file(s) could not be removed (see above); the daemon "
+                  "tries again when it runs", file=sys.stderr)
+            return 1
         return 0
     files = sum(len(store.begin_purge(j.id, actor)) for j in jobs)
     end = time.monotonic() + 60

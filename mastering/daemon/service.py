@@ -156,10 +156,18 @@ class Daemon:
             self._background("watch", scan_watch_folder, self)
         if self._due("purges", 1.0, now) and (store.purging() or store.tombstones()):
             self._background("purge", finish_purges, store, self.spool, "daemon")
-        if self._due("retention", 60.0, now):
+        if self._due("retention", self._retention_every, now):
             self._background("purge", self.release_expired, now)
         if self._due("status", cfg.daemon.status_seconds, now):
             self.notifier.status(self.status_text())
+
+    @property
+    def _retention_every(self) -> float:
+        """Every minute; more often when a retention is shorter than ten minutes."""
+        d = self.cfg.daemon
+        shortest = min(d.retention_days, d.unfinished_retention_days,
+                       d.quarantine_retention_days) * 86400
+        return min(60.0, max(1.0, shortest / 10))
 
     def _due(self, key: str, every: float, now: float) -> bool:
         if now - self._every.get(key, 0.0) >= every:

@@ -193,6 +193,7 @@ class Spool:
         self._incoming: dict[str, Incoming] = {}
         self._incoming_lock = threading.Lock()
         self._quarantined = -1  # bytes in quarantine/, counted on first use
+        self._unremovable: set[str] = set()
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -363,8 +364,8 @@ class Spool:
                                 scratch=self.tmp)
         except transcode.TranscodeError as exc:
             why = str(exc).removeprefix(f"{path}: ")
-            return (f"the pixel data in transfer syntax {ts} cannot be decoded for profile "
-                    f"{self.profile.id}: {why}")
+            return (f"pixel data cannot be decoded ({ts}) for profile {self.profile.id}: "
+                    f"{why}")
         return ""
 
     def group_key(self, rec: InstanceRecord) -> str:
@@ -458,9 +459,12 @@ class Spool:
                     try:
                         _unlink(path, strict=True)
                     except OSError as exc:
-                        log.error("could not remove the released spool file %s: %s; tried "
-                                  "again later", path, exc.strerror or exc)
+                        if p not in self._unremovable:  # said once, tried every round
+                            self._unremovable.add(p)
+                            log.error("could not remove the released spool file %s: %s; "
+                                      "tried again later", path, exc.strerror or exc)
                         continue
+                    self._unremovable.discard(p)
                     n += 1
                 self.store.drop_tombstone(p)
         if n:

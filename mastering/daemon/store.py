@@ -140,7 +140,7 @@ class Job:
     images: list = field(default_factory=list)
     cancel_requested: bool = False
     finished_at: float | None = None
-    purged: bool = False
+    purged: int = 0  # KEPT, PURGING or PURGED
     instances: int = 0
 
 
@@ -165,7 +165,6 @@ def _job(row: sqlite3.Row) -> Job:
     d["options"] = json.loads(d["options"])
     d["images"] = json.loads(d["images"])
     d["cancel_requested"] = bool(d["cancel_requested"])
-    d["purged"] = bool(d["purged"])
     return Job(**d)
 
 
@@ -309,6 +308,9 @@ class JobStore:
         with self._tx() as db:
             db.executemany("DELETE FROM quarantine WHERE path=?", [(p,) for p in paths])
             db.execute("DELETE FROM quarantine WHERE path='' AND at<?", (before,))
+            # a refusal matters while some object under that UID is stored (commitment)
+            db.execute("DELETE FROM senders WHERE accepted=0 AND at<? AND sop_uid NOT IN "
+                       "(SELECT sop_uid FROM instances)", (before,))
 
     # -- what each sender sent (Storage Commitment answers per sender and object) ----------
 
@@ -705,11 +707,15 @@ class JobStore:
                              (job_id, volume, copy, drive, time.time()))
             return cur.lastrowid
 
-    def finish_medium(self, medium_id: int, state: str, **fields) -> None:
+    def finish_medium(self, medium_id: int, state: str, **fields) -> bool:
+        """The outcome of a disc being burned; False if it is no longer being burned (someone
+        else has reported on it)."""
         sets = {"state": state, "finished_at": time.time(), **fields}
         assign = ", ".join(f"{k}=?" for k in sets)
         with self._tx() as db:
-            db.execute(f"UPDATE media SET {assign} WHERE id=?", (*sets.values(), medium_id))
+            cur = db.execute(f"UPDATE media SET {assign} WHERE id=? AND state='burning'",
+                             (*sets.values(), medium_id))
+            return cur.rowcount == 1
 
     def media(self, job_id: int) -> list[dict]:
         return [dict(r) for r in self._read("SELECT * FROM media WHERE job_id=? ORDER BY id",

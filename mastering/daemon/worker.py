@@ -135,6 +135,12 @@ class Worker(threading.Thread):
             raise Lost(f"job {job_id} was moved by someone else (now "
                        f"{self.d.store.job(job_id).state}); drive {self.drive.name} leaves it")
 
+    def finish(self, medium: int, state: str, **fields) -> None:
+        """The outcome of a disc this worker burns; Lost if someone else reported on it."""
+        if not self.d.store.finish_medium(medium, state, **fields):
+            raise Lost(f"medium {medium} was reported on by someone else; drive "
+                       f"{self.drive.name} leaves its job")
+
     def run_job(self, job) -> None:
         self.job_id = job.id
         cancel = threading.Event()
@@ -182,7 +188,7 @@ class Worker(threading.Thread):
             self.status = "idle"
 
     def _watch_cancel(self, job_id: int, cancel: threading.Event) -> None:
-        while not cancel.wait(1.0):
+        while not cancel.wait(0.25):
             if self.d.stopping.is_set():
                 cancel.set()
                 return
@@ -327,10 +333,10 @@ class Worker(threading.Thread):
             seconds = self.drive.burn(Path(img["path"]), state, cancel, progress)
         except BurnError as exc:
             if exc.written:
-                store.finish_medium(medium, "spoiled", detail=str(exc))
+                self.finish(medium, "spoiled", detail=str(exc))
                 store.audit(job.id, "disc-spoiled", drive=name, disc=disc, detail=str(exc))
             else:  # nothing reached it: not a spoiled disc, the wrong one
-                store.finish_medium(medium, "unused", detail=str(exc))
+                self.finish(medium, "unused", detail=str(exc))
                 store.audit(job.id, "disc-refused", drive=name, disc=disc, detail=str(exc))
             self.drive.eject()
             if cancel.is_set():
@@ -341,15 +347,15 @@ class Worker(threading.Thread):
         self.status = f"verifying job {job.id} ({disc})"
         rb = read_back(self.drive.read_path, img["bytes"], img["sha256"], profile, cancel)
         if cancel.is_set():
-            store.finish_medium(medium, "spoiled", detail="read-back interrupted")
+            self.finish(medium, "spoiled", detail="read-back interrupted")
             self._raise_cancel()
         if not rb.ok:
-            store.finish_medium(medium, "failed-readback", detail=rb.reason, sha256=rb.sha256,
+            self.finish(medium, "failed-readback", detail=rb.reason, sha256=rb.sha256,
                                 burn_seconds=seconds, verify_seconds=rb.seconds)
             store.audit(job.id, "disc-spoiled", drive=name, disc=disc, detail=rb.reason)
             self.drive.eject()
             raise Transient(f"{disc} failed read-back: {rb.reason}")
-        store.finish_medium(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
+        self.finish(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
                             burn_seconds=seconds, verify_seconds=rb.seconds)
         store.audit(job.id, "disc-verified", drive=name, disc=disc, checksum=rb.sha256,
                     detail=f"burn {seconds:.2f} s, read-back {rb.seconds:.2f} s "
@@ -373,9 +379,9 @@ class Worker(threading.Thread):
             medium = store.start_medium(job.id, img["index"], 1, name)
             rb = read_back(path, img["bytes"], img["sha256"], profile, cancel)
             if not rb.ok:
-                store.finish_medium(medium, "failed-readback", detail=rb.reason)
+                self.finish(medium, "failed-readback", detail=rb.reason)
                 raise Transient(f"{path.name} failed read-back: {rb.reason}")
-            store.finish_medium(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
+            self.finish(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
                                 burn_seconds=seconds, verify_seconds=rb.seconds)
             store.audit(job.id, "image-published", drive=name, disc=path.name,
                         checksum=rb.sha256)
