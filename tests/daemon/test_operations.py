@@ -57,9 +57,9 @@ def test_jobs_commands_with_the_daemon_running_and_stopped(daemon, tmp_path):
     d.start()
     wait_for(lambda: store.job(1).state == "done", message="the retried job")
     assert [m["state"] for m in store.media(1)] == ["superseded", "verified"]  # a new disc
-    d.stop()
     spooled = [Path(r.path) for r in store.job_files(1)]
     assert all(p.is_file() for p in spooled)
+    # purged while the daemon runs (and keeps the job store open)
     res = jobs_cmd(d, "purge", "--done-older-than", "0")
     assert res.returncode == 0 and "purged 1 job(s), 3 spool file(s)" in res.stdout
     assert not any(p.exists() for p in spooled)
@@ -69,6 +69,7 @@ def test_jobs_commands_with_the_daemon_running_and_stopped(daemon, tmp_path):
     raw = b"".join(p.read_bytes() for p in Path(store.path).parent.glob("jobs.sqlite*"))
     # secure_delete overwrote the purged rows, and the purge checkpointed the WAL
     assert uid.encode() not in raw and b"PURGEDPID9" not in raw
+    assert jobs_cmd(d, "retry", "1").returncode == 2  # purged: nothing left to burn
 
 
 def test_follow_up_job_and_cancel(daemon, fake_drive, tmp_path):
