@@ -100,6 +100,7 @@ class Commitments:
         self.report_delay = report_delay
         ae.connection_timeout = connect_timeout  # outgoing associations only (the reports)
         self._sending: set[str] = set()  # queued or being delivered
+        self._unreached: set[str] = set()  # told once in the log
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="commitment")
 
@@ -218,9 +219,13 @@ class Commitments:
         role.sop_class_uid, role.scu_role, role.scp_role = PUSH_MODEL, False, True
         assoc = self.ae.associate(where[0], where[1], ae_title=calling_ae, ext_neg=[role])
         if not assoc.is_established:
-            log.warning("storage commitment %s: no association to %s at %s:%d", tuid,
-                        calling_ae, *where)
+            first = tuid not in self._unreached
+            self._unreached.add(tuid)
+            (log.warning if first else log.debug)(
+                "storage commitment %s: no association to %s at %s:%d; the report waits and "
+                "is tried again every few seconds", tuid, calling_ae, *where)
             return False
+        self._unreached.discard(tuid)
         try:
             return self._send(assoc, ds, event_type, tuid, "a new association")
         finally:

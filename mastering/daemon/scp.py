@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -107,10 +108,35 @@ def handle_requested(event, policy: Policy) -> None:
     event.assoc.kill()
 
 
+#: pynetdicom's reader thread sleeps this long whenever it finds nothing to do (its default
+#: is 1 ms); a sender waiting for each C-STORE response pays it several times per instance.
+#: Associations that are transferring poll faster; idle ones go back to the default
+#: (:func:`slow_idle`), since a faster poll costs CPU while nothing comes.
+FAST_POLL, IDLE_POLL, IDLE_AFTER = 0.0001, 0.001, 2.0
+
+
+def _poll(assoc, delay: float) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = delay
+    assoc.mastering_active = time.monotonic()
+
+
+def slow_idle(ae: AE) -> None:
+    """From the main loop: associations without a C-STORE for IDLE_AFTER s poll slowly."""
+    now = time.monotonic()
+    for assoc in ae.active_associations:
+        if now - getattr(assoc, "mastering_active", now) > IDLE_AFTER:
+            dul = getattr(assoc, "dul", None)
+            if dul is not None and getattr(dul, "_run_loop_delay", IDLE_POLL) != IDLE_POLL:
+                dul._run_loop_delay = IDLE_POLL
+
+
 def handle_open(event) -> None:
     """No Nagle on our side: a C-STORE response waits for nothing (network.md §4)."""
     with contextlib.suppress(AttributeError, OSError):
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _poll(event.assoc, FAST_POLL)
 
 
 def handle_close(event, services: Services) -> None:
@@ -139,6 +165,7 @@ def _status(code: int, comment: str = "") -> int | Dataset:
 
 def handle_store(event, services: Services) -> int | Dataset:
     req = event.request
+    _poll(event.assoc, FAST_POLL)
     calling = event.assoc.requestor.ae_title.strip()
     peer = event.assoc.requestor.address
     try:

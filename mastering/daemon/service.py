@@ -158,6 +158,8 @@ class Daemon:
             self._background("purge", finish_purges, store, self.spool, "daemon")
         if self._due("retention", self._retention_every, now):
             self._background("purge", self.release_expired, now)
+        if self._due("poll", 1.0, now):
+            scp.slow_idle(self.ae)
         if self._due("status", cfg.daemon.status_seconds, now):
             self.notifier.status(self.status_text())
 

@@ -23,6 +23,7 @@ one process at a time (:class:`SpoolLock`), taken before recovery.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -31,6 +32,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +197,7 @@ class Spool:
         self._incoming_lock = threading.Lock()
         self._quarantined = -1  # bytes in quarantine/, counted on first use
         self._unremovable: set[str] = set()
+        self._sync_pool: ThreadPoolExecutor | None = None
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -264,20 +268,34 @@ class Spool:
 
     def receive_incoming(self, f: Incoming, sop_class: str, sop_uid: str, calling_ae: str,
                          peer: str) -> Outcome:
-        """Store a C-STORE data set pynetdicom has streamed into f."""
-        try:
-            if f.error is not None:
-                raise f.error
-            os.fsync(f.fd)
-        except OSError as exc:
+        """Store a C-STORE data set pynetdicom has streamed into f. Its fsync runs while the
+        structural check reads it (one waits on the disk, the other on the CPU); both end
+        before the file is renamed into place."""
+        if f.error is not None:
             f.close()
             _unlink(f.path)
-            return self._no_room(sop_uid, calling_ae, peer, exc)
-        f.close()
-        return self._take(f.path, f.size, sop_class, sop_uid, calling_ae, peer, None)
+            return self._no_room(sop_uid, calling_ae, peer, f.error)
+        synced = self._syncer().submit(os.fsync, f.fd)
+
+        def durable() -> None:
+            synced.result()
+
+        try:
+            return self._take(f.path, f.size, sop_class, sop_uid, calling_ae, peer, None,
+                              durable)
+        finally:
+            with contextlib.suppress(OSError):
+                synced.result()
+            f.close()
+
+    def _syncer(self) -> ThreadPoolExecutor:
+        if self._sync_pool is None:
+            self._sync_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+        return self._sync_pool
 
     def _take(self, tmp: Path, size: int, sop_class: str | None, sop_uid: str | None,
-              calling_ae: str, peer: str, auto: bool | None) -> Outcome:
+              calling_ae: str, peer: str, auto: bool | None,
+              durable: Callable[[], None] = lambda: None) -> Outcome:
         if not self.has_room(0):  # the reserve is for mastering and the job store
             _unlink(tmp)
             log.warning("refused %s from %s@%s: spool full (0xA700)", sop_uid, calling_ae, peer)
@@ -285,7 +303,7 @@ class Spool:
             return Outcome(OUT_OF_RESOURCES, "spool full")
         try:
             return self._admit(tmp, size, sop_class, sop_uid, calling_ae, peer,
-                               self.auto if auto is None else auto)
+                               self.auto if auto is None else auto, durable)
         finally:
             _unlink(tmp)
 
@@ -307,7 +325,8 @@ class Spool:
                       exc)
 
     def _admit(self, tmp: Path, size: int, sop_class: str | None, sop_uid: str | None,
-               calling_ae: str, peer: str, auto: bool) -> Outcome:
+               calling_ae: str, peer: str, auto: bool,
+               durable: Callable[[], None] = lambda: None) -> Outcome:
         found = intake.scan_file(str(tmp), self.profile)
         if isinstance(found, Instance) and sop_uid is None:
             sop_class, sop_uid = found.sop_class_uid, found.sop_instance_uid
@@ -324,6 +343,10 @@ class Spool:
         why = self.cannot_carry(tmp, found)
         if why:
             return self._refuse(tmp, CANNOT_UNDERSTAND, why, sop_uid, calling_ae, peer)
+        try:
+            durable()  # the data is on the disk before its name is
+        except OSError as exc:
+            return self._no_room(sop_uid, calling_ae, peer, exc)
         with self._commit:
             known = self.store.instance(sop_uid)
             if known is not None:
