@@ -687,11 +687,19 @@ class JobStore:
                         detail="spool released")
             return True
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, wait: float = 2.0) -> bool:
         """Copy the WAL into the database file and truncate it: what a purge overwrote
-        (secure_delete) is then gone from both. False if a reader kept it from finishing."""
-        with self._lock:
-            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        (secure_delete) is then gone from both. On a connection of its own, waiting at most
+        `wait` seconds for readers (writers wait for it meanwhile); False if it could not
+        finish, the next purge or retention round tries again."""
+        con = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
+        try:
+            con.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            row = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            con.close()
         return row is not None and row[0] == 0
 
     def counts(self) -> dict[str, int]:

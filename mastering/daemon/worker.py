@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import profiles
 from ..intake import Cancelled
 from ..pipeline import MasteringError, Options, master
-from .burner import BurnError, DiscDrive, ImageFolder, MediaState
+from .burner import PAD_BYTES, BurnError, DiscDrive, ImageFolder, MediaState
 from .readback import read_back
 from .spool import sha256_file
 from .store import ACTIVE
@@ -235,6 +235,9 @@ class Worker(threading.Thread):
             raise Permanent(f"{len(missing)} spooled instance(s) missing (first: "
                             f"{missing[0] if missing else 'none in the job'})")
         options = options_for(self.d.cfg, job)
+        cap = options.profile.capacity_bytes
+        if isinstance(self.drive, DiscDrive) and cap:  # a disc holds the image and the pad
+            options.profile = options.profile.with_capacity(max(cap - PAD_BYTES, 1))
         self.status = f"mastering job {job.id}"
         try:
             report = master_in_child([Path(r.path) for r in records],

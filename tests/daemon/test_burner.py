@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mastering.daemon.burner import parse_toc
+from mastering.daemon.burner import PAD_BYTES, parse_toc
 from tests.conftest import ct_series, dciodvfy_errors, extract_iso, make_ct
 
 from .conftest import job_of_study, storescu, wait_for
@@ -96,7 +96,7 @@ def test_spanning_copies_and_disc_changes(daemon, fake_drive, tmp_path):
     its own blank disc, the operator changing discs between them; every disc is a complete
     File-set that dciodvfy accepts."""
     drive = fake_drive()
-    d = daemon(media={"capacity": 400_000, "copies": 2},
+    d = daemon(media={"capacity": 400_000 + PAD_BYTES, "copies": 2},
                drives=[{"name": "fd", "device": drive.device, "blank": "never",
                         "poll_seconds": 0.2}])
     assert storescu(d.port, ct_series(tmp_path / "in", 3, 6, rows=96)).returncode == 0
