@@ -28,6 +28,8 @@ Usage::
 
     .venv/bin/python bench/daemon.py                       # 2,000 CT, 10,000 small, 2 repeats
     .venv/bin/python bench/daemon.py --instances 500 --small 3000 --repeat 1   # quick
+    git archive REV | tar -x -C /tmp/old        # a daemon of another revision, side by side
+    .venv/bin/python bench/daemon.py --parts receive --repeat 4 --baseline /tmp/old
 """
 
 from __future__ import annotations
@@ -101,7 +103,11 @@ def small_corpus(n: int, out: Path) -> Path:
 
 
 class Daemon:
-    def __init__(self, work: Path, drive: bool, quiet: float = 3600, profile: str = "STD-GEN-CD"):
+    """`mastering daemon` of this checkout, or (tree) of another checkout of the project: run
+    as `python -m mastering` in that folder, so its package is the one imported."""
+
+    def __init__(self, work: Path, drive: bool, quiet: float = 3600, profile: str = "STD-GEN-CD",
+                 tree: Path | None = None):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         drives = (f'[[drives]]\nname = "pseudo"\ndevice = "stdio:{work / "disc.img"}"\n'
@@ -114,8 +120,10 @@ class Daemon:
                        f'[media]\nprofile = "{profile}"\nlabel = false\nworkers = 1\n{drives}')
         self.config = cfg
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([str(HERE.parent / ".venv" / "bin" / "mastering"), "daemon",
-                                      "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+        cmd = [str(HERE.parent / ".venv" / "bin" / "mastering")] if tree is None else \
+            [sys.executable, "-m", "mastering"]
+        self.proc = subprocess.Popen([*cmd, "daemon", "--config", str(cfg)], cwd=tree,
+                                     stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         end = time.monotonic() + 30
         self.port = 0
@@ -217,9 +225,9 @@ def null_run(files: Path, poll: float = 0.0) -> float:
 
 
 def daemon_run(files: Path, work: Path, profile: str = "STD-GEN-CD",
-               extra: tuple = ()) -> float:
+               extra: tuple = (), tree: Path | None = None) -> float:
     shutil.rmtree(work, ignore_errors=True)
-    d = Daemon(work, drive=False, profile=profile)
+    d = Daemon(work, drive=False, profile=profile, tree=tree)
     try:
         return storescu(d.port, files, extra=extra)
     finally:
@@ -227,25 +235,38 @@ def daemon_run(files: Path, work: Path, profile: str = "STD-GEN-CD",
         shutil.rmtree(work, ignore_errors=True)
 
 
-def receive(files: Path, work: Path, repeat: int) -> dict:
+def receive(files: Path, work: Path, repeat: int, baselines: list[Path] = ()) -> dict:
+    """Interleaved, the same conditions for all: storescp, the daemon, each baseline (the
+    daemon of another checkout, e.g. an earlier revision), the two pynetdicom floors."""
     from mastering.daemon.scp import FAST_POLL
 
     subprocess.run(["cat", *map(str, sorted(files.rglob("*.dcm"))[:1])], capture_output=True)
     ref, ours, null, fast = [], [], [], []
-    for _ in range(repeat):  # interleaved: the same conditions for all four
+    base: dict[str, list[float]] = {str(b): [] for b in baselines}
+    for _ in range(repeat):
         ref.append(storescp_run(files, work))
         ours.append(daemon_run(files, work / "d"))
+        for b in baselines:
+            base[str(b)].append(daemon_run(files, work / "b", tree=b))
         null.append(null_run(files))
         fast.append(null_run(files, FAST_POLL))
     r, o, n, f = (statistics.median(x) for x in (ref, ours, null, fast))
     return {"storescp_s": ref, "daemon_s": ours, "null_s": null, "null_fast_s": fast,
             "storescp_median": r, "daemon_median": o, "null_median": n, "null_fast_median": f,
             "ratio": o / r, "null_ratio": n / r, "null_fast_ratio": f / r,
+            "baselines": {k: {"runs": v, "median": statistics.median(v),
+                              "ratio": statistics.median(v) / r} for k, v in base.items()},
             "load_after": load_avg()}
 
 
-def big_instance(work: Path, mbytes: int) -> dict:
-    """Peak memory of the daemon around one large instance (streamed to the spool)."""
+def big_instance(work: Path, mbytes: int, baselines: list[Path] = ()) -> dict:
+    """Peak memory of the daemon (and of each baseline's) around one large instance."""
+    out = _big_instance(work, mbytes)
+    out["baselines"] = {str(b): _big_instance(work, mbytes, b) for b in baselines}
+    return out
+
+
+def _big_instance(work: Path, mbytes: int, tree: Path | None = None) -> dict:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
@@ -255,7 +276,7 @@ def big_instance(work: Path, mbytes: int) -> dict:
     rows = int((mbytes * 1_000_000 / 2) ** 0.5)
     big = make_ct(work / "in", "big.dcm", rows=rows, value=3, study_uid="1.2.3.444")
     size = big.stat().st_size
-    d = Daemon(work / "d", drive=False)
+    d = Daemon(work / "d", drive=False, tree=tree)
     try:
         ae = AE(ae_title="PING")  # the association machinery has run once
         ae.add_requested_context(Verification)
@@ -430,11 +451,17 @@ def extra_markdown(r: dict) -> list[str]:
         lines += ["", f"pynetdicom SCP that keeps nothing, with the daemon's reader poll: "
                   f"{', '.join(f'{x:.2f}' for x in rc['null_fast_s'])} s, median "
                   f"{rc['null_fast_median']:.2f} s, ratio {rc['null_fast_ratio']:.2f}."]
+        for tree, b in rc.get("baselines", {}).items():
+            lines += ["", f"Daemon of {tree}: {', '.join(f'{x:.2f}' for x in b['runs'])} s, "
+                      f"median {b['median']:.2f} s, ratio {b['ratio']:.2f}."]
     b = r.get("big")
     if b:
         lines += ["", f"**Memory per association**: one {b['instance_mb']:.0f} MB instance "
                   f"received in {b['seconds']:.1f} s; daemon VmHWM {b['hwm_before_mb']:.0f} -> "
                   f"{b['hwm_after_mb']:.0f} MB ({b['growth_mb']:+.1f} MB)."]
+        for tree, x in b.get("baselines", {}).items():
+            lines += ["", f"Daemon of {tree}: VmHWM {x['hwm_before_mb']:.0f} -> "
+                      f"{x['hwm_after_mb']:.0f} MB ({x['growth_mb']:+.1f} MB)."]
     dc = r.get("decode")
     if dc:
         lines += ["", f"**Decode check** ({dc['instances']} JPEG lossless instances): "
@@ -456,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="receive,echo,rss,big,decode",
                     help="which of receive,echo,rss,big,decode")
     ap.add_argument("--big-mb", type=int, default=256, help="size of the large instance")
+    ap.add_argument("--baseline", type=Path, action="append", default=[], metavar="TREE",
+                    help="also receive with the daemon of this checkout (e.g. `git worktree "
+                    "add /tmp/old main`), interleaved; repeatable")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     files = corpus(args.instances, args.corpus_dir)
@@ -464,13 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": load_avg(),
               "cpus": os.cpu_count(), "instances": args.instances}
     if "receive" in parts:
-        report["receive"] = receive(files, args.work, args.repeat)
+        report["receive"] = receive(files, args.work, args.repeat, args.baseline)
     if "echo" in parts:
         report["echo"] = echo_latency(files, args.work / "echo")
     if "rss" in parts:
         report["rss"] = rss_growth(small, args.work / "rss")
     if "big" in parts:
-        report["big"] = big_instance(args.work / "big", args.big_mb)
+        report["big"] = big_instance(args.work / "big", args.big_mb, args.baseline)
     if "decode" in parts:
         report["decode"] = decode_check(files, args.work / "decode", args.repeat)
     args.results.mkdir(parents=True, exist_ok=True)
