@@ -104,14 +104,16 @@ def test_spanning_copies_and_disc_changes(daemon, fake_drive, tmp_path):
     taken: list[Path] = []
     stop = threading.Event()
 
-    def operator():  # takes each verified disc out, keeping it
+    def operator():  # takes each verified disc out once asked for the next (keeping it)
         seen = 0
         while not stop.wait(0.1):
             job = job_of_study(store, "1.2.3.4.1")
             if job is None:
                 continue
             verified = [m for m in store.media(job.id) if m["state"] == "verified"]
-            if len(verified) > seen and drive.disc.exists():
+            asked = sum(a["event"] == "waiting-for-disc" for a in store.audit_trail(job.id))
+            if len(verified) > seen and drive.disc.exists() and (
+                    asked > seen or store.job(job.id).state == "done"):
                 m = verified[seen]
                 dst = tmp_path / f"disc-v{m['volume']}-c{m['copy']}.img"
                 drive.take_out(dst)
