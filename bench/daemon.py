@@ -11,6 +11,15 @@
    sampled from /proc after each 1,000.
 4. Read-back cost: burn seconds against read-back seconds (checksum + the core's verify)
    for each disc of step 2, from the job store.
+5. Memory per association: the daemon's peak RSS (VmHWM) before and after it received one
+   large instance (default 256 MB), which is streamed into the spool as it arrives.
+6. The decode check: the first 200 instances of the corpus compressed by DCMTK dcmcjpeg
+   (JPEG lossless SV1), sent to a daemon whose profile (STD-GEN-CD) does not carry JPEG, so
+   each is decoded once at receive, and to one whose profile (STD-GEN-DVD-JPEG) does.
+
+The receive part also runs two pynetdicom SCPs that keep nothing: one as pynetdicom comes
+(the floor of any pynetdicom SCP) and one with the daemon's faster reader poll (the floor of
+the daemon's own configuration).
 
 Both peers get ``TCP_NODELAY=1`` (network.md: Nagle costs ~45 ms per C-STORE on loopback).
 Prints Markdown and writes JSON to ``bench/results/daemon-<time>.json``.
@@ -19,6 +28,8 @@ Usage::
 
     .venv/bin/python bench/daemon.py                       # 2,000 CT, 10,000 small, 2 repeats
     .venv/bin/python bench/daemon.py --instances 500 --small 3000 --repeat 1   # quick
+    git archive REV | tar -x -C /tmp/old        # a daemon of another revision, side by side
+    .venv/bin/python bench/daemon.py --parts receive --repeat 4 --baseline /tmp/old
 """
 
 from __future__ import annotations
@@ -92,7 +103,11 @@ def small_corpus(n: int, out: Path) -> Path:
 
 
 class Daemon:
-    def __init__(self, work: Path, drive: bool, quiet: float = 3600, profile: str = "STD-GEN-CD"):
+    """`mastering daemon` of this checkout, or (tree) of another checkout of the project: run
+    as `python -m mastering` in that folder, so its package is the one imported."""
+
+    def __init__(self, work: Path, drive: bool, quiet: float = 3600, profile: str = "STD-GEN-CD",
+                 tree: Path | None = None):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         drives = (f'[[drives]]\nname = "pseudo"\ndevice = "stdio:{work / "disc.img"}"\n'
@@ -105,8 +120,10 @@ class Daemon:
                        f'[media]\nprofile = "{profile}"\nlabel = false\nworkers = 1\n{drives}')
         self.config = cfg
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([str(HERE.parent / ".venv" / "bin" / "mastering"), "daemon",
-                                      "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+        cmd = [str(HERE.parent / ".venv" / "bin" / "mastering")] if tree is None else \
+            [sys.executable, "-m", "mastering"]
+        self.proc = subprocess.Popen([*cmd, "daemon", "--config", str(cfg)], cwd=tree,
+                                     stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         end = time.monotonic() + 30
         self.port = 0
@@ -124,10 +141,13 @@ class Daemon:
             self.lines.append(line.rstrip())
 
     def rss_mb(self) -> float:
+        return self.status_kb("VmRSS") / 1024
+
+    def status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
 
     def store(self):
         from mastering.daemon.store import JobStore
@@ -142,9 +162,9 @@ class Daemon:
             self.proc.kill()
 
 
-def storescu(port: int, *paths: Path, aec: str = "BURNER") -> float:
+def storescu(port: int, *paths: Path, aec: str = "BURNER", extra: tuple = ()) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "-R",
+    res = subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "-R", *extra,
                           "127.0.0.1", str(port), *map(str, paths)], env=ENV,
                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -173,11 +193,14 @@ NULL_SCP = """
 import socket, sys
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+POLL = float(sys.argv[2])
 def store(e):
     e.encoded_dataset()
     return 0
 def nodelay(e):
     e.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if POLL:
+        e.assoc.dul._run_loop_delay = POLL
 ae = AE("NULL")
 ae.maximum_pdu_size = 0
 for cx in AllStoragePresentationContexts:
@@ -187,10 +210,11 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])),
 """
 
 
-def null_run(files: Path) -> float:
-    """pynetdicom itself, with a handler that keeps nothing: the floor of any pynetdicom SCP."""
+def null_run(files: Path, poll: float = 0.0) -> float:
+    """pynetdicom itself, with a handler that keeps nothing: the floor of any pynetdicom SCP
+    (poll 0: pynetdicom's own reader poll; else the daemon's)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", NULL_SCP, str(port)],
+    proc = subprocess.Popen([sys.executable, "-c", NULL_SCP, str(port), str(poll)],
                             stderr=subprocess.DEVNULL)
     time.sleep(1.5)
     try:
@@ -200,26 +224,101 @@ def null_run(files: Path) -> float:
         proc.wait()
 
 
-def daemon_run(files: Path, work: Path) -> float:
+def daemon_run(files: Path, work: Path, profile: str = "STD-GEN-CD",
+               extra: tuple = (), tree: Path | None = None) -> float:
     shutil.rmtree(work, ignore_errors=True)
-    d = Daemon(work, drive=False)
+    d = Daemon(work, drive=False, profile=profile, tree=tree)
     try:
-        return storescu(d.port, files)
+        return storescu(d.port, files, extra=extra)
     finally:
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def receive(files: Path, work: Path, repeat: int) -> dict:
+def receive(files: Path, work: Path, repeat: int, baselines: list[Path] = ()) -> dict:
+    """Interleaved, the same conditions for all: storescp, the daemon, each baseline (the
+    daemon of another checkout, e.g. an earlier revision), the two pynetdicom floors."""
+    from mastering.daemon.scp import FAST_POLL
+
     subprocess.run(["cat", *map(str, sorted(files.rglob("*.dcm"))[:1])], capture_output=True)
-    ref, ours, null = [], [], []
-    for _ in range(repeat):  # interleaved: the same conditions for all three
+    ref, ours, null, fast = [], [], [], []
+    base: dict[str, list[float]] = {str(b): [] for b in baselines}
+    for _ in range(repeat):
         ref.append(storescp_run(files, work))
         ours.append(daemon_run(files, work / "d"))
+        for b in baselines:
+            base[str(b)].append(daemon_run(files, work / "b", tree=b))
         null.append(null_run(files))
-    r, o, n = statistics.median(ref), statistics.median(ours), statistics.median(null)
-    return {"storescp_s": ref, "daemon_s": ours, "null_s": null, "storescp_median": r,
-            "daemon_median": o, "null_median": n, "ratio": o / r, "null_ratio": n / r,
+        fast.append(null_run(files, FAST_POLL))
+    r, o, n, f = (statistics.median(x) for x in (ref, ours, null, fast))
+    return {"storescp_s": ref, "daemon_s": ours, "null_s": null, "null_fast_s": fast,
+            "storescp_median": r, "daemon_median": o, "null_median": n, "null_fast_median": f,
+            "ratio": o / r, "null_ratio": n / r, "null_fast_ratio": f / r,
+            "baselines": {k: {"runs": v, "median": statistics.median(v),
+                              "ratio": statistics.median(v) / r} for k, v in base.items()},
+            "load_after": load_avg()}
+
+
+def big_instance(work: Path, mbytes: int, baselines: list[Path] = ()) -> dict:
+    """Peak memory of the daemon (and of each baseline's) around one large instance."""
+    out = _big_instance(work, mbytes)
+    out["baselines"] = {str(b): _big_instance(work, mbytes, b) for b in baselines}
+    return out
+
+
+def _big_instance(work: Path, mbytes: int, tree: Path | None = None) -> dict:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from tests.conftest import make_ct
+
+    shutil.rmtree(work, ignore_errors=True)
+    rows = int((mbytes * 1_000_000 / 2) ** 0.5)
+    big = make_ct(work / "in", "big.dcm", rows=rows, value=3, study_uid="1.2.3.444")
+    size = big.stat().st_size
+    d = Daemon(work / "d", drive=False, tree=tree)
+    try:
+        ae = AE(ae_title="PING")  # the association machinery has run once
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", d.port, ae_title="BURNER")
+        assoc.send_c_echo()
+        assoc.release()
+        before = d.status_kb("VmHWM")
+        seconds = storescu(d.port, big.parent)
+        after = d.status_kb("VmHWM")
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"instance_mb": size / 1e6, "hwm_before_mb": before / 1024,
+            "hwm_after_mb": after / 1024, "growth_mb": (after - before) / 1024,
+            "seconds": seconds, "load_after": load_avg()}
+
+
+def jpeg_corpus(files: Path, out: Path, n: int = 200) -> Path:
+    """n instances of the corpus, JPEG lossless SV1 (dcmcjpeg +e1), cached."""
+    if out.is_dir() and len(list(out.glob("*.dcm"))) == n:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for i, f in enumerate(sorted(files.rglob("*.dcm"))[:n]):
+        subprocess.run(["dcmcjpeg", "+e1", str(f), str(out / f"{i:04d}.dcm")], check=True,
+                       capture_output=True)
+    return out
+
+
+def decode_check(files: Path, work: Path, repeat: int) -> dict:
+    """JPEG instances received by a daemon that must decode them once (STD-GEN-CD) and by
+    one whose profile carries them as they are (STD-GEN-DVD-JPEG)."""
+    jpeg = jpeg_corpus(files, HERE / "corpus" / "jpeg200")
+    n = len(list(jpeg.glob("*.dcm")))
+    checked, carried = [], []
+    for _ in range(repeat):
+        # -xs: the files go as they are (JPEG lossless), not decoded by storescu
+        checked.append(daemon_run(jpeg, work / "c", "STD-GEN-CD", ("-xs",)))
+        carried.append(daemon_run(jpeg, work / "j", "STD-GEN-DVD-JPEG", ("-xs",)))
+    c, j = statistics.median(checked), statistics.median(carried)
+    return {"instances": n, "checked_s": checked, "carried_s": carried, "checked_median": c,
+            "carried_median": j, "ms_per_instance": (c - j) / n * 1000,
             "load_after": load_avg()}
 
 
@@ -342,7 +441,35 @@ def markdown(r: dict) -> str:
     lines += ["", f"Growth from 1,000 to {rs['points'][-1][0]}: {rs['growth_mb']:+.1f} MB "
               f"(target: flat, ≤ 200 MB; max {rs['rss_max']:.0f} MB).", "",
               f"Load after: {rs['load_after']}."]
-    return "\n".join(lines)
+    return "\n".join(lines + extra_markdown(r))
+
+
+def extra_markdown(r: dict) -> list[str]:
+    lines = []
+    rc = r.get("receive")
+    if rc and "null_fast_s" in rc:
+        lines += ["", f"pynetdicom SCP that keeps nothing, with the daemon's reader poll: "
+                  f"{', '.join(f'{x:.2f}' for x in rc['null_fast_s'])} s, median "
+                  f"{rc['null_fast_median']:.2f} s, ratio {rc['null_fast_ratio']:.2f}."]
+        for tree, b in rc.get("baselines", {}).items():
+            lines += ["", f"Daemon of {tree}: {', '.join(f'{x:.2f}' for x in b['runs'])} s, "
+                      f"median {b['median']:.2f} s, ratio {b['ratio']:.2f}."]
+    b = r.get("big")
+    if b:
+        lines += ["", f"**Memory per association**: one {b['instance_mb']:.0f} MB instance "
+                  f"received in {b['seconds']:.1f} s; daemon VmHWM {b['hwm_before_mb']:.0f} -> "
+                  f"{b['hwm_after_mb']:.0f} MB ({b['growth_mb']:+.1f} MB)."]
+        for tree, x in b.get("baselines", {}).items():
+            lines += ["", f"Daemon of {tree}: VmHWM {x['hwm_before_mb']:.0f} -> "
+                      f"{x['hwm_after_mb']:.0f} MB ({x['growth_mb']:+.1f} MB)."]
+    dc = r.get("decode")
+    if dc:
+        lines += ["", f"**Decode check** ({dc['instances']} JPEG lossless instances): "
+                  f"STD-GEN-CD (decoded once at receive) "
+                  f"{', '.join(f'{x:.2f}' for x in dc['checked_s'])} s, STD-GEN-DVD-JPEG "
+                  f"(carried as is) {', '.join(f'{x:.2f}' for x in dc['carried_s'])} s: "
+                  f"{dc['ms_per_instance']:.1f} ms per instance."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,26 +480,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-dir", type=Path, default=HERE / "corpus")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-daemon")
     ap.add_argument("--results", type=Path, default=HERE / "results")
-    ap.add_argument("--parts", default="receive,echo,rss", help="which of receive,echo,rss")
+    ap.add_argument("--parts", default="receive,echo,rss,big,decode",
+                    help="which of receive,echo,rss,big,decode")
+    ap.add_argument("--big-mb", type=int, default=256, help="size of the large instance")
+    ap.add_argument("--baseline", type=Path, action="append", default=[], metavar="TREE",
+                    help="also receive with the daemon of this checkout (e.g. `git worktree "
+                    "add /tmp/old main`), interleaved; repeatable")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     files = corpus(args.instances, args.corpus_dir)
-    small = small_corpus(args.small, args.corpus_dir / f"small{args.small}")
+    small = small_corpus(args.small, args.corpus_dir / f"small{args.small}") \
+        if "rss" in parts else None
     report = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": load_avg(),
               "cpus": os.cpu_count(), "instances": args.instances}
     if "receive" in parts:
-        report["receive"] = receive(files, args.work, args.repeat)
+        report["receive"] = receive(files, args.work, args.repeat, args.baseline)
     if "echo" in parts:
         report["echo"] = echo_latency(files, args.work / "echo")
     if "rss" in parts:
         report["rss"] = rss_growth(small, args.work / "rss")
+    if "big" in parts:
+        report["big"] = big_instance(args.work / "big", args.big_mb, args.baseline)
+    if "decode" in parts:
+        report["decode"] = decode_check(files, args.work / "decode", args.repeat)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"daemon-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    if parts == {"receive", "echo", "rss"}:
+    if {"receive", "echo", "rss"} <= parts:
         print(markdown(report))
     else:
         print(json.dumps(report, indent=2))
+        print("\n".join(extra_markdown(report)))
     print(f"\n(JSON: {out})")
     return 0
 

@@ -32,6 +32,9 @@ from .spool import fsync_dir
 log = logging.getLogger("mastering.daemon.burner")
 
 BLOCK = 2048
+#: what `-as cdrecord` writes past an image: its default 300 KiB pad, and the rounding seen on
+#: pseudo-drives (170-175 blocks in all); a disc must have room for the image and this
+PAD_BYTES = 182 * BLOCK
 PROGRESS = re.compile(r"(\d+)\s+of\s+(\d+)\s+MB written")
 
 
@@ -108,16 +111,25 @@ class DiscDrive:
         return parse_toc(text)
 
     def usable(self, state: MediaState, size: int) -> str:
-        """'' if this medium can take an image of size bytes, else what the operator must do."""
+        """'' if this medium can take an image of size bytes, else what the operator must do.
+        A written rewritable disc that may be blanked is judged after blanking (the space a
+        drive reports for it now leaves out what blanking frees): see :meth:`burn`."""
         if not state.present:
             return "insert a blank disc"
         if not state.blank and not (state.rewritable and self.cfg.blank == "as_needed"):
             return (f"the disc is not blank ({state.describe()}) and blanking is "
                     f"{'off' if self.cfg.blank == 'never' else 'not possible'}: insert a "
                     "blank disc")
-        if size and state.free_bytes and state.free_bytes < size:
-            return (f"the disc holds {state.free_bytes} bytes, the image needs {size}: "
-                    "insert a larger blank disc")
+        if state.blank:
+            return self._room(state, size)
+        return ""
+
+    @staticmethod
+    def _room(state: MediaState, size: int) -> str:
+        need = size + PAD_BYTES if size else 0
+        if need and state.free_bytes and state.free_bytes < need:
+            return (f"the disc holds {state.free_bytes} bytes, the image needs {need} (with "
+                    "the burn's padding): insert a larger blank disc")
         return ""
 
     def burn(self, image: Path, state: MediaState, cancel: threading.Event,
@@ -128,6 +140,9 @@ class DiscDrive:
             if res.returncode != 0:
                 raise BurnError(f"drive {self.name}: blanking failed (xorriso exit "
                                 f"{res.returncode})", written=True)
+            why = self._room(self.media_state(), image.stat().st_size)
+            if why:  # blanked (as allowed), nothing written: the operator brings another
+                raise BurnError(f"drive {self.name}: after blanking, {why}")
         args = [self.cfg.xorriso, "-as", "cdrecord", "-v", f"dev={self.device}"]
         if self.cfg.speed:
             args.append(f"speed={self.cfg.speed}")

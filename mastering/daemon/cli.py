@@ -3,7 +3,8 @@
 directly, so they work while the daemon runs (SQLite WAL) and while it is stopped.
 
 Output: a table on a terminal; off a terminal one line per job (grep-friendly); ``--json``
-for scripts. No patient names or IDs are shown, only job numbers, UIDs and counts.
+for scripts. No patient names or IDs are shown, only job numbers, UIDs and counts: a job's
+group key (the Patient ID when grouping by patient, a watched folder's path) is left out.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def add_commands(sub) -> None:
     s = jsub.add_parser("show", help="one job: state, instances, discs, audit trail")
     s.add_argument("id", type=int)
     s.add_argument("--json", action="store_true", dest="json_sub")
-    jsub.add_parser("retry", help="queue a failed, cancelled or done job again").add_argument(
-        "id", type=int)
+    r = jsub.add_parser("retry", help="queue a failed, cancelled or done job again")
+    r.add_argument("id", type=int)
+    r.add_argument("--leave-out", action="append", default=[], metavar="SOP_INSTANCE_UID",
+                   help="master the job without this instance (one that cannot be converted, "
+                   "say); repeatable; audited")
     jsub.add_parser("cancel", help="cancel a job (a running one stops)").add_argument(
         "id", type=int)
     jsub.add_parser("submit", help="burn a study now (its open job, or a new job of every "
@@ -85,8 +89,9 @@ def _jobs(args: argparse.Namespace, cfg) -> int:
         if cmd == "show":
             return _show(store, args.id, args.json or args.json_sub)
         if cmd == "retry":
-            store.retry(args.id, actor)
-            print(f"job {args.id}: queued again")
+            store.retry(args.id, actor, args.leave_out)
+            left = f", {len(args.leave_out)} instance(s) left out" if args.leave_out else ""
+            print(f"job {args.id}: queued again{left}")
         elif cmd == "cancel":
             state = store.request_cancel(args.id, actor)
             print(f"job {args.id}: " + ("cancelled" if state == "cancelled" else
@@ -109,6 +114,7 @@ def _jobs(args: argparse.Namespace, cfg) -> int:
 def _row(job) -> dict:
     d = dataclasses.asdict(job)
     d.pop("images", None)
+    d.pop("group_key", None)  # a Patient ID or a folder path (names): not for output
     return d
 
 
@@ -147,7 +153,8 @@ def _when(t: float | None) -> str:
 
 def _show(store, job_id: int, as_json: bool) -> int:
     job = store.job(job_id)
-    data = {"job": dataclasses.asdict(job), "media": store.media(job_id),
+    data = {"job": {k: v for k, v in dataclasses.asdict(job).items() if k != "group_key"},
+            "media": store.media(job_id),
             "audit": store.audit_trail(job_id), "instances": store.job_uids(job_id)}
     if as_json:
         print(json.dumps(data, indent=2))
@@ -173,12 +180,38 @@ def _show(store, job_id: int, as_json: bool) -> int:
 
 
 def _purge(store, cfg, days: float, actor: str) -> int:
+    """With the daemon stopped this process takes the spool lock and removes the files
+    itself; with the daemon running the spool is the daemon's: the purges are recorded (the
+    files tombstoned) and the daemon removes them within a second or two, which is awaited."""
     from .service import purge
-    from .spool import Spool
+    from .spool import Spool, SpoolBusy, SpoolLock
 
     spool = Spool(cfg.daemon.spool, store, None, create=False)
     cutoff = time.time() - days * 86400
     jobs = store.done_before(cutoff)
-    files = sum(purge(store, spool, j.id, actor) for j in jobs)
-    print(f"purged {len(jobs)} job(s), {files} spool file(s) removed")
+    try:
+        lock = SpoolLock(cfg.daemon.spool).acquire()
+    except SpoolBusy:
+        lock = None
+    if lock is not None:
+        try:
+            files = sum(purge(store, spool, j.id, actor) for j in jobs)
+        finally:
+            lock.release()
+        print(f"purged {len(jobs)} job(s), {files} spool file(s) removed")
+        left = store.tombstones()
+        if left:
+            print(f"{len(left)} spool file(s) could not be removed (see above); the daemon "
+                  "tries again when it runs", file=sys.stderr)
+            return 1
+        return 0
+    files = sum(len(store.begin_purge(j.id, actor)) for j in jobs)
+    end = time.monotonic() + 60
+    while (store.purging() or store.tombstones()) and time.monotonic() < end:
+        time.sleep(0.2)
+    if store.purging() or store.tombstones():
+        print(f"purge of {len(jobs)} job(s) recorded; the daemon has not finished removing "
+              f"{len(store.tombstones())} spool file(s) yet (see its log)", file=sys.stderr)
+        return 1
+    print(f"purged {len(jobs)} job(s), {files} spool file(s) removed (by the running daemon)")
     return 0

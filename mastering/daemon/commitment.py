@@ -3,14 +3,19 @@
 A modality deletes its local copy when we say an instance is committed, so the
 N-EVENT-REPORT names as committed only instances recorded in the job store, whose spool file
 exists with the size recorded (the store records an instance only after the file and its
-folder were fsynced). Everything else is a failure with its reason (J.3.2.1.3): 0112 no such
-object instance, 0119 class/instance conflict.
+folder were fsynced), and only if the last object this requester sent under that UID was the
+one stored: a requester whose object was refused (a different object under a UID already
+stored, C111; or a corrupt one) is told so, since the object it would delete is not the one
+we hold. The commitment is per requester (its calling AE title) and per object. Everything
+else is a failure with its reason (J.3.2.1.3): 0112 no such object instance, 0119
+class/instance conflict, 0110 processing failure (that object was refused).
 
-The N-ACTION is answered at once; the report follows from another thread (sending from the
-handler would deadlock pynetdicom's reactor), on the same association while it is open,
-else on a new association to the peer in ``commitment.peers`` (we propose the SCP role,
-J.3.3). A transaction is kept in the store until its report was delivered, so a crash or an
-unreachable peer only delays it.
+The N-ACTION is answered at once; the report follows from a small pool of delivery threads
+(sending from the handler would deadlock pynetdicom's reactor, and from the main loop a peer
+that never answers would stop the systemd watchdog's pings), on the same association while
+it is open, else on a new association to the peer in ``commitment.peers`` (we propose the
+SCP role, J.3.3), with a connect timeout. A transaction is kept in the store until its
+report was delivered, so a crash or an unreachable peer only delays it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -33,14 +39,20 @@ PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
 NO_SUCH_INSTANCE, CLASS_INSTANCE_CONFLICT, PROCESSING_FAILURE = 0x0112, 0x0119, 0x0110
 
 
-def evaluate(store: JobStore, refs: list[list[str]]) -> tuple[list[list[str]], list[list]]:
-    """(committed refs, failed refs with reason) for [[class, instance], ...]."""
-    present = store.instances_present([uid for _c, uid in refs])
+def evaluate(store: JobStore, refs: list[list[str]], requester: str
+             ) -> tuple[list[list[str]], list[list]]:
+    """(committed refs, failed refs with reason) for [[class, instance], ...] asked by the
+    calling AE title requester."""
+    uids = [uid for _c, uid in refs]
+    present = store.instances_present(uids)
+    refused = store.refused_by(requester, uids)
     ok, failed = [], []
     for cls, uid in refs:
         rec = present.get(uid)
         if rec is None:
             failed.append([cls, uid, NO_SUCH_INSTANCE])
+        elif uid in refused:  # its object under this UID is not the one we hold
+            failed.append([cls, uid, PROCESSING_FAILURE])
         elif rec.sop_class != cls:
             failed.append([cls, uid, CLASS_INSTANCE_CONFLICT])
         elif not _durable(rec.path, rec.size):
@@ -83,11 +95,14 @@ class Commitments:
     """Takes N-ACTION requests and delivers their reports."""
 
     def __init__(self, store: JobStore, ae, peers: dict[str, tuple[str, int]],
-                 report_delay: float = 0.0):
+                 report_delay: float = 0.0, connect_timeout: float = 10.0, senders: int = 4):
         self.store, self.ae, self.peers = store, ae, peers
         self.report_delay = report_delay
-        self._sending: set[str] = set()
+        ae.connection_timeout = connect_timeout  # outgoing associations only (the reports)
+        self._sending: set[str] = set()  # queued or being delivered
+        self._unreached: set[str] = set()  # told once in the log
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="commitment")
 
     def handle_action(self, event) -> tuple[int, Dataset | None]:
         """EVT_N_ACTION for the Storage Commitment Push Model SOP Class."""
@@ -112,16 +127,39 @@ class Commitments:
                      calling, peer)
         log.info("storage commitment %s from %s@%s: %d instance(s)", tuid, calling, peer,
                  len(refs))
-        threading.Thread(target=self._report, args=(tuid, event.assoc), daemon=True,
-                         name=f"commit-{tuid[-8:]}").start()
+        # the N-ACTION response goes out first
+        self.submit(tuid, event.assoc, max(self.report_delay, 0.05))
         return 0x0000, None
 
-    def _report(self, tuid: str, assoc) -> None:
-        time.sleep(max(self.report_delay, 0.05))  # the N-ACTION response goes out first
-        self.deliver(tuid, assoc)
+    def submit(self, tuid: str, assoc=None, delay: float = 0.0) -> bool:
+        """Queue one pending transaction's report for a delivery thread (never blocks);
+        False if it is queued or being delivered already."""
+        with self._lock:
+            if tuid in self._sending:
+                return False
+            self._sending.add(tuid)
+        try:
+            self._pool.submit(self._run, tuid, assoc, delay)
+        except RuntimeError:  # shutting down: the report waits for the next start
+            with self._lock:
+                self._sending.discard(tuid)
+            return False
+        return True
+
+    def _run(self, tuid: str, assoc, delay: float) -> None:
+        try:
+            if delay:
+                time.sleep(delay)
+            self._deliver(tuid, assoc)
+        except Exception:  # noqa: BLE001 - the transaction stays pending: tried again later
+            log.exception("storage commitment %s: delivery failed", tuid)
+        finally:
+            with self._lock:
+                self._sending.discard(tuid)
 
     def deliver(self, tuid: str, assoc=None) -> bool:
-        """Evaluate and send one pending transaction's report; True once delivered."""
+        """Evaluate and send one pending transaction's report now, in the calling thread;
+        True once delivered."""
         with self._lock:
             if tuid in self._sending:
                 return False
@@ -132,11 +170,14 @@ class Commitments:
             with self._lock:
                 self._sending.discard(tuid)
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _deliver(self, tuid: str, assoc) -> bool:
         req = self.store.request(tuid)
         if req is None or req.state != "pending":
             return False
-        ok, failed = evaluate(self.store, req.data["refs"])
+        ok, failed = evaluate(self.store, req.data["refs"], req.calling_ae)
         if not failed:  # the modality says the study is complete: burn it
             ready_for(self.store, [u for _c, u in ok], "storage commitment", req.calling_ae)
         ds, event_type = report_dataset(tuid, ok, failed)
@@ -178,16 +219,23 @@ class Commitments:
         role.sop_class_uid, role.scu_role, role.scp_role = PUSH_MODEL, False, True
         assoc = self.ae.associate(where[0], where[1], ae_title=calling_ae, ext_neg=[role])
         if not assoc.is_established:
-            log.warning("storage commitment %s: no association to %s at %s:%d", tuid,
-                        calling_ae, *where)
+            first = tuid not in self._unreached
+            self._unreached.add(tuid)
+            (log.warning if first else log.debug)(
+                "storage commitment %s: no association to %s at %s:%d; the report waits and "
+                "is tried again every few seconds", tuid, calling_ae, *where)
             return False
+        self._unreached.discard(tuid)
         try:
             return self._send(assoc, ds, event_type, tuid, "a new association")
         finally:
             assoc.release()
 
-    def retry_pending(self) -> None:
-        """From the main loop: reports not yet delivered (after a restart, a lost peer)."""
+    def retry_pending(self) -> int:
+        """From the main loop: reports not yet delivered (after a restart, a lost peer) are
+        queued for the delivery threads; returns how many."""
+        n = 0
         for req in self.store.requests("commitment", ("pending",)):
-            if time.time() - req.created_at > 1.0:
-                self.deliver(req.uid)
+            if time.time() - req.created_at > 1.0 and self.submit(req.uid):
+                n += 1
+        return n

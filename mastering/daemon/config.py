@@ -25,6 +25,10 @@ class Daemon:
     log_level: str = "info"
     tick_seconds: float = 0.5
     retention_days: float = 7.0
+    #: failed and cancelled jobs, and instances in no job (assembly off and never submitted,
+    #: left out by the operator): their spool is released this long after
+    unfinished_retention_days: float = 30.0
+    quarantine_retention_days: float = 7.0  # refused data sets and their reasons
     status_seconds: float = 5.0  # how often STATUS= is refreshed
 
 
@@ -42,6 +46,7 @@ class Scp:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     min_free_mb: int = 500
+    quarantine_max_mb: int = 1000  # refused data sets beyond this are not kept (0: no limit)
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Assembly:
 class Commitment:
     enabled: bool = True
     report_delay: float = 0.0  # seconds between the N-ACTION answer and the N-EVENT-REPORT
+    connect_timeout: float = 10.0  # seconds to reach a peer for a report on a new association
+    retry_seconds: float = 15.0  # how often undelivered reports are tried again
     peers: dict[str, str] = field(default_factory=dict)  # calling AE -> "host:port"
 
 
@@ -223,6 +230,12 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"assembly.group_by: one of {', '.join(GROUP_BY)}")
     if cfg.media.copies < 1:
         raise ConfigError("media.copies: at least 1")
+    d = cfg.daemon
+    if min(d.retention_days, d.unfinished_retention_days, d.quarantine_retention_days) < 0:
+        raise ConfigError("daemon.*retention_days: 0 or more")
+    if d.unfinished_retention_days * 86400 <= cfg.mcm.instance_timeout:
+        raise ConfigError("daemon.unfinished_retention_days must be longer than "
+                          "mcm.instance_timeout (instances waiting for a request are kept)")
     for peer in cfg.commitment.peers.values():
         _host_port("commitment.peers", peer)
     names = set()

@@ -5,10 +5,19 @@ and Request Priority) queues it (PENDING/QUEUED); once every referenced instance
 in the spool it becomes a job of its own, mastered with the request's profile, File-set ID/UID,
 splitting and display-application choices. Instances that do not arrive within
 ``mcm.instance_timeout`` fail the request with NO_INSTANCE and the Failed SOP Sequence.
-N-ACTION 2 (Cancel) answers C201 (already completed), C202 (in progress) or C203 (denied).
+N-ACTION 2 (Cancel) answers C201 (already completed), C202 (in progress: being mastered,
+burned or read back) or C203 (denied: only the AE that created the request may cancel it).
 N-GET reports Execution Status (IDLE, PENDING, CREATING, DONE, FAILURE) and its Info, Total
 Number of Pieces of Media Created, Failed SOP Sequence and Referenced Storage Media Sequence,
-computed from the job's state and the media recorded for it.
+computed from the job's state and the media recorded for it (discs of the job's current
+images only).
+
+A request's job is made once, atomically (:meth:`JobStore.start_request_job`), and takes its
+instances out of the assembled jobs (``assembly.auto``) that have not started, so they are
+burned once, on the requested disc; an assembled job left empty is cancelled. If an
+assembled job holding some of them had already started, both discs are made and N-GET says
+so: Execution Status Info ALSO_ASSEMBLED (our Defined Term, in the conformance statement)
+where it would say NORMAL.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ log = logging.getLogger("mastering.daemon.mcm")
 
 MCM_CLASS = "1.2.840.10008.5.1.1.33"
 INITIATE, CANCEL = 1, 2
+ALSO_ASSEMBLED = "ALSO_ASSEMBLED"  # Execution Status Info: an assembled disc holds them too
 ALREADY_INITIATED = 0xA510
 CANCEL_COMPLETED, CANCEL_IN_PROGRESS, CANCEL_DENIED = 0xC201, 0xC202, 0xC203
 NO_SUCH_INSTANCE, INVALID_VALUE, MISSING_ATTRIBUTE, NO_SUCH_ACTION = 0x0112, 0x0106, 0x0120, \
@@ -110,7 +120,8 @@ class MediaCreation:
         if req.ActionTypeID == INITIATE:
             return self._initiate(mcm, event.action_information), None
         if req.ActionTypeID == CANCEL:
-            return self._cancel(mcm, event.assoc.requestor.ae_title.strip()), None
+            return self._cancel(mcm, event.assoc.requestor.ae_title.strip(),
+                                event.assoc.requestor.address), None
         return NO_SUCH_ACTION, None
 
     def _initiate(self, mcm, info: Dataset | None) -> int:
@@ -127,10 +138,17 @@ class MediaCreation:
             return ALREADY_INITIATED
         log.info("media creation request %s initiated: %d copies, priority %s", mcm.uid, copies,
                  priority)
-        self.step()
+        started = self.store.request(mcm.uid)
+        if started is not None and started.job_id is None:
+            self._try_start(started, time.time())  # at once if its instances are all here
         return 0x0000
 
-    def _cancel(self, mcm, actor: str) -> int:
+    def _cancel(self, mcm, actor: str, address: str) -> int:
+        if actor != mcm.calling_ae:
+            log.warning("media creation request %s: cancel from %s@%s refused (C203): only "
+                        "%s, which created it, may cancel it", mcm.uid, actor, address,
+                        mcm.calling_ae)
+            return CANCEL_DENIED
         if mcm.job_id is None:
             if mcm.state in ("DONE", "FAILURE"):
                 return CANCEL_COMPLETED
@@ -141,6 +159,8 @@ class MediaCreation:
         if job.state in ("done", "failed", "cancelled"):
             return CANCEL_COMPLETED
         if job.state in ACTIVE:
+            log.info("media creation request %s: cancel refused (C202), job %d is %s",
+                     mcm.uid, job.id, job.state)
             return CANCEL_IN_PROGRESS
         try:
             self.store.request_cancel(job.id, f"mcm:{actor}")
@@ -174,12 +194,21 @@ class MediaCreation:
         data = mcm.data
         options = {k: data[k] for k in ("profile", "fileset_id", "fileset_uid", "label",
                                          "span", "viewer", "label_text") if data.get(k) != ""}
-        job_id = self.store.create_job(uids, source="mcm", actor=f"mcm:{mcm.calling_ae}",
-                                       options=options, copies=data.get("copies", 1),
-                                       priority=PRIORITY[data.get("priority", "MED")],
-                                       ready_by="media creation request")
-        self.store.update_request(mcm.uid, job_id=job_id, state="PENDING")
+        job_id, started = self.store.start_request_job(
+            mcm.uid, uids, source="mcm", actor=f"mcm:{mcm.calling_ae}", options=options,
+            copies=data.get("copies", 1), priority=PRIORITY[data.get("priority", "MED")],
+            ready_by="media creation request")
+        if job_id is None:  # another thread started it first
+            return
         log.info("media creation request %s: all instances stored, job %d", mcm.uid, job_id)
+        if started:
+            self.store.update_request(mcm.uid, data={**data, "also_on": started})
+            self.store.audit(job_id, "also-assembled", actor=f"mcm:{mcm.calling_ae}",
+                             detail="instances also on assembled job(s) "
+                             + ", ".join(map(str, started)) + " (already started)")
+            log.warning("media creation request %s: some of its instances are also on "
+                        "assembled job(s) %s, which had already started: they are burned "
+                        "twice", mcm.uid, ", ".join(map(str, started)))
 
     def _refused(self, refs: list[list[str]]) -> str:
         uids = [u for _c, u, _p in refs]
@@ -218,11 +247,14 @@ class MediaCreation:
         if mcm.job_id is not None:
             job = self.store.job(mcm.job_id)
             status, info = _job_status(job)
-            good = [m for m in self.store.media(job.id) if m["state"] == "verified"]
-            pieces = len(good)
+            if info == "NORMAL" and mcm.data.get("also_on"):
+                info = ALSO_ASSEMBLED
             by_volume = {v["index"]: v for v in job.images}
+            good = [m for m in self.store.media(job.id) if m["state"] == "verified"
+                    and m["sha256"] == by_volume.get(m["volume"], {}).get("sha256")]
+            pieces = len(good)
             for m in good:
-                vol = by_volume.get(m["volume"], {})
+                vol = by_volume[m["volume"]]
                 media.append((vol.get("fileset_id", ""), vol.get("fileset_uid", "")))
             if status == "FAILURE":
                 failed = [[c, u, 0x0110] for c, u, _p in mcm.data["refs"]]

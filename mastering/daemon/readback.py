@@ -28,6 +28,7 @@ from ..profiles import Profile
 from ..verify import verify
 
 BLOCK = 1 << 20
+SECTOR = 2048  # an optical disc's logical block; O_DIRECT lengths are multiples of it
 
 
 @dataclass
@@ -69,20 +70,26 @@ def _hash_fd(fd: int, size: int) -> str:
 
 
 def _direct_checksum(path: Path, size: int) -> str:
-    """O_DIRECT needs aligned buffers: an anonymous mmap is page aligned."""
+    """O_DIRECT needs aligned buffers (an anonymous mmap is page aligned) and lengths in
+    whole sectors. Never a byte past the image's last sector: on a CD written track-at-once
+    the run-out blocks after the short pad are unreadable, and a read reaching into them
+    fails although every sector of the image is good."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, BLOCK)
+    view = memoryview(buf)
     try:
         left = size
         while left > 0:
-            n = os.readv(fd, [buf])
+            want = min(BLOCK, -(-left // SECTOR) * SECTOR)  # whole 2048-byte sectors
+            n = os.readv(fd, [view[:want]])
             if n <= 0:
                 raise OSError(f"the medium ends {left} bytes before the image")
             take = min(n, left)
-            h.update(buf[:take])
+            h.update(view[:take])
             left -= take
     finally:
+        view.release()
         buf.close()
         os.close(fd)
     return h.hexdigest()

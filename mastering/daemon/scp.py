@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -107,10 +108,44 @@ def handle_requested(event, policy: Policy) -> None:
     event.assoc.kill()
 
 
+#: pynetdicom's reader thread sleeps this long whenever it finds nothing to do (its default
+#: is 1 ms); a sender waiting for each C-STORE response pays it several times per instance.
+#: Associations that are transferring poll faster; idle ones go back to the default
+#: (:func:`slow_idle`), since a faster poll costs CPU while nothing comes.
+FAST_POLL, IDLE_POLL, IDLE_AFTER = 0.0001, 0.001, 2.0
+
+
+def _poll(assoc, delay: float) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = delay
+    assoc.mastering_active = time.monotonic()
+
+
+def slow_idle(ae: AE) -> None:
+    """From the main loop: associations without a C-STORE for IDLE_AFTER s poll slowly."""
+    now = time.monotonic()
+    for assoc in ae.active_associations:
+        if now - getattr(assoc, "mastering_active", now) > IDLE_AFTER:
+            dul = getattr(assoc, "dul", None)
+            if dul is not None and getattr(dul, "_run_loop_delay", IDLE_POLL) != IDLE_POLL:
+                dul._run_loop_delay = IDLE_POLL
+
+
 def handle_open(event) -> None:
     """No Nagle on our side: a C-STORE response waits for nothing (network.md §4)."""
     with contextlib.suppress(AttributeError, OSError):
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _poll(event.assoc, FAST_POLL)
+
+
+def handle_close(event, services: Services) -> None:
+    """Data sets an aborted association left half-received are removed at once."""
+    n = services.spool.drop_incoming(event.assoc.dul)
+    if n:
+        log.warning("association from %s@%s ended with %d data set(s) not received whole; "
+                    "removed", event.assoc.requestor.ae_title.strip(),
+                    event.assoc.requestor.address, n)
 
 
 def handle_echo(event) -> int:
@@ -130,12 +165,15 @@ def _status(code: int, comment: str = "") -> int | Dataset:
 
 def handle_store(event, services: Services) -> int | Dataset:
     req = event.request
+    _poll(event.assoc, FAST_POLL)
     calling = event.assoc.requestor.ae_title.strip()
     peer = event.assoc.requestor.address
     try:
-        data = event.encoded_dataset()
-        out = services.spool.receive(data, str(req.AffectedSOPClassUID),
-                                     str(req.AffectedSOPInstanceUID), calling, peer)
+        incoming = services.spool.take_incoming(event.dataset_path)
+        if incoming is None:  # not streamed by us (cannot happen once start() ran)
+            raise RuntimeError("the data set was not received into the spool")
+        out = services.spool.receive_incoming(incoming, str(req.AffectedSOPClassUID),
+                                              str(req.AffectedSOPInstanceUID), calling, peer)
     except Exception:  # a failure status, never a Success, and a log line naming the peer
         log.exception("C-STORE %s from %s@%s failed", req.AffectedSOPInstanceUID, calling, peer)
         return _status(CANNOT_UNDERSTAND, "internal error")
@@ -216,6 +254,7 @@ def handlers(services: Services) -> list:
     return [
         (evt.EVT_REQUESTED, handle_requested, [Policy(services.config)]),
         (evt.EVT_CONN_OPEN, handle_open),
+        (evt.EVT_CONN_CLOSE, handle_close, [services]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services]),
         (evt.EVT_N_ACTION, handle_n_action, [services]),
@@ -224,7 +263,24 @@ def handlers(services: Services) -> list:
     ]
 
 
+def stream_into(spool: Spool) -> None:
+    """C-STORE data sets go to the spool as they arrive, PDU by PDU, instead of being
+    gathered in memory (pynetdicom's STORE_RECV_CHUNKED_DATASET, network.md §1): memory per
+    association stays the same whatever the size of an instance. pynetdicom writes them into
+    a tempfile.NamedTemporaryFile; this process's one spool supplies that file instead (in
+    its tmp/, so the finished data set is renamed into place, not copied, and a full disk is
+    answered A700 rather than by an abort)."""
+    from pynetdicom import _config, dimse_messages
+
+    if not hasattr(dimse_messages, "NamedTemporaryFile"):  # pragma: no cover - a new release
+        raise RuntimeError("this pynetdicom does not stream C-STORE data sets the way the "
+                           "daemon expects (dimse_messages.NamedTemporaryFile)")
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = spool.incoming
+
+
 def start(ae: AE, services: Services):
     """Listen (non-blocking); returns the server, whose socket gives the bound port."""
     cfg = services.config.scp
+    stream_into(services.spool)
     return ae.start_server((cfg.bind, cfg.port), block=False, evt_handlers=handlers(services))

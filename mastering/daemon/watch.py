@@ -40,8 +40,8 @@ def scan_watch_folder(daemon) -> list[int]:
 
 
 def take(daemon, folder: Path, marker: Path, key: str) -> int | None:
-    """Folder names often carry patient names (PACS exports): logs name the folder by its
-    inode only; the store keeps the path (owner-only)."""
+    """Folder names often carry patient names (PACS exports): logs and the request row name
+    the folder by its inode only; the job keeps the path (owner-only) until it is purged."""
     uids, refused = [], 0
     where = f"watched folder (inode {folder.stat().st_ino})"
     for root, dirs, names in os.walk(folder):
@@ -50,15 +50,14 @@ def take(daemon, folder: Path, marker: Path, key: str) -> int | None:
             path = Path(root) / name
             if path == marker or not path.is_file():
                 continue
-            data = path.read_bytes()
-            out = daemon.spool.receive(data, None, None, "WATCH", where, auto=False)
+            out = daemon.spool.receive_file(path, "WATCH", where, auto=False)
             if out.status == 0 and out.sop_uid:
                 uids.append(out.sop_uid)
             else:
                 refused += 1
                 log.warning("%s: a file was refused (0x%04X): %s", where, out.status,
                             out.comment)
-    daemon.store.add_request(key, "watch", "taken", "WATCH", str(folder),
+    daemon.store.add_request(key, "watch", "taken", "WATCH", where,
                              {"instances": len(uids), "refused": refused})
     if not uids:
         log.warning("%s: no instance accepted; no job", where)

@@ -1,5 +1,9 @@
 """One drive's worker: takes a ready job and carries it to ``done`` (or back to the queue).
 
+Every change of state it makes names the state it expects the job to be in; if the store
+refuses (someone else moved the job: an operator's command, a daemon that should not be
+there), the worker stops working on it at once and says so, it never writes over them.
+
 mastering: the job's spooled instances go through :func:`mastering.pipeline.master` (kind
 "iso"), the only DICOMDIR/ISO code path; each image's size and SHA-256 are recorded with the
 change to ``burning`` (an image is reused after a crash only if it still has that checksum).
@@ -22,9 +26,10 @@ from pathlib import Path
 from .. import profiles
 from ..intake import Cancelled
 from ..pipeline import MasteringError, Options, master
-from .burner import BurnError, DiscDrive, ImageFolder, MediaState
+from .burner import PAD_BYTES, BurnError, DiscDrive, ImageFolder, MediaState
 from .readback import read_back
 from .spool import sha256_file
+from .store import ACTIVE
 
 log = logging.getLogger("mastering.daemon.worker")
 
@@ -39,6 +44,19 @@ class Permanent(Exception):
 
 class Shutdown(Exception):
     """The daemon is stopping: leave the job as it is; recovery at the next start redoes it."""
+
+
+class Lost(Exception):
+    """The job is no longer in the state this worker left it in: someone else owns it now."""
+
+
+class Unconvertible(Permanent):
+    """Mastering could not convert some instances (a compressed data set that will not
+    decode): (SOP Instance UID, reason) for each."""
+
+    def __init__(self, message: str, instances: list[tuple[str, str]]):
+        super().__init__(message)
+        self.instances = instances
 
 
 def fileset_id(job) -> str:
@@ -111,6 +129,18 @@ class Worker(threading.Thread):
 
     # -- one job ----------------------------------------------------------------------------
 
+    def move(self, job_id: int, to: str, expect: tuple[str, ...], **fields) -> None:
+        """A change of state of a job this worker runs; Lost if it is not where we left it."""
+        if not self.d.store.transition(job_id, to, expect=expect, **fields):
+            raise Lost(f"job {job_id} was moved by someone else (now "
+                       f"{self.d.store.job(job_id).state}); drive {self.drive.name} leaves it")
+
+    def finish(self, medium: int, state: str, **fields) -> None:
+        """The outcome of a disc this worker burns; Lost if someone else reported on it."""
+        if not self.d.store.finish_medium(medium, state, **fields):
+            raise Lost(f"medium {medium} was reported on by someone else; drive "
+                       f"{self.drive.name} leaves its job")
+
     def run_job(self, job) -> None:
         self.job_id = job.id
         cancel = threading.Event()
@@ -119,35 +149,46 @@ class Worker(threading.Thread):
         watcher.start()
         store = self.d.store
         try:
-            images = self.master(job, cancel)
-            self.burn_all(store.job(job.id), images, cancel)
-            store.transition(job.id, "done", expect=("verifying",), drive=self.drive.name,
-                             reason="")
-            log.info("job %d done on drive %s", job.id, self.drive.name)
-        except Shutdown:
-            log.info("job %d interrupted by shutdown; it is redone at the next start", job.id)
-        except (Cancelled, _CancelledBurn):
-            if self.d.stopping.is_set():
-                log.info("job %d interrupted by shutdown", job.id)
-            else:
-                store.transition(job.id, "cancelled", reason="cancelled by the operator",
-                                 drive=self.drive.name)
-                log.info("job %d cancelled", job.id)
-        except Permanent as exc:
-            store.transition(job.id, "failed", reason=str(exc), drive=self.drive.name)
-            log.error("job %d failed: %s", job.id, exc)
-        except Transient as exc:
-            self.backoff(job.id, str(exc))
-        except Exception as exc:  # a bug or an unforeseen fault: the job must not hang
-            log.exception("job %d: unexpected error", job.id)
-            self.backoff(job.id, f"unexpected error: {exc}")
+            try:
+                images = self.master(job, cancel)
+                self.burn_all(store.job(job.id), images, cancel)
+                self.move(job.id, "done", ("verifying",), drive=self.drive.name, reason="")
+                log.info("job %d done on drive %s", job.id, self.drive.name)
+            except Shutdown:
+                log.info("job %d interrupted by shutdown; it is redone at the next start",
+                         job.id)
+            except (Cancelled, _CancelledBurn):
+                if self.d.stopping.is_set():
+                    log.info("job %d interrupted by shutdown", job.id)
+                else:
+                    self.move(job.id, "cancelled", ACTIVE, reason="cancelled by the operator",
+                              drive=self.drive.name)
+                    log.info("job %d cancelled", job.id)
+            except Unconvertible as exc:
+                self.move(job.id, "failed", ACTIVE, reason=str(exc), drive=self.drive.name)
+                for uid, why in exc.instances:
+                    store.audit(job.id, "unconvertible", drive=self.drive.name,
+                                detail=f"instance {uid}: {why}")
+                log.error("job %d failed: %s", job.id, exc)
+            except Permanent as exc:
+                self.move(job.id, "failed", ACTIVE, reason=str(exc), drive=self.drive.name)
+                log.error("job %d failed: %s", job.id, exc)
+            except Transient as exc:
+                self.backoff(job.id, str(exc))
+            except Lost:
+                raise
+            except Exception as exc:  # a bug or an unforeseen fault: the job must not hang
+                log.exception("job %d: unexpected error", job.id)
+                self.backoff(job.id, f"unexpected error: {exc}")
+        except Lost as exc:
+            log.error("%s", exc)
         finally:
             cancel.set()
             self.job_id = None
             self.status = "idle"
 
     def _watch_cancel(self, job_id: int, cancel: threading.Event) -> None:
-        while not cancel.wait(1.0):
+        while not cancel.wait(0.25):
             if self.d.stopping.is_set():
                 cancel.set()
                 return
@@ -161,14 +202,19 @@ class Worker(threading.Thread):
         store, retry = self.d.store, self.d.cfg.retry
         job = store.job(job_id)
         attempts = job.attempts + 1
+        if job.cancel_requested:  # asked while the attempt ran: no next attempt
+            self.move(job_id, "cancelled", ACTIVE, attempts=attempts, drive=self.drive.name,
+                      reason="cancelled by the operator")
+            log.info("job %d cancelled (its attempt had failed: %s)", job_id, reason)
+            return
         if attempts >= retry.max_attempts:
-            store.transition(job_id, "failed", attempts=attempts, drive=self.drive.name,
-                             reason=f"gave up after {attempts} attempts: {reason}")
+            self.move(job_id, "failed", ACTIVE, attempts=attempts, drive=self.drive.name,
+                      reason=f"gave up after {attempts} attempts: {reason}")
             log.error("job %d failed after %d attempts: %s", job_id, attempts, reason)
             return
         delay = min(retry.backoff_seconds * 2 ** (attempts - 1), retry.max_backoff_seconds)
-        store.transition(job_id, "ready", attempts=attempts, not_before=time.time() + delay,
-                         reason=f"attempt {attempts} failed: {reason}", drive=self.drive.name)
+        self.move(job_id, "ready", ACTIVE, attempts=attempts, not_before=time.time() + delay,
+                  reason=f"attempt {attempts} failed: {reason}", drive=self.drive.name)
         log.warning("job %d: attempt %d failed (%s); next try in %.0f s", job_id, attempts,
                     reason, delay)
 
@@ -178,8 +224,8 @@ class Worker(threading.Thread):
         store = self.d.store
         image_dir = self.d.spool.job_dir(job.id) / "image"
         if job.images and all(_intact(img) for img in job.images):
-            store.transition(job.id, "burning", expect=("mastering",),
-                             detail="image(s) from the earlier attempt, checksums intact")
+            self.move(job.id, "burning", ("mastering",),
+                      detail="image(s) from the earlier attempt, checksums intact")
             return job.images
         shutil.rmtree(image_dir, ignore_errors=True)  # our own job folder: a killed run's
         image_dir.mkdir(parents=True, mode=0o700)
@@ -189,9 +235,20 @@ class Worker(threading.Thread):
             raise Permanent(f"{len(missing)} spooled instance(s) missing (first: "
                             f"{missing[0] if missing else 'none in the job'})")
         options = options_for(self.d.cfg, job)
+        cap = options.profile.capacity_bytes
+        if isinstance(self.drive, DiscDrive) and cap:  # a disc holds the image and the pad
+            options.profile = options.profile.with_capacity(max(cap - PAD_BYTES, 1))
         self.status = f"mastering job {job.id}"
-        report = master_in_child([Path(r.path) for r in records],
-                                 image_dir / f"{options.fileset_id}.iso", options, cancel)
+        try:
+            report = master_in_child([Path(r.path) for r in records],
+                                     image_dir / f"{options.fileset_id}.iso", options, cancel)
+        except Unconvertible as exc:  # name them, and the operator's way out
+            uids = [u for u, _why in exc.instances]
+            raise Unconvertible(
+                f"{exc}: {len(uids)} instance(s) cannot be converted for profile "
+                f"{options.profile.id} (first: {uids[0]}: {exc.instances[0][1]}); nothing "
+                f"was burned. To burn the rest: mastering jobs retry {job.id} "
+                + " ".join(f"--leave-out {u}" for u in uids), exc.instances) from None
         if self.d.stopping.is_set():
             raise Shutdown()
         images = []
@@ -203,9 +260,9 @@ class Worker(threading.Thread):
                            "instances": vol.instances,
                            "labels": [p for p in report.labels
                                       if Path(p).name.startswith(stem + ".label")]})
-        store.transition(job.id, "burning", expect=("mastering",), images=images,
-                         detail=f"{len(images)} volume(s), {report.instances} instance(s), "
-                         f"{report.bytes} bytes", checksum=images[0]["sha256"])
+        self.move(job.id, "burning", ("mastering",), images=images,
+                  detail=f"{len(images)} volume(s), {report.instances} instance(s), "
+                  f"{report.bytes} bytes", checksum=images[0]["sha256"])
         log.info("job %d mastered: %d volume(s), %d instance(s)", job.id, len(images),
                  report.instances)
         return images
@@ -227,7 +284,7 @@ class Worker(threading.Thread):
             state = self._wait_for_disc(job, img, copy, cancel, first=n == 1)
             self._burn_one(job, img, copy, state, profile, cancel)
         if not discs:  # every disc verified before a crash: only the final state is missing
-            self.d.store.transition(job.id, "verifying", expect=("burning", "verifying"))
+            self.move(job.id, "verifying", ("burning", "verifying"))
 
     def copies(self, job) -> int:
         """An MCM request says its own Number of Copies; other jobs take media.copies."""
@@ -265,7 +322,7 @@ class Worker(threading.Thread):
                   cancel: threading.Event) -> None:
         store, name = self.d.store, self.drive.name
         if store.job(job.id).state == "verifying":  # the next disc of the job
-            store.transition(job.id, "burning", expect=("verifying",), drive=name)
+            self.move(job.id, "burning", ("verifying",), drive=name)
         medium = store.start_medium(job.id, img["index"], copy, name)
         disc = f"medium {medium}: volume {img['index']}/{img['count']} copy {copy}"
         store.audit(job.id, "burn-start", drive=name, disc=disc, checksum=img["sha256"],
@@ -278,26 +335,30 @@ class Worker(threading.Thread):
         try:
             seconds = self.drive.burn(Path(img["path"]), state, cancel, progress)
         except BurnError as exc:
-            store.finish_medium(medium, "spoiled", detail=str(exc))
-            store.audit(job.id, "disc-spoiled", drive=name, disc=disc, detail=str(exc))
+            if exc.written:
+                self.finish(medium, "spoiled", detail=str(exc))
+                store.audit(job.id, "disc-spoiled", drive=name, disc=disc, detail=str(exc))
+            else:  # nothing reached it: not a spoiled disc, the wrong one
+                self.finish(medium, "unused", detail=str(exc))
+                store.audit(job.id, "disc-refused", drive=name, disc=disc, detail=str(exc))
             self.drive.eject()
             if cancel.is_set():
                 self._raise_cancel()
             raise Transient(str(exc)) from exc
-        store.transition(job.id, "verifying", expect=("burning",), drive=name, disc=disc,
-                         checksum=img["sha256"], detail=f"burned in {seconds:.1f} s")
+        self.move(job.id, "verifying", ("burning",), drive=name, disc=disc,
+                  checksum=img["sha256"], detail=f"burned in {seconds:.1f} s")
         self.status = f"verifying job {job.id} ({disc})"
         rb = read_back(self.drive.read_path, img["bytes"], img["sha256"], profile, cancel)
         if cancel.is_set():
-            store.finish_medium(medium, "spoiled", detail="read-back interrupted")
+            self.finish(medium, "spoiled", detail="read-back interrupted")
             self._raise_cancel()
         if not rb.ok:
-            store.finish_medium(medium, "failed-readback", detail=rb.reason, sha256=rb.sha256,
+            self.finish(medium, "failed-readback", detail=rb.reason, sha256=rb.sha256,
                                 burn_seconds=seconds, verify_seconds=rb.seconds)
             store.audit(job.id, "disc-spoiled", drive=name, disc=disc, detail=rb.reason)
             self.drive.eject()
             raise Transient(f"{disc} failed read-back: {rb.reason}")
-        store.finish_medium(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
+        self.finish(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
                             burn_seconds=seconds, verify_seconds=rb.seconds)
         store.audit(job.id, "disc-verified", drive=name, disc=disc, checksum=rb.sha256,
                     detail=f"burn {seconds:.2f} s, read-back {rb.seconds:.2f} s "
@@ -316,14 +377,14 @@ class Worker(threading.Thread):
         except OSError as exc:
             raise Transient(f"image folder {self.drive.folder}: {exc.strerror or exc}") from exc
         seconds = time.monotonic() - t0
-        store.transition(job.id, "verifying", expect=("burning",), drive=name)
+        self.move(job.id, "verifying", ("burning",), drive=name)
         for img, path in zip(images, out, strict=True):
             medium = store.start_medium(job.id, img["index"], 1, name)
             rb = read_back(path, img["bytes"], img["sha256"], profile, cancel)
             if not rb.ok:
-                store.finish_medium(medium, "failed-readback", detail=rb.reason)
+                self.finish(medium, "failed-readback", detail=rb.reason)
                 raise Transient(f"{path.name} failed read-back: {rb.reason}")
-            store.finish_medium(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
+            self.finish(medium, "verified", sha256=rb.sha256, bytes=img["bytes"],
                                 burn_seconds=seconds, verify_seconds=rb.seconds)
             store.audit(job.id, "image-published", drive=name, disc=path.name,
                         checksum=rb.sha256)
@@ -366,6 +427,8 @@ def master_in_child(paths: list[Path], output: Path, options: Options,
         raise Cancelled(payload)
     if kind == "invalid":
         raise Permanent(payload)
+    if kind == "unconvertible":
+        raise Unconvertible(*payload)
     raise Transient(payload)
 
 
@@ -374,8 +437,11 @@ def _master_child(paths, output, options, stop, conn) -> None:
     try:
         result = ("ok", master(paths, output, options, kind="iso", cancel=stop))
     except MasteringError as exc:
+        failed = [(Path(p["path"]).name.removesuffix(".dcm"), p["reason"])
+                  for p in exc.report.invalid if p["reason"].startswith("cannot convert")]
         first = exc.report.invalid[0]["reason"] if exc.report.invalid else ""
-        result = ("invalid", f"{exc}{': ' + first if first else ''}")
+        result = ("unconvertible", (str(exc), failed)) if failed else \
+            ("invalid", f"{exc}{': ' + first if first else ''}")
     except Cancelled as exc:
         result = ("cancelled", str(exc))
     except OSError as exc:

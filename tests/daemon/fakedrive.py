@@ -1,9 +1,11 @@
 """A disc drive for the tests: a FUSE file system holding one file, ``disc``, that xorriso
 burns as a ``stdio:`` pseudo-drive. It writes at a set speed (so a test can kill the daemon
 while a burn is under way), fails with EIO after a set number of bytes (a drive failing
-mid-write), returns corrupted data when read (a disc failing read-back), and reports a set
-capacity (the medium's size). Behaviour comes from ``control.json`` in the backing folder,
-re-read when it changes, so a test can change the "medium" while the file system runs.
+mid-write), returns corrupted data when read (a disc failing read-back), fails reads that
+reach past a set offset (the unreadable run-out blocks of a CD written track-at-once), and
+reports a set capacity (the medium's size). Behaviour comes from ``control.json`` in the
+backing folder, re-read when it changes, so a test can change the "medium" while the file
+system runs.
 
 Run as ``python fakedrive.py BACKING MOUNTPOINT`` (foreground; unmount with
 ``fusermount3 -u`` or by ending the process).
@@ -76,6 +78,9 @@ class FakeDrive(fuse.Operations):
         return os.open(self._real(path), flags & ~(os.O_DIRECT | os.O_EXCL))
 
     def read(self, path, size, offset, fh):
+        bad = int(self.control().get("unreadable_from", -1))
+        if bad >= 0 and offset + size > bad:  # a CD's run-out blocks past the pad
+            raise fuse.FuseOSError(errno.EIO)
         data = os.pread(fh, size, offset)
         rate = float(self.control().get("read_rate", 0))
         if rate:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mastering.daemon.burner import parse_toc
+from mastering.daemon.burner import PAD_BYTES, parse_toc
 from tests.conftest import ct_series, dciodvfy_errors, extract_iso, make_ct
 
 from .conftest import job_of_study, storescu, wait_for
@@ -96,7 +96,7 @@ def test_spanning_copies_and_disc_changes(daemon, fake_drive, tmp_path):
     its own blank disc, the operator changing discs between them; every disc is a complete
     File-set that dciodvfy accepts."""
     drive = fake_drive()
-    d = daemon(media={"capacity": 400_000, "copies": 2},
+    d = daemon(media={"capacity": 400_000 + PAD_BYTES, "copies": 2},
                drives=[{"name": "fd", "device": drive.device, "blank": "never",
                         "poll_seconds": 0.2}])
     assert storescu(d.port, ct_series(tmp_path / "in", 3, 6, rows=96)).returncode == 0
@@ -104,14 +104,16 @@ def test_spanning_copies_and_disc_changes(daemon, fake_drive, tmp_path):
     taken: list[Path] = []
     stop = threading.Event()
 
-    def operator():  # takes each verified disc out, keeping it
+    def operator():  # takes each verified disc out once asked for the next (keeping it)
         seen = 0
         while not stop.wait(0.1):
             job = job_of_study(store, "1.2.3.4.1")
             if job is None:
                 continue
             verified = [m for m in store.media(job.id) if m["state"] == "verified"]
-            if len(verified) > seen and drive.disc.exists():
+            asked = sum(a["event"] == "waiting-for-disc" for a in store.audit_trail(job.id))
+            if len(verified) > seen and drive.disc.exists() and (
+                    asked > seen or store.job(job.id).state == "done"):
                 m = verified[seen]
                 dst = tmp_path / f"disc-v{m['volume']}-c{m['copy']}.img"
                 drive.take_out(dst)
@@ -172,3 +174,112 @@ def test_image_folder_output(daemon, tmp_path):
     assert vol["labels"] and all((hot / name).is_file() for name in vol["labels"])
     assert not [p for p in hot.iterdir() if p.name.startswith(".")]  # no temporary left
     assert dciodvfy_errors(extract_iso(iso, tmp_path / "x") / "DICOMDIR") == []
+
+
+def test_an_unwritable_image_folder_is_refused_at_start(tmp_path):
+    """ProtectSystem=strict makes a hot folder outside ReadWritePaths= read-only; the daemon
+    says so at start (not after five failed publishes) and the drop-in example that fixes
+    it passes systemd-analyze verify (which reads it: a typo in it is reported)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import REPO, base_config, write_config
+
+    if os.geteuid() != 0:
+        pytest.fail("mounting a read-only tmpfs needs root (the test machine runs as root)")
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(hot)], check=True)
+    try:
+        cfg = write_config(tmp_path / "d.toml", base_config(
+            tmp_path, drives=[{"name": "robot", "kind": "image_folder", "folder": str(hot)}]))
+        res = subprocess.run([sys.executable, "-m", "mastering", "daemon", "--config", str(cfg)],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(hot)], check=False)
+    assert res.returncode == 1
+    assert f"the image folder {hot} is not writable (Read-only file system)" in res.stderr
+    assert "ReadWritePaths=" in res.stderr and "listening" not in res.stderr
+    exe = shutil.which("systemd-analyze")
+    unit = tmp_path / "sd" / "mastering-daemon.service"
+    (unit.parent / "mastering-daemon.service.d").mkdir(parents=True)
+    unit.write_text((REPO / "systemd" / "mastering-daemon.service").read_text().replace(
+        "/opt/dicom-mastering/.venv/bin/mastering", str(Path(sys.executable).with_name(
+            "mastering"))))
+    example = REPO / "systemd" / "mastering-daemon.service.d" / "image-folder.conf.example"
+    dropin = unit.parent / "mastering-daemon.service.d" / "image-folder.conf"
+    dropin.write_text(example.read_text())
+    res = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+    dropin.write_text(example.read_text().replace("ReadWritePaths=", "ReadWritePathz="))
+    res = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
+    assert "ReadWritePathz" in res.stderr
+
+
+def test_read_back_of_a_block_device_stays_within_the_image(fake_drive, tmp_path):
+    """A block device whose sectors past the image and a short pad cannot be read (a CD
+    written track-at-once): the O_DIRECT checksum reads exactly the image's sectors and
+    matches; reading a whole 1 MiB past the end fails on such a device."""
+    import mmap
+    import os
+    import subprocess
+
+    from mastering.daemon.readback import medium_checksum
+
+    drive = fake_drive()
+    size = 562 * 2048  # 1.15 MB: the last 1 MiB read would reach 0.95 MB past the image
+    data = os.urandom(size)
+    drive.disc.write_bytes(data + bytes(4 << 20))
+    drive.set(unreadable_from=size + 512 * 1024)  # the image, a pad, then run-out blocks
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", str(drive.mount / "disc")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        assert medium_checksum(Path(loop), size) == hashlib.sha256(data).hexdigest()
+        fd = os.open(loop, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 1 << 20)
+        try:
+            os.readv(fd, [buf])
+            with pytest.raises(OSError):  # what a whole-MiB last read meets
+                os.readv(fd, [buf])
+        finally:
+            buf.close()
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_a_disc_must_hold_the_image_and_the_burns_padding(daemon, fake_drive, tmp_path):
+    """A blank disc with room for the image but not for what `-as cdrecord` pads after it
+    is refused before the burn (the operator asked for a larger one), not burned into
+    five spoiled discs; a large enough one is then burned."""
+    drive = fake_drive()
+    drive.set(capacity=420_000)
+    d = daemon(drives=[{"name": "fd", "device": drive.device, "blank": "as_needed",
+                        "poll_seconds": 0.2}])
+    assert storescu(d.port, ct_series(tmp_path / "in", 1, 8, rows=128)).returncode == 0
+    wait_for(lambda: "insert a larger blank disc" in d.log, message="the operator to be told")
+    store = d.store()
+    job = job_of_study(store, "1.2.3.4.1")
+    assert job.images and job.images[0]["bytes"] < 420_000  # the image alone would fit
+    assert store.media(job.id) == [] and job.state == "burning"
+    drive.set(capacity=2_000_000)
+    job = wait_for(lambda: _done(d), message="the burn on the larger disc")
+    assert [m["state"] for m in store.media(job.id)] == ["verified"]
+
+
+def test_a_written_rewritable_disc_is_judged_after_blanking():
+    """The space a drive reports for a written rewritable disc leaves out what blanking
+    frees: with blanking allowed it is not refused as too small (burn() blanks, then asks
+    the drive again); a blank disc too small, or a disc that may not be blanked, is."""
+    from mastering.daemon.burner import DiscDrive, MediaState
+    from mastering.daemon.config import Drive
+
+    written = MediaState(True, blank=False, rewritable=True, free_bytes=100_000)
+    blank = MediaState(True, blank=True, rewritable=True, free_bytes=100_000)
+    may = DiscDrive(Drive(name="a", device="/dev/sr9", blank="as_needed"))
+    never = DiscDrive(Drive(name="b", device="/dev/sr9", blank="never"))
+    assert may.usable(written, 2_000_000) == ""
+    assert "insert a larger blank disc" in may.usable(blank, 2_000_000)
+    assert "blanking is off" in never.usable(written, 2_000_000)

@@ -19,7 +19,7 @@ import pytest
 from mastering.daemon import config
 from tests.conftest import ct_series, make_ct
 
-from .conftest import REPO, job_of_study, scu_ae, send, storescu, wait_for
+from .conftest import REPO, body_of, job_of_study, scu_ae, send, storescu, wait_for
 
 
 def jobs_cmd(d, *args: str) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def jobs_cmd(d, *args: str) -> subprocess.CompletedProcess:
 
 def test_jobs_commands_with_the_daemon_running_and_stopped(daemon, tmp_path):
     d = daemon(assembly={"auto": False})
-    files = ct_series(tmp_path / "in", 1, 3)
+    files = ct_series(tmp_path / "in", 1, 3, patient_id="PURGEDPID9")
     assert storescu(d.port, files).returncode == 0
     listing = json.loads(jobs_cmd(d, "--json").stdout)
     assert listing == []  # auto assembly off: nothing burns until asked
@@ -57,20 +57,19 @@ def test_jobs_commands_with_the_daemon_running_and_stopped(daemon, tmp_path):
     d.start()
     wait_for(lambda: store.job(1).state == "done", message="the retried job")
     assert [m["state"] for m in store.media(1)] == ["superseded", "verified"]  # a new disc
-    d.stop()
     spooled = [Path(r.path) for r in store.job_files(1)]
     assert all(p.is_file() for p in spooled)
+    # purged while the daemon runs (and keeps the job store open)
     res = jobs_cmd(d, "purge", "--done-older-than", "0")
     assert res.returncode == 0 and "purged 1 job(s), 3 spool file(s)" in res.stdout
     assert not any(p.exists() for p in spooled)
     assert not (Path(store.path).parent / "jobs" / "000001").exists()
     uid = pydicom.dcmread(next(files.rglob("*.dcm")), stop_before_pixels=True).SOPInstanceUID
     store.close()
-    con = __import__("sqlite3").connect(str(config.load(d.config).database))
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
     raw = b"".join(p.read_bytes() for p in Path(store.path).parent.glob("jobs.sqlite*"))
-    assert uid.encode() not in raw  # secure_delete: purged rows are overwritten
+    # secure_delete overwrote the purged rows, and the purge checkpointed the WAL
+    assert uid.encode() not in raw and b"PURGEDPID9" not in raw
+    assert jobs_cmd(d, "retry", "1").returncode == 2  # purged: nothing left to burn
 
 
 def test_follow_up_job_and_cancel(daemon, fake_drive, tmp_path):
@@ -261,3 +260,50 @@ def test_grouping(tmp_path, group_by, jobs):
         out = spool.receive(f.read_bytes(), ds.SOPClassUID, ds.SOPInstanceUID, ae, "127.0.0.1")
         assert out.status == 0
     assert len(store.jobs()) == jobs
+
+
+def test_retention_releases_everything_it_kept(daemon, tmp_path):
+    """Instances never submitted (assembly off), a cancelled job's instances and the
+    quarantine are released after their retention, like done jobs; the quarantine has a
+    size limit; the Patient ID a job was grouped by is never printed by `jobs --json` and
+    is gone from the job store, WAL included, once the job is purged."""
+    from .conftest import send_raw
+
+    keep = {"unfinished_retention_days": 4 / 86400, "quarantine_retention_days": 4 / 86400}
+    d1 = daemon(daemon=keep, assembly={"auto": False}, mcm={"instance_timeout": 1},
+                drives=[])
+    never = [make_ct(tmp_path / "o", f"{i}.dcm", instance=i, patient_id="SECRETPID7",
+                     study_uid="1.2.3.4.70") for i in (1, 2)]
+    assert storescu(d1.port, *never).returncode == 0
+    d1.stop()
+    d = daemon(daemon=keep, assembly={"group_by": "patient", "quiet_seconds": 300},
+               scp={"quarantine_max_mb": 1}, mcm={"instance_timeout": 1}, drives=[])
+    assert storescu(d.port, ct_series(tmp_path / "in", 1, 3, patient_id="SECRETPID8"))\
+        .returncode == 0
+    store = d.store()
+    job = store.jobs()[0]
+    assert job.group_key == "SECRETPID8"
+    listing, shown = jobs_cmd(d, "--json").stdout, jobs_cmd(d, "show", str(job.id), "--json").stdout
+    assert json.loads(listing)[0]["id"] == job.id and json.loads(shown)["job"]["id"] == job.id
+    assert "SECRETPID" not in listing + shown and "group_key" not in listing + shown
+    assert "cancelled" in jobs_cmd(d, "cancel", str(job.id)).stdout
+    ae = scu_ae()
+    assoc = ae.associate("127.0.0.1", d.port, ae_title="BURNER")
+    big = body_of(make_ct(tmp_path / "q", "q.dcm", rows=560))  # 627 KB, truncated below
+    assert send_raw(assoc, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.9.61", big[:-100]) == 0xC000
+    assert send_raw(assoc, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.9.62", big[:-100]) == 0xC000
+    assoc.release()
+    q = {x["sop_uid"]: x for x in store.quarantined()}
+    assert Path(q["1.2.3.9.61"]["path"]).is_file()
+    assert q["1.2.3.9.62"]["path"] == "" and "quarantine_max_mb" in q["1.2.3.9.62"]["reason"]
+    spool = Path(store.path).parent
+    wait_for(lambda: not list((spool / "instances").iterdir())
+             and not list((spool / "quarantine").iterdir()) and not store.quarantined()
+             and store.job(job.id).purged == 1, 20,
+             message=lambda: f"retention: {list((spool / 'instances').iterdir())} "
+             f"{list((spool / 'quarantine').iterdir())} {store.job(job.id)}")
+    assert all(store.instance(pydicom.dcmread(f).SOPInstanceUID) is None for f in never)
+    time.sleep(0.5)
+    store.close()
+    raw = b"".join(p.read_bytes() for p in spool.glob("jobs.sqlite*"))
+    assert b"SECRETPID" not in raw and b"1.2.3.9.61" not in raw

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
 from tests.conftest import dciodvfy_errors, dcmdump, extract_iso, make_ct, sample
@@ -192,3 +193,130 @@ def test_mismatched_sop_class_is_refused(daemon, tmp_path):
     assoc.release()
     assert d.store().instance("1.2.3.9.8") is None
     wait_for(lambda: "0xA900" in d.log, 5, message="the refusal to be logged")
+
+
+def _undecodable_jpeg(folder: Path) -> Path:
+    """pydicom's JPEG baseline sample with its entropy-coded data scrambled: the structure
+    (and the JPEG markers up to SOS) is intact, the pixels cannot be decoded."""
+    raw = bytearray(sample("SC_rgb_jpeg_dcmtk.dcm").read_bytes())
+    sos = raw.find(b"\xff\xda")
+    for k in range(sos + 20, len(raw) - 200, 3):
+        raw[k] = 0xFF if raw[k] != 0xFF else 0x00
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bad.dcm"
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _store_as_is(port: int, path: Path, aet: str = "MODALITY") -> Dataset:
+    """C-STORE a file in its own transfer syntax (a context of just that syntax)."""
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title="BURNER")
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        assoc.release()
+
+
+def test_undecodable_compressed_data_set_is_refused_at_receive(daemon, tmp_path):
+    """With STD-GEN-CD (Explicit VR Little Endian only) a JPEG data set must be decoded on
+    its way to the disc: one that cannot be is refused at C-STORE (C000, kept in quarantine
+    with the reason) instead of being acknowledged and failing the whole study's disc; the
+    decodable one is stored and the study is burned."""
+    d = daemon(assembly={"quiet_seconds": 1, "group_by": "calling_ae"})
+    bad = _undecodable_jpeg(tmp_path / "bad")
+    status = _store_as_is(d.port, bad)
+    assert status.Status == 0xC000 and "cannot be decoded" in status.ErrorComment
+    store = d.store()
+    uid = pydicom.dcmread(bad, stop_before_pixels=True).SOPInstanceUID
+    assert store.instance(uid) is None
+    q = [x for x in store.quarantined() if x["sop_uid"] == uid]
+    assert q and "1.2.840.10008.1.2.4.50" in q[0]["reason"] and Path(q[0]["path"]).is_file()
+    good_ct = make_ct(tmp_path / "ct", "ct.dcm")
+    assert _store_as_is(d.port, good_ct).Status == 0
+    assert _store_as_is(d.port, sample("SC_rgb_jpeg_dcmtk.dcm")).Status == 0  # decodable
+    job = wait_for(lambda: (j := store.jobs()) and j[0].state in ("done", "failed") and j[0],
+                   message="the disc")
+    assert job.state == "done" and job.instances == 2, job.reason
+
+
+def test_a_conversion_that_fails_at_mastering_names_the_instance(daemon, tmp_path):
+    """The profile of the receive (STD-GEN-DVD-JPEG) carries JPEG as it is, so the bad
+    instance is stored; a Media Creation request for STD-GEN-CD must decode it and cannot.
+    The job fails naming the instance and the way out; `jobs retry ID --leave-out UID`
+    masters the rest, audited."""
+    import subprocess
+    import sys
+
+    from mastering.daemon.mcm import MCM_CLASS
+
+    from .conftest import REPO
+
+    d = daemon(assembly={"auto": False}, media={"profile": "STD-GEN-DVD-JPEG"})
+    bad = _undecodable_jpeg(tmp_path / "bad")
+    assert _store_as_is(d.port, bad).Status == 0
+    cts = [make_ct(tmp_path / "ct", f"{i}.dcm", instance=i) for i in (1, 2)]
+    for f in cts:
+        assert _store_as_is(d.port, f).Status == 0
+    files = [bad, *cts]
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    classes = [pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID for f in files]
+    req = Dataset()
+    items = []
+    for cls, uid in zip(classes, uids, strict=True):
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, uid
+        item.RequestedMediaApplicationProfile = "STD-GEN-CD"
+        items.append(item)
+    req.ReferencedSOPSequence = items
+    ae = scu_ae(MCM_CLASS)
+    assoc = ae.associate("127.0.0.1", d.port, ae_title="BURNER")
+    mcm_uid = "1.2.3.66.1"
+    assert assoc.send_n_create(req, MCM_CLASS, mcm_uid)[0].Status == 0
+    assert assoc.send_n_action(None, 1, MCM_CLASS, mcm_uid)[0].Status == 0
+    assoc.release()
+    store = d.store()
+    job = wait_for(lambda: (j := [x for x in store.jobs() if x.source == "mcm"])
+                   and j[0].state in ("failed", "done") and j[0], message="the MCM job")
+    assert job.state == "failed"
+    assert uids[0] in job.reason and f"retry {job.id} --leave-out {uids[0]}" in job.reason
+    assert all(u not in job.reason for u in uids[1:])
+    assert any(a["event"] == "unconvertible" and uids[0] in a["detail"]
+               for a in store.audit_trail(job.id))
+    res = subprocess.run([sys.executable, "-m", "mastering", "jobs", "--config", str(d.config),
+                          "retry", str(job.id), "--leave-out", uids[0]], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0 and "1 instance(s) left out" in res.stdout, res.stderr
+    wait_for(lambda: store.job(job.id).state == "done", message="the rest on a disc")
+    assert store.job(job.id).instances == 2
+    left = [a for a in store.audit_trail(job.id) if a["event"] == "left-out"]
+    assert len(left) == 1 and uids[0] in left[0]["detail"] and left[0]["actor"].startswith("cli:")
+    fs = FileSet(extract_iso(tmp_path / "disc.img", tmp_path / "x") / "DICOMDIR")
+    assert sorted(i.SOPInstanceUID for i in fs) == sorted(uids[1:])
+
+
+def test_memory_per_association_does_not_grow_with_the_instance(daemon, tmp_path):
+    """A 67 MB instance is streamed into the spool as it arrives: the daemon's peak memory
+    grows by a small fraction of it (it held the whole data set twice before)."""
+    big = make_ct(tmp_path / "big", "big.dcm", rows=5800, value=7, study_uid="1.2.3.444")
+    size = big.stat().st_size
+    d = daemon(assembly={"quiet_seconds": 300}, scp={"max_pdu": 0})
+
+    def hwm() -> int:
+        for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    assert echoscu(d.port).returncode == 0  # the association machinery has run once
+    before = hwm()
+    res = storescu(d.port, big)
+    assert res.returncode == 0, res.stderr
+    grown = hwm() - before
+    rec = d.store().instance(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    assert rec is not None and body_of(Path(rec.path)) == body_of(big)
+    assert grown < size / 4, f"peak memory grew by {grown / 1e6:.0f} MB for {size / 1e6:.0f} MB"
