@@ -126,12 +126,16 @@ def _list(store, as_json: bool) -> int:
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
+
+        from ..terminal import printable
 
         table = Table("job", "state", "instances", "study / group", "ready by", "drive",
                       "updated", "reason")
-        for j in jobs:
-            table.add_row(str(j.id), j.state, str(j.instances), _group(j), j.ready_by, j.drive,
-                          _when(j.updated_at), j.reason)
+        for j in jobs:  # cells as Text: a reason or a path is never read as markup
+            table.add_row(*(Text(printable(c or "")) for c in (
+                str(j.id), j.state, str(j.instances), _group(j), j.ready_by, j.drive,
+                _when(j.updated_at), j.reason)))
         Console().print(table)
         return 0
     for j in jobs:

@@ -15,10 +15,9 @@ import time
 import tomllib
 from pathlib import Path
 
-from rich.console import Console
-
 from .. import profiles
 from ..pipeline import Options, check_fileset_id
+from ..terminal import Printer, printable
 from . import devices, export
 from . import format as fmt
 from .devices import Disk, Policy
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         return _list(policy, args)
     if not args.inputs:
-        Console(stderr=True).print("[red]error:[/] give the DICOM files or folders to write")
+        _error(Printer(sys.stderr), "give the DICOM files or folders to write")
         return 2
     return _write(policy, args)
 
@@ -52,24 +51,28 @@ def _list(policy: Policy, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.to_json() for d in disks], indent=2))
         return 0
-    out = Console()
+    out = Printer(sys.stdout)
     if not disks:
-        out.print("no USB disks")
+        out.line("no USB disks")
     for d in disks:
-        verdict = {"eligible": "[green]can be written[/]", "needs-format": "[yellow]needs "
-                   "formatting[/]"}.get(d.state, "[red]refused[/]")
-        out.print(f"{d.node}  {d.title}  {d.filesystem_text}  {verdict}", highlight=False)
+        verdict = {"eligible": ("can be written", "green"),
+                   "needs-format": ("needs formatting", "yellow")}.get(d.state, ("refused", "red"))
+        out.line(printable(f"{d.node}  {d.title}  {d.filesystem_text}  "), verdict)
         if d.reason:
-            out.print(f"    {d.reason}", highlight=False)
+            out.line(printable(f"    {d.reason}"))
     return 0
 
 
-def _pick(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None:
+def _error(err: Printer, message: object) -> None:
+    err.line(("error:", "red"), " ", printable(message))
+
+
+def _pick(policy: Policy, args: argparse.Namespace, err: Printer) -> Disk | None:
     if args.device:
         try:
             disk = devices.find(policy, args.device)
         except LookupError as exc:
-            err.print(f"[red]error:[/] {exc}")
+            _error(err, f"{exc}")
             return None
         return disk if disk.eligible or (disk.state == "needs-format" and args.format) \
             else _refused(disk, err)
@@ -79,13 +82,13 @@ def _pick(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None
     return _choose(disks, args, err, quiet=False)
 
 
-def _refused(disk: Disk, err: Console) -> None:
+def _refused(disk: Disk, err: Printer) -> None:
     hint = " (use --format)" if disk.state == "needs-format" else ""
-    err.print(f"[red]{disk.node}[/] {disk.title}: {disk.reason}{hint}", highlight=False)
+    err.line((printable(disk.node), "red"), printable(f" {disk.title}: {disk.reason}{hint}"))
     return None
 
 
-def _choose(disks: list[Disk], args: argparse.Namespace, err: Console, *,
+def _choose(disks: list[Disk], args: argparse.Namespace, err: Printer, *,
             quiet: bool) -> Disk | None:
     usable = [d for d in disks if d.eligible or (d.state == "needs-format" and args.format)]
     if len(usable) == 1:
@@ -93,23 +96,22 @@ def _choose(disks: list[Disk], args: argparse.Namespace, err: Console, *,
     if quiet:
         return None
     if usable:
-        err.print(f"[red]error:[/] {len(usable)} sticks could be written: name one with "
-                  "--device", highlight=False)
+        _error(err, f"{len(usable)} sticks could be written: name one with --device")
         for d in usable:
-            err.print(f"  {d.node}  {d.title}", highlight=False)
+            err.line(printable(f"  {d.node}  {d.title}"))
         return None
-    err.print("[red]error:[/] no USB stick that can be written")
+    _error(err, "no USB stick that can be written")
     for d in disks:
         _refused(d, err)
     return None
 
 
-def _wait(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None:
+def _wait(policy: Policy, args: argparse.Namespace, err: Printer) -> Disk | None:
     changed = threading.Event()
     observer = devices.watch(lambda action, name: changed.set())
     deadline = time.monotonic() + args.timeout if args.timeout else None
     told: set[str] = set()
-    err.print("waiting for a USB stick ...")
+    err.line("waiting for a USB stick ...")
     try:
         while True:
             disks = devices.list_disks(policy)
@@ -122,7 +124,7 @@ def _wait(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None
                     _refused(d, err)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                err.print("[red]error:[/] no USB stick was inserted")
+                _error(err, "no USB stick was inserted")
                 return None
             changed.wait(timeout=1 if left is None else min(1, left))
             changed.clear()
@@ -130,26 +132,26 @@ def _wait(policy: Policy, args: argparse.Namespace, err: Console) -> Disk | None
         observer.stop()
 
 
-def _confirm_format(disk: Disk, args: argparse.Namespace, err: Console) -> bool:
-    err.print(f"Formatting {fmt.describe(disk)}.", highlight=False)
+def _confirm_format(disk: Disk, args: argparse.Namespace, err: Printer) -> bool:
+    err.line(printable(f"Formatting {fmt.describe(disk)}."))
     if args.yes:
         return True
     if not sys.stdin.isatty():
-        err.print("[red]error:[/] --format needs --yes when there is no terminal to ask")
+        _error(err, "--format needs --yes when there is no terminal to ask")
         return False
     return input("Type yes to format it: ").strip().lower() == "yes"
 
 
 def _write(policy: Policy, args: argparse.Namespace) -> int:
-    err = Console(stderr=True)
+    err = Printer(sys.stderr)
     try:
         profile = profiles.load(args.profile)
         check_fileset_id(args.fileset_id)
     except (profiles.ProfileError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(err, f"{exc}")
         return 2
     if profile.filesystem != "fat":
-        err.print(f"[red]error:[/] {profile.id} is not a USB profile")
+        _error(err, f"{profile.id} is not a USB profile")
         return 2
     disk = _pick(policy, args, err)
     if disk is None:
@@ -157,7 +159,7 @@ def _write(policy: Policy, args: argparse.Namespace) -> int:
     try:
         how = mounter(policy.mounter)
     except MountError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(err, f"{exc}")
         return 6
     if disk.state == "needs-format":
         if not _confirm_format(disk, args, err):
@@ -165,7 +167,7 @@ def _write(policy: Policy, args: argparse.Namespace) -> int:
         try:
             disk = fmt.format_stick(disk, how, policy)
         except (fmt.FormatRefused, MountError) as exc:
-            err.print(f"[red]error:[/] {exc}")
+            _error(err, f"{exc}")
             return 6
     options = Options.from_env(profile, fileset_id=args.fileset_id, viewer=args.viewer,
                                skip_invalid=args.skip_invalid, workers=args.workers,
@@ -188,8 +190,8 @@ def _write(policy: Policy, args: argparse.Namespace) -> int:
 class _Lines:
     """One line per stage (grep-able, off a terminal too) and a rich bar on a terminal."""
 
-    def __init__(self, console: Console, enabled: bool):
-        self.console, self.enabled = console, enabled
+    def __init__(self, printer: Printer, enabled: bool):
+        self.printer, self.enabled = printer, enabled
         self.bar = None
         self.task = None
         self.current = ""
@@ -197,10 +199,10 @@ class _Lines:
     def stage(self, name: str) -> None:
         if self.enabled:
             self._stop()
-            self.console.print(f"{name} ...", highlight=False)
+            self.printer.line(printable(f"{name} ..."))
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled or not self.console.is_terminal:
+        if not self.enabled or self.printer.console is None:  # a bar on a terminal only
             return
         from rich.progress import (
             BarColumn,
@@ -213,8 +215,11 @@ class _Lines:
         if stage != self.current:
             self._stop()
             self.current = stage
-            self.bar = Progress(TextColumn(f"{stage:<22}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=self.console, transient=True)
+            from rich.markup import escape
+
+            self.bar = Progress(TextColumn(escape(f"{stage:<22}")), BarColumn(),
+                                MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=self.printer.console, transient=True)
             self.bar.start()
             self.task = self.bar.add_task(stage, total=total)
         self.bar.update(self.task, completed=done, total=total)
@@ -225,7 +230,7 @@ class _Lines:
             self.bar, self.current = None, ""
 
 
-def _emit(outcome: export.Outcome, disk: Disk, args: argparse.Namespace, err: Console) -> int:
+def _emit(outcome: export.Outcome, disk: Disk, args: argparse.Namespace, err: Printer) -> int:
     if args.json:
         import dataclasses
 
@@ -235,22 +240,23 @@ def _emit(outcome: export.Outcome, disk: Disk, args: argparse.Namespace, err: Co
                 "report": dataclasses.asdict(outcome.report) if outcome.report else None}
         print(json.dumps(data, indent=2))
         return outcome.exit_code
-    out = Console()
+    out = Printer(sys.stdout)
     if outcome.ok:
         r = outcome.report
         assert r is not None
-        out.print(f"[green]✓[/] {disk.title}: {r.patients} patient(s), {r.studies} study(ies), "
-                  f"{r.instances} instance(s) on the stick, verified", highlight=False)
+        out.line(("✓ ", "green"), printable(
+            f"{disk.title}: {r.patients} patient(s), {r.studies} study(ies), "
+            f"{r.instances} instance(s) on the stick, verified"))
         for w in r.warnings:
-            out.print(f"  [yellow]warning:[/] {w}", highlight=False)
-        out.print(f"[bold]{outcome.message}[/]")
+            out.line(("  warning: ", "yellow"), printable(w))
+        out.line((printable(outcome.message), "bold"))
         return 0
-    err.print(f"[red]error:[/] {outcome.message}", highlight=False)
+    _error(err, f"{outcome.message}")
     if outcome.detail and outcome.detail not in outcome.message:
-        err.print(f"  {outcome.detail}", highlight=False)
+        err.line("  " + printable(outcome.detail))
     if outcome.report is not None:
         for item in outcome.report.invalid:
-            err.print(f"  {item['path']}: {item['reason']}", highlight=False)
+            err.line(printable(f"  {item['path']}: {item['reason']}"))
         for v in outcome.report.violations:
-            err.print(f"  {v['code']} {v['path']}: {v['message']}", highlight=False)
+            err.line(printable(f"  {v['code']} {v['path']}: {v['message']}"))
     return outcome.exit_code

@@ -177,6 +177,29 @@ def test_cli_lists_the_stick_and_refuses_the_rest(stack, tmp_path: Path, loops) 
     assert found[loop.node]["eligible"]
     assert found[other.node]["code"] == "bus"
     assert all(d["code"] == "system" for d in found.values() if d["name"].startswith("vd"))
+    # off a terminal: one plain line per disk (no colour, no wrapping: grep finds a whole line)
+    res = subprocess.run([sys.executable, "-m", "mastering", "usb", "--list", "--all",
+                          "--config", str(usb_config(tmp_path, [image]))],
+                         capture_output=True, text=True, env={**stack.env(), "COLUMNS": "40"},
+                         check=True)
+    assert "\x1b" not in res.stdout
+    lines = res.stdout.splitlines()
+    assert any(line.startswith(loop.node + "  ") and line.endswith("can be written")
+               for line in lines), lines
+    assert any(line.startswith(other.node + "  ") and line.endswith("refused")
+               for line in lines), lines
+
+
+def test_cli_prints_outside_text_as_it_is(stack, tmp_path: Path, loops) -> None:
+    """A name from outside (here a device name) is never read as markup nor wrapped."""
+    loop, image = _stick(stack, tmp_path, loops)
+    name = "/dev/[/red]no-such-stick-" + "x" * 80
+    res = subprocess.run([sys.executable, "-m", "mastering", "usb", str(tmp_path), "--device",
+                          name, "--config", str(usb_config(tmp_path, [image]))],
+                         capture_output=True, text=True, env=stack.env(), timeout=60)
+    assert res.returncode == 7, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("error: ") and name in first, res.stderr
 
 
 def test_cancel_mid_write_leaves_the_stick_as_it_was(stack, tmp_path: Path, loops) -> None:
