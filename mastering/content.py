@@ -21,13 +21,13 @@ from .plan import FileEntry
 
 @dataclass(frozen=True, slots=True)
 class Range:
-    """length bytes of the file at path, from offset; stamp = (device, inode, size, mtime ns)
-    the file had when it was scanned (None for our own staged files)."""
+    """length bytes of the file at path, from offset; stamp: the file's
+    :func:`isosource.stat_stamp` when it was scanned (None for our own staged files)."""
 
     path: str
     offset: int
     length: int
-    stamp: tuple[int, int, int, int] | None = None
+    stamp: isosource.Stamp | None = None
 
 
 class SourceChanged(OSError):
@@ -38,7 +38,7 @@ def check_stamp(part: Range, fd: int) -> None:
     if part.stamp is None:
         return
     st = os.fstat(fd)
-    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != part.stamp:
+    if isosource.stat_stamp(st) != part.stamp:
         raise SourceChanged(f"{part.path}: changed after it was scanned; nothing was written")
 
 
@@ -46,7 +46,7 @@ Segment = bytes | Range
 
 
 def source_range(path: str, offset: int, length: int,
-                 stamp: tuple[int, int, int, int] | None) -> Range:
+                 stamp: isosource.Stamp | None) -> Range:
     """length bytes of an input from offset, as a range of a real file: a file inside an
     ISO image is a range of the image (isosource), so it is copied like any other."""
     member = isosource.locate(path) if not os.path.lexists(path) else None

@@ -25,6 +25,7 @@ Where the file system refuses ``O_DIRECT`` (tmpfs, some FUSE and network file sy
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import queue
@@ -106,16 +107,23 @@ class Capture:
 
 
 def open_direct(path: Path) -> int | None:
-    """path created exclusively for direct writes, or None where the file system cannot."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
-    if not getattr(os, "O_DIRECT", 0):
+    """path created exclusively for direct writes, or None where the file system cannot
+    (then nothing is left at path). The file is created first and O_DIRECT asked for after:
+    a file system that refuses it (ramfs, tmpfs before Linux 6.6, some FUSE and network
+    ones) would otherwise refuse the open only after creating the file."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
         return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        return os.open(path, flags, 0o666)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
     except OSError as exc:
+        os.close(fd)
+        os.unlink(path)  # created just now by this call (O_EXCL): ours
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
+    return fd
 
 
 class DirectUnsupported(OSError):

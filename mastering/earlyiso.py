@@ -27,15 +27,17 @@ reproducible under SOURCE_DATE_EPOCH like any other.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import shutil
 import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import directio, plan, syscalls
+from . import directio, isosource, plan, syscalls
 from .content import Range, Segment, SourceChanged, copy_segments, copy_to, segments
 from .plan import FileEntry
 
@@ -150,6 +152,7 @@ class EarlyImage(_Copier):
         self.start = 0  # first sector of the data area, set by walked()
         self.next = 0
         self.slots: dict[str, Slot] = {}
+        self.uids: set[str] = set()  # SOP Instance UIDs with a slot
         self.fd: int | None = None
         self.used: set[int] = set()
         self.direct = False
@@ -177,7 +180,17 @@ class EarlyImage(_Copier):
         if self.fd is None:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                               0o666)
-        syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
+        try:
+            syscalls.allocate(self.fd, self.start * SECTOR + int(total * 1.02))
+        except OSError as exc:
+            # the walk counted every file (non-DICOM ones, duplicates): the image may still
+            # fit written the ordinary way, which decides
+            os.close(self.fd)
+            self.fd = None
+            self.path.unlink()  # ours: created exclusively above
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return
+            raise
         self.active = True
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
@@ -185,8 +198,9 @@ class EarlyImage(_Copier):
         if not self.active or self.error is not None:
             return
         entry = _entry(inst, self.profile)
-        if entry is None or inst.path in self.slots:
-            return
+        if entry is None or inst.path in self.slots or inst.sop_instance_uid in self.uids:
+            return  # a second copy of an object: the plan keeps one, the ordinary way
+        self.uids.add(inst.sop_instance_uid)
         parts = segments(entry)
         length = sum(len(p) if isinstance(p, bytes) else p.length for p in parts)
         self.slots[inst.path] = Slot(self.next, length, _key(parts))
@@ -338,7 +352,9 @@ class EarlyFolder(_Copier):
         super().__init__()
         self.folder, self.profile = folder, profile
         self.slots: dict[str, tuple[int, tuple]] = {}  # path -> (number, key)
+        self.uids: set[str] = set()  # SOP Instance UIDs with a copy
         self.used: set[str] = set()
+        self.full = False  # the medium filled up during the early copies
 
     def walked(self, paths: list[str]) -> None:
         total = 0
@@ -355,17 +371,34 @@ class EarlyFolder(_Copier):
         self.active = True
 
     def add(self, inst) -> None:  # noqa: ANN001 - intake.Instance
-        if not self.active or self.error is not None or inst.path in self.slots:
+        if not self.active or self.error is not None or inst.path in self.slots \
+                or inst.sop_instance_uid in self.uids:  # a second copy: the plan keeps one
             return
         entry = _entry(inst, self.profile)
         if entry is None:
             return
+        self.uids.add(inst.sop_instance_uid)
         number = len(self.slots)
         self.slots[inst.path] = (number, _key(segments(entry)))
         self._queue((entry, str(self._place(number))))
 
     def _copy(self, job: tuple) -> None:
-        copy_to(*job)
+        try:
+            copy_to(*job)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.full, self.stopped = True, True  # the ordinary writer decides; see finish
+
+    def finish(self) -> None:
+        """As _Copier.finish; a medium that filled up during the early copies gets them
+        removed (our work folder) and the File-set is written the ordinary way, which fails
+        only if the content itself does not fit."""
+        super().finish()
+        if self.full:
+            shutil.rmtree(self.folder)
+            self.slots.clear()
+            self.active = False
 
     def take(self, entry: FileEntry, target: Path) -> bool:
         """Rename the early copy of entry to target if it is the content the plan wants."""
@@ -388,5 +421,5 @@ def _check_stamp(path: str, stamp: tuple) -> None:
         st = os.stat(path)
     except OSError as exc:
         raise SourceChanged(f"{path}: changed after it was scanned; nothing was written") from exc
-    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+    if isosource.stat_stamp(st) != stamp:
         raise SourceChanged(f"{path}: changed after it was scanned; nothing was written")

@@ -88,7 +88,7 @@ class Instance:
     #: header is at hand (see mastering.reencode); None otherwise
     reencoded: object | None = None
     #: (device, inode, size, mtime ns) at scan time: the writer refuses a file that changed
-    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)
+    stamp: isosource.Stamp = (0, 0, 0, 0, 0)  # isosource.stat_stamp of the file
     #: Instance Creation Date and Time as YYYYMMDDHHMMSS.ffffff ("" if absent or invalid)
     created: str = ""
     #: File ID of an instance already in the File-set being updated (PS3.10 8.3 File-set
@@ -246,11 +246,11 @@ def _classify(path: str, walk: Walk) -> None:
 # -- scanning one file (runs in worker processes) --------------------------------------------
 
 
-def file_stamp(path: str) -> tuple[int, int, int, int]:
-    if not os.path.lexists(path):  # a file inside an ISO image: the image's stamp
+def file_stamp(path: str) -> isosource.Stamp:
+    """:func:`isosource.stat_stamp` of the file (for a file inside an ISO image: the image's)."""
+    if not os.path.lexists(path):
         return isosource.stamp(path)
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return isosource.stat_stamp(os.stat(path))
 
 
 def _layout(path: str, collect: frozenset[int]) -> part10.Layout:
@@ -856,10 +856,10 @@ def _compact(inst: Instance, shared: dict) -> Instance:
     for name in _MOSTLY_EMPTY:
         if not getattr(inst, name):
             setattr(inst, name, ())
-    dev, ino, size, mtime = inst.stamp  # (a file inside an image has the image's stamp)
+    dev, ino, size, mtime, ctime = inst.stamp  # (a file inside an image: the image's)
     if size == inst.size:
         inst.size = size
-    inst.stamp = (shared.setdefault(dev, dev), ino, size, mtime)
+    inst.stamp = (shared.setdefault(dev, dev), ino, size, mtime, ctime)
     return inst
 
 

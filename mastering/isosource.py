@@ -101,14 +101,23 @@ def is_image(path: Path) -> bool:
 
 
 @lru_cache(maxsize=4)
-def _image(path: str, stamp: tuple[int, int, int, int]) -> IsoSource:
+def _image(path: str, stamp: Stamp) -> IsoSource:
     """The open image, once per process and version of the file."""
     return IsoSource(Path(path))
 
 
-def _stamp(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+Stamp = tuple[int, int, int, int, int]
+
+
+def stat_stamp(st: os.stat_result) -> Stamp:
+    """(device, inode, size, mtime ns, ctime ns): what says a file is still the one that was
+    read. The change time is in it because a rewrite can put the size and modification time
+    back (``rsync --inplace -t``, a restore), but no program can set the change time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _stamp(path: str) -> Stamp:
+    return stat_stamp(os.stat(path))
 
 
 def open_image(path: Path) -> IsoSource:
@@ -139,8 +148,8 @@ def locate(path: str) -> Member | None:
     return None
 
 
-def stamp(path: str) -> tuple[int, int, int, int]:
-    """(device, inode, size, mtime ns) of the file holding path: the image for members."""
+def stamp(path: str) -> Stamp:
+    """The :func:`stat_stamp` of the file holding path: the image for members."""
     found = locate(path)
     return _stamp(found.image if found else path)
 

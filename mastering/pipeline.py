@@ -566,6 +566,10 @@ def _write_volume(vol: plan.Volume, tmp: Path, final: Path, kind: str, extra: li
     for entry in vol.entries():  # the records are written: their keys are not needed again
         entry.instance.leaf = b""
     if kind != "iso":
+        if extra:  # the web content's manifest: a later --replace knows these files as ours
+            from .inplace import with_manifest
+
+            extra = with_manifest(extra)
         return folderwriter.write(vol, dd, tmp, extra, label=label, sync=options.sync,
                                   progress=progress, cancel=cancel,
                                   early=early if isinstance(early, earlyiso.EarlyFolder)
@@ -595,7 +599,11 @@ def _image(vol: plan.Volume, dd: Path, extra: list, options: Options, tmp: Path,
         image = isowriter.build(vol, dd, options.profile, extra, volume_id=volume_id,
                                 early=(placed, early.start, early.end))
         image._reshuffle_extents()
-        if not image.overflow:
+        size = image.pvd.space_size * image.logical_block_size
+        capacity = options.profile.capacity_bytes
+        # the early layout keeps the slots of left-out files and the reserve's unused part:
+        # where that does not fit, the ordinary layout may
+        if not image.overflow and not (capacity and size > capacity):
             return image, early
         image.close()
     if early is not None and early.active:

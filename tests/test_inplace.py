@@ -253,6 +253,25 @@ def test_replace_with_the_viewer_replaces_our_web_pages_and_nothing_else(stick: 
     assert any(w.startswith("INDEX.HTM") and "left alone" in w for w in r.warnings)
 
 
+@pytest.mark.oracle
+def test_a_new_fileset_with_the_viewer_can_be_replaced_later(tmp_path: Path) -> None:
+    """``mastering fileset -o DIR --viewer`` writes the web content's manifest too, so a later
+    ``--replace --viewer`` into DIR knows the old pages as this program's and replaces them."""
+    out = tmp_path / "usb"
+    master([sample("CT_small.dcm")], out, _options(viewer=True), kind="folder")
+    lines = (out / inplace.MANIFEST).read_text().splitlines()
+    assert lines[0] == inplace.MANIFEST_MAGIC
+    listed = {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines[1:]}
+    assert "INDEX.HTM" in listed and all(
+        hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+        for name, digest in listed.items())
+    r = master([sample("MR_small.dcm")], out, _options(viewer=True, update="replace"),
+               kind="inplace")
+    assert r.ok
+    _judge(out, 1)
+    assert "MR1" in (out / "README.TXT").read_text()
+
+
 def test_replace_refuses_a_record_that_points_at_a_non_dicom_file(tmp_path: Path,
                                                                   stick: Path) -> None:
     """A record whose Referenced File ID names the owner's JPEG: --replace refuses (and

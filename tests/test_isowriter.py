@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mastering import content, directio, isowriter, profiles
+from mastering import content, directio, inplace, isosource, isowriter, profiles
 from mastering.pipeline import Options, master
 
 from .conftest import extract_iso, isoinfo_listing, make_ct, need, sample
@@ -148,7 +148,7 @@ def test_copy_segments_writes_at_the_offset_and_checks_the_source(tmp_path: Path
     src = tmp_path / "s.bin"
     src.write_bytes(bytes(range(256)) * 64)
     st = src.stat()
-    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    stamp = isosource.stat_stamp(st)
     out = tmp_path / "o.bin"
     with open(out, "xb+", buffering=0) as fh:
         parts = [b"HEAD", content.Range(str(src), 100, 5000, stamp)]
@@ -197,4 +197,6 @@ def test_folder_and_image_carry_the_same_web_content(tmp_path: Path) -> None:
 
     web = tree(root)
     assert sum(n.endswith(".JPG") for n in web) >= 8 and "INDEX.HTM" in web
-    assert tree(folder) == web
+    on_stick = tree(folder)  # and the manifest a later in-place --replace reads
+    assert on_stick.pop(inplace.MANIFEST).startswith(inplace.MANIFEST_MAGIC.encode())
+    assert on_stick == web

@@ -156,6 +156,8 @@ class Daemon:
             self._background("watch", scan_watch_folder, self)
         if self._due("purges", 1.0, now) and (store.purging() or store.tombstones()):
             self._background("purge", finish_purges, store, self.spool, "daemon")
+        if self._due("checkpoint", 5.0, now) and store.checkpoint_owed:
+            self._background("checkpoint", store.checkpoint)  # a reader held the last one
         if self._due("retention", self._retention_every, now):
             self._background("purge", self.release_expired, now)
         if self._due("poll", 1.0, now):

@@ -185,6 +185,7 @@ class JobStore:
         if fresh:  # owner-only before SQLite writes a byte of it
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._lock = threading.RLock()
+        self.checkpoint_owed = False  # a checkpoint after a purge could not finish yet
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -696,11 +697,13 @@ class JobStore:
         try:
             con.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
             row = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            done = row is not None and row[0] == 0
         except sqlite3.OperationalError:
-            return False
+            done = False
         finally:
             con.close()
-        return row is not None and row[0] == 0
+        self.checkpoint_owed = not done  # the daemon tries again every few seconds
+        return done
 
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._read("SELECT state, count(*) FROM jobs "
