@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -244,7 +245,7 @@ def _run_master(args: argparse.Namespace, options: Options, cancel: Event, out: 
         _error(err, exc)
         return EXIT_INTERNAL
     except OSError as exc:
-        _error(err, _os_message(exc))
+        _error(err, _os_message(exc, args.output))
         return EXIT_IO
     finally:
         decided()
@@ -263,9 +264,17 @@ def _silence(stream: object) -> None:
         os.dup2(devnull, stream.fileno())
 
 
-def _os_message(exc: OSError) -> str:
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _os_message(exc: OSError, output: Path | None = None) -> str:
     if exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
+    if output is not None and exc.errno in _FULL:  # a write to a descriptor: no file name
+        return (f"{output}: {exc.strerror}: the output does not fit on its file system; "
+                "nothing was written")
+    if output is not None and exc.strerror:
+        return f"{output}: {exc.strerror} while writing it; nothing was written"
     return str(exc)
 
 
