@@ -178,6 +178,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
+    # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind
+    # (set before the pipeline's modules load, so a signal during the imports cancels too).
+    # Once master() has returned the outcome is decided (the output is in place, or nothing
+    # was written): a late signal must change nothing, so it is ignored from then on, down
+    # to the interpreter's exit (which would put the default, killing, action back).
+    cancel = Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        signal.signal(sig, lambda *_: cancel.set())
+
     from .outputs import OutputError, check_report_path
     from .pipeline import Options
 
@@ -198,14 +208,6 @@ def _master(args: argparse.Namespace, out: Printer, err: Printer) -> int:
         except OutputError as exc:
             _error(err, exc)
             return exc.exit_code
-    cancel = Event()
-    # Ctrl-C and systemd's SIGTERM both cancel: the run cleans up and leaves nothing behind.
-    # Once master() has returned the outcome is decided (the output is in place, or nothing
-    # was written): a late signal must change nothing, so it is ignored from then on, down
-    # to the interpreter's exit (which would put the default, killing, action back).
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        signal.signal(sig, lambda *_: cancel.set())
     return _run_master(args, options, cancel, out, err,
                        decided=lambda: [signal.signal(sig, signal.SIG_IGN) for sig in signals])
 
