@@ -71,7 +71,7 @@ from pathlib import Path
 from threading import Event
 from typing import TYPE_CHECKING
 
-from . import fat, hashcopy, part10, plan, update
+from . import fat, hashcopy, part10, plan, syscalls, update
 from .content import Range, Segment, SegmentReader, segments
 from .intake import Cancelled, IntakeResult
 from .outputs import sync_dir as _fsync  # fsync of a file or folder
@@ -438,7 +438,7 @@ class Target:
         """Each file written under a temporary name and hashed as it is written, on
         hashcopy.THREADS threads; the records, renames and progress here, in file order.
         Whatever happens, no copy is still running when this returns or raises."""
-        pool = hashcopy.Pool(sync=self.options.sync, cancel=cancel)
+        pool = hashcopy.Pool(sync=False, cancel=cancel)  # made durable by batch: _commit
         inflight: deque[tuple[str, str, bool, Future[hashcopy.Written]]] = deque()
         total, done, counted = 0, 0, sum(1 for *_c, c in files if c)
         try:
@@ -490,6 +490,8 @@ class Target:
         """Record the pending files durably, then give each its name (never over another)."""
         journal = self.journal
         assert journal is not None
+        if self.options.sync and journal.pending:
+            _sync_data(self.root, [rel for rel, *_rest in journal.pending])
         pending = journal.flush()
         for rel, name, _size, _digest in pending:
             try:
@@ -855,6 +857,24 @@ def _lsize(path: Path) -> int:
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _sync_data(root: Path, names: list[str]) -> None:
+    """Make these files' data durable before their records are: one syncfs(2) of the
+    medium's file system for the whole batch (one write-back and, on a journalling file
+    system, one commit, instead of one per file), else an fdatasync of each."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syscalls.syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    for name in names:
+        fd = os.open(root / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
 
 _RENAME_NOREPLACE = 1
