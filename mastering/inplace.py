@@ -11,9 +11,11 @@ as :mod:`mastering.folderwriter` does. So the order of writes carries the safety
 4. ``--replace``: the old DICOMDIR first, then the files it references, then this program's
    own web content of the old File-set;
 5. every file is written under a temporary name of this run (``TTTTnnnn.TMP``: a random token
-   in the journal and a counter), fsynced, its size and SHA-256 appended to the journal, and
-   only once that record is durable renamed to its name (never over an existing file). The
-   records are fsynced in batches, before the batch's renames;
+   in the journal and a counter) and read back for its SHA-256, on :mod:`mastering.hashcopy`'s
+   threads; its size and SHA-256 are appended to the journal in file order, and only once
+   that record is durable the file is renamed to its name (never over an existing file). The
+   files are made durable in batches (one syncfs of the medium), then the batch's records
+   (one fsync of the journal), then the batch is renamed;
 6. the DICOMDIR is written under a temporary name, fsynced, renamed to ``DICOMDIR``, the
    folders fsynced; the journal is removed.
 
