@@ -470,9 +470,11 @@ class Target:
         try:
             written = future.result()
         except hashcopy.Stopped:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled while writing the File-set") from None
-            raise
+            written = None
+        if cancel is not None and cancel.is_set():  # before any further record or rename
+            raise Cancelled("cancelled while writing the File-set")
+        if written is None:
+            raise hashcopy.Stopped(rel)
         journal = self.journal
         assert journal is not None
         journal.pending.append((rel, name, written.size, written.sha256))
