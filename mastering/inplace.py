@@ -11,9 +11,11 @@ as :mod:`mastering.folderwriter` does. So the order of writes carries the safety
 4. ``--replace``: the old DICOMDIR first, then the files it references, then this program's
    own web content of the old File-set;
 5. every file is written under a temporary name of this run (``TTTTnnnn.TMP``: a random token
-   in the journal and a counter), fsynced, its size and SHA-256 appended to the journal, and
-   only once that record is durable renamed to its name (never over an existing file). The
-   records are fsynced in batches, before the batch's renames;
+   in the journal and a counter) and read back for its SHA-256, on :mod:`mastering.hashcopy`'s
+   threads; its size and SHA-256 are appended to the journal in file order, and only once
+   that record is durable the file is renamed to its name (never over an existing file). The
+   files are made durable in batches (one syncfs of the medium), then the batch's records
+   (one fsync of the journal), then the batch is renamed;
 6. the DICOMDIR is written under a temporary name, fsynced, renamed to ``DICOMDIR``, the
    folders fsynced; the journal is removed.
 
@@ -63,14 +65,16 @@ import stat
 import string
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
 from typing import TYPE_CHECKING
 
-from . import fat, part10, plan, update
-from .content import Range, SegmentReader, copy_to, segments
+from . import fat, hashcopy, part10, plan, syscalls, update
+from .content import Range, Segment, SegmentReader, segments
 from .intake import Cancelled, IntakeResult
 from .outputs import sync_dir as _fsync  # fsync of a file or folder
 from .pipeline import MasteringError
@@ -93,6 +97,8 @@ MODES = ("", "append", "replace")
 #: a batch of written files is recorded durably (one journal fsync) at least this often
 BATCH_FILES = 64
 BATCH_SECONDS = 0.5
+#: copies submitted ahead of the one whose record is taken next (hashcopy.Pool's threads)
+IN_FLIGHT = 2 * hashcopy.THREADS
 _TOKEN_CHARS = string.ascii_uppercase
 _COUNTER_CHARS = string.digits + string.ascii_uppercase
 _JOURNAL_MAX = 64 << 20  # a journal of a million files is still far below this
@@ -172,6 +178,7 @@ class Target:
         self.old_manifest: str | None = None
         self.old_removed = False
         self.made_dirs: list[str] = []  # '/'-joined, relative to root
+        self.folders: set[str] = set()  # known to be folders (made or checked) in this run
         self.made_files: list[str] = []  # created by this run under their final names
         self.temps: list[str] = []  # created by this run under a temporary name
         self.wrote_dicomdir = False
@@ -415,15 +422,9 @@ class Target:
                    label: str, progress: ProgressFn | None, cancel: Event | None) -> int:
         journal = self.journal
         assert journal is not None
-        total = 0
-        for comps, data in extra:
-            total += self._put(comps, lambda path, data=data: _write_content(path, data))
-        for done, entry in enumerate(new, 1):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled while writing the File-set")
-            total += self._put(entry.file_id, lambda path, entry=entry: copy_to(entry, path))
-            if progress:
-                progress(label, done, len(new))
+        files = [(comps, _parts(data), False) for comps, data in extra] + [
+            (entry.file_id, segments(entry), True) for entry in new]
+        total = self._copy_files(files, label, progress, cancel)
         self._commit()
         if self.options.sync:
             for folder in sorted(set(self.made_dirs), key=lambda p: -p.count("/")):
@@ -434,32 +435,67 @@ class Target:
         _fsync(self.root)
         return total + len(dicomdir)
 
-    def _put(self, comps: tuple[str, ...], writer: Callable[[str], None]) -> int:
-        """Write one file under a temporary name; it gets its name in the next commit."""
+    def _copy_files(self, files: list[tuple[tuple[str, ...], list, bool]], label: str,
+                    progress: ProgressFn | None, cancel: Event | None) -> int:
+        """Each file written under a temporary name and hashed as it is written, on
+        hashcopy.THREADS threads; the records, renames and progress here, in file order.
+        Whatever happens, no copy is still running when this returns or raises."""
+        pool = hashcopy.Pool(sync=False, cancel=cancel)  # made durable by batch: _commit
+        inflight: deque[tuple[str, str, bool, Future[hashcopy.Written]]] = deque()
+        total, done, counted = 0, 0, sum(1 for *_c, c in files if c)
+        try:
+            for comps, parts, count in files:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled while writing the File-set")
+                rel = self._temp_for(comps)
+                future = pool.submit(parts, str(self.root / rel),
+                                     lambda rel=rel: self.temps.append(rel))
+                inflight.append((rel, "/".join(comps), count, future))
+                while inflight and (len(inflight) > IN_FLIGHT or inflight[0][3].done()):
+                    total, done = self._took(inflight.popleft(), total, done, cancel)
+                    if progress and done:
+                        progress(label, done, counted)
+            while inflight:
+                total, done = self._took(inflight.popleft(), total, done, cancel)
+                if progress:
+                    progress(label, done, counted)
+        finally:
+            pool.close()
+        return total
+
+    def _took(self, job: tuple[str, str, bool, Future[hashcopy.Written]], total: int,
+              done: int, cancel: Event | None) -> tuple[int, int]:
+        """A finished copy: its record goes into the journal (committed when due)."""
+        rel, name, count, future = job
+        try:
+            written = future.result()
+        except hashcopy.Stopped:
+            written = None
+        if cancel is not None and cancel.is_set():  # before any further record or rename
+            raise Cancelled("cancelled while writing the File-set")
+        if written is None:
+            raise hashcopy.Stopped(rel)
+        journal = self.journal
+        assert journal is not None
+        journal.pending.append((rel, name, written.size, written.sha256))
+        if journal.due():
+            self._commit()
+        return total + written.size, done + count
+
+    def _temp_for(self, comps: tuple[str, ...]) -> str:
+        """A temporary name of this run in the file's folder (made where missing)."""
         journal = self.journal
         assert journal is not None
         folder = self._folder(comps[:-1])
         tmp = journal.temp_name(self.root / folder)
-        rel = f"{folder}/{tmp}" if folder else tmp
-        try:
-            writer(str(self.root / rel))
-        except FileExistsError:
-            raise  # not created: never ours
-        except BaseException:
-            if os.path.lexists(self.root / rel):  # a fresh random name: created by us
-                self.temps.append(rel)
-            raise
-        self.temps.append(rel)
-        size, digest = _digest_and_sync(self.root / rel, self.options.sync)
-        journal.pending.append((rel, "/".join(comps), size, digest))
-        if journal.due():
-            self._commit()
-        return size
+        return f"{folder}/{tmp}" if folder else tmp
 
     def _commit(self) -> None:
         """Record the pending files durably, then give each its name (never over another)."""
         journal = self.journal
         assert journal is not None
+        if self.options.sync and journal.pending:
+            _sync_data(self.root, [rel for rel, *_rest in journal.pending])
         pending = journal.flush()
         for rel, name, _size, _digest in pending:
             try:
@@ -477,15 +513,17 @@ class Target:
         cur = ""
         for part in parts:
             cur = f"{cur}/{part}" if cur else part
+            if cur in self.folders:
+                continue
             path = self.root / cur
             try:
                 os.mkdir(path)
+                self.made_dirs.append(cur)
             except FileExistsError:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     raise _error(f"{cur} is on the medium and is not a folder; nothing is "
                                  "written through it", self.report, 6) from None
-                continue
-            self.made_dirs.append(cur)
+            self.folders.add(cur)
         return cur
 
     def _publish_dicomdir(self, dicomdir: bytes) -> None:
@@ -801,11 +839,16 @@ def _size(data: bytes | Path | Range) -> int:
     return len(data) if isinstance(data, bytes) else os.path.getsize(data)
 
 
-def _reader(data: bytes | Path | Range) -> SegmentReader:
-    """The web content as a stream: bytes, a file, or a range of a spooled file."""
+def _parts(data: bytes | Path | Range) -> list[Segment]:
+    """The web content as segments: bytes, a file, or a range of a spooled file."""
     if isinstance(data, Path):
         data = Range(str(data), 0, os.path.getsize(data))
-    return SegmentReader([data])
+    return [data]
+
+
+def _reader(data: bytes | Path | Range) -> SegmentReader:
+    """The web content as a stream: bytes, a file, or a range of a spooled file."""
+    return SegmentReader(_parts(data))
 
 
 def _lsize(path: Path) -> int:
@@ -820,13 +863,22 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _digest_and_sync(path: Path, sync: bool) -> tuple[int, str]:
-    """Size and SHA-256 of a file just written (from the page cache), fsynced if asked."""
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        if sync:
-            os.fsync(fh.fileno())
-        return fh.tell(), digest
+def _sync_data(root: Path, names: list[str]) -> None:
+    """Make these files' data durable before their records are: one syncfs(2) of the
+    medium's file system for the whole batch (one write-back and, on a journalling file
+    system, one commit, instead of one per file), else an fdatasync of each."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syscalls.syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    for name in names:
+        fd = os.open(root / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
 
 _RENAME_NOREPLACE = 1
@@ -849,12 +901,6 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
     os.rename(src, dst)
-
-
-def _write_content(target: str, data: bytes | Path | Range) -> None:
-    with open(target, "xb") as out, _reader(data) as src:
-        while chunk := src.read(CHUNK):
-            out.write(chunk)
 
 
 def _new_folders(files: list[tuple[tuple[str, ...], int]], root: Path) -> dict[str, int]:

@@ -392,3 +392,97 @@ def test_cli_fileset_append(tmp_path: Path, stick: Path) -> None:
                         "--verify"], capture_output=True, text=True)
     assert c.returncode == 0, c.stderr
     _judge(stick, 2)
+
+
+def _records(journal: str) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) of the journal's records of written files."""
+    found = {}
+    for line in journal.splitlines():
+        if line.startswith("= "):
+            _mark, size, proof, name = line.split(" ")
+            found[name] = (int(size), proof.removeprefix("sha256:"))
+    return found
+
+
+def test_journal_proofs_match_the_bytes_on_disk(tmp_path: Path, stick: Path,
+                                                monkeypatch) -> None:
+    """Every file written (images and web content, copied and hashed on worker threads) has
+    a record whose size and SHA-256 are those of the file on the medium."""
+    seen: list[str] = []
+    remove = inplace.Journal.remove
+
+    def keep(self) -> None:
+        seen.append((self.root / inplace.JOURNAL).read_text())
+        remove(self)
+
+    monkeypatch.setattr(inplace.Journal, "remove", keep)
+    master([ct_series(tmp_path / "a", 2, 5)], stick, _options(viewer=True), kind="inplace")
+    records = _records(seen[0])
+    written = {k: v for k, v in _tree(stick).items() if k not in ("NOTES.TXT", "DICOMDIR")}
+    assert set(records) == set(written) and len(records) > 10
+    for name, (size, digest) in records.items():
+        assert (stick / name).stat().st_size == size and written[name] == digest
+
+
+@pytest.mark.parametrize("power_lost", [False, True])
+def test_interrupted_mid_batch_with_copies_in_flight(tmp_path: Path, stick: Path,
+                                                     monkeypatch, power_lost: bool) -> None:
+    """Ctrl-C while several copies run on the pool's threads, in the middle of a batch: no
+    copy thread is left running; a plain interruption leaves only the owner's file, and a
+    lost power (no undo) only files the journal proves this run's, which the next run
+    removes."""
+    import threading
+
+    src = ct_series(tmp_path / "a", 2, 10)
+    monkeypatch.setattr(inplace, "BATCH_FILES", 6)
+    if power_lost:
+        monkeypatch.setattr(inplace.Target, "undo", lambda self: None)
+
+    def die(stage: str, done: int, total: int) -> None:
+        if stage.startswith("write") and done == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        master([src], stick, _options(), kind="inplace", progress=die)
+    assert not [t for t in threading.enumerate() if t.name.startswith("inplace-copy")]
+    assert not (stick / "DICOMDIR").exists()
+    if not power_lost:
+        assert sorted(_tree(stick)) == ["NOTES.TXT"] and not (stick / "DICOM").exists()
+        return
+    monkeypatch.undo()
+    journal = (stick / inplace.JOURNAL).read_text()
+    token = journal.splitlines()[2].removeprefix("temp ")
+    records = _records(journal)
+    left = {k: v for k, v in _tree(stick).items() if k not in ("NOTES.TXT", inplace.JOURNAL)}
+    named = {k for k in left if not k.endswith(".TMP")}
+    assert 6 <= len(named) < 20 and any(k.endswith(".TMP") for k in left)
+    assert all(k.rsplit("/", 1)[-1].startswith(token) for k in left if k.endswith(".TMP"))
+    assert all(records[k][1] == left[k] for k in named)  # each named file: its proof holds
+    r = master([src], stick, _options(verify=True), kind="inplace")
+    _judge(stick, 20)
+    assert not list(stick.rglob("*.TMP")) and not (stick / inplace.JOURNAL).exists()
+    assert any("interrupted earlier copy left" in w for w in r.warnings)
+
+
+def test_source_changed_while_copied_in_place_names_it(tmp_path: Path, stick: Path,
+                                                       monkeypatch) -> None:
+    """A source another program appends to while a copy thread copies it fails the run with
+    an error naming the file; nothing of the run is left on the stick."""
+    from mastering import content
+    from mastering.content import SourceChanged
+
+    src = ct_series(tmp_path / "a", 1, 6)
+    victim = sorted(src.rglob("*.dcm"))[3]
+    real = content._kernel_copy
+
+    def copy(fd_in: int, fd_out: int, count: int, offset: int, at: int) -> int:
+        n = real(fd_in, fd_out, count, offset, at)
+        if os.fstat(fd_in).st_ino == victim.stat().st_ino and offset == 0:
+            with open(victim, "ab") as fh:
+                fh.write(b"\0\0\0\0")
+        return n
+
+    monkeypatch.setattr(content, "_kernel_copy", copy)
+    with pytest.raises(SourceChanged, match=str(victim)):
+        master([src], stick, _options(), kind="inplace")
+    assert sorted(_tree(stick)) == ["NOTES.TXT"]

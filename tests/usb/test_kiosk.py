@@ -150,9 +150,11 @@ def test_insert_pick_export_safe_to_remove(kiosk, browser, tmp_path: Path, loops
         page.locator(".study", has_text="DOE, JANE").tap()
         assert page.locator(".study.selected").count() == 1
         page.locator("#copy").tap()
+        # mid-job, past the scan: the write (batched syncs make it short) or the check
         page.wait_for_function("() => { const j = document.getElementById('job');"
-                               " return j.dataset.state === 'running' && j.dataset.phase"
-                               " === 'write' && parseInt(document.getElementById("
+                               " return j.dataset.state === 'running' && ['write',"
+                               " 'verifying', 'verify', 'read back'].includes(j.dataset.phase)"
+                               " && parseInt(document.getElementById("
                                "'job-percent').textContent) > 20; }", timeout=60_000)
         assert "left" in page.locator("#job-eta").inner_text() or \
             page.locator("#job-eta").inner_text() == ""
