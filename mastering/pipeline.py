@@ -263,9 +263,7 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
          progress: ProgressFn | None, cancel: Event | None, side_outputs: Sequence[Path],
          on_publish: Callable[[Report], None] | None) -> Report:
     work = outputs.make_work(target)  # before the scan: bodies are written while it runs
-    early: earlyiso.EarlyImage | earlyiso.EarlyFolder = (
-        earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
-        if target.kind == "iso" else earlyiso.EarlyFolder(work / "early", options.profile))
+    early = _early_writer(target, work, options)
     render = None
     try:
         render = _early_render(work, options)  # pictures rendered while the scan runs
@@ -274,21 +272,35 @@ def _run(inputs: Sequence[Path], target: outputs.Target, options: Options, repor
     finally:
         if render is not None:
             render.close()
-        early.close()
+        if early is not None:
+            early.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _early_writer(target: outputs.Target, work: Path, options: Options
+                  ) -> earlyiso.EarlyImage | earlyiso.EarlyFolder | None:
+    """What writes bodies while the scan runs: into the image, or copies on the new folder's
+    file system. None in place: that writer copies straight onto the medium (the work
+    folder is on another file system), so copies made early would only be removed again."""
+    if target.kind == "iso":
+        return earlyiso.EarlyImage(work / "vol1", options.profile, options.sync)
+    if target.kind == "folder":
+        return earlyiso.EarlyFolder(work / "early", options.profile)
+    return None
 
 
 def _scan_plan_write(inputs: Sequence[Path], target: outputs.Target, options: Options,
                      report: Report, progress: ProgressFn | None, cancel: Event | None,
                      side_outputs: Sequence[Path], on_publish: Callable[[Report], None] | None,
-                     work: Path, early: earlyiso.EarlyImage | earlyiso.EarlyFolder,
+                     work: Path, early: earlyiso.EarlyImage | earlyiso.EarlyFolder | None,
                      render: pdi.EarlyRender | None) -> Report:
     t0 = time.monotonic()
     scanned = intake_mod.scan(inputs, options.profile, progress=progress, cancel=cancel,
                               workers=options.workers, follow_links=options.follow_links,
                               on_conflict=options.on_conflict,
                               observer=intake_mod.Observers(render, early))
-    early.finish()
+    if early is not None:
+        early.finish()
     report.seconds["scan"] = round(time.monotonic() - t0, 3)
     try:
         outputs.check_walked([target.output, *(p.absolute() for p in side_outputs)],

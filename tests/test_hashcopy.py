@@ -10,13 +10,12 @@ from threading import Event
 
 import pytest
 
-from mastering import content, hashcopy
+from mastering import content, hashcopy, isosource
 from mastering.content import Range, SourceChanged
 
 
-def _stamp(path: Path) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def _stamp(path: Path) -> isosource.Stamp:
+    return isosource.stat_stamp(path.stat())
 
 
 def test_written_proof_is_the_sha256_of_the_bytes_on_disk(tmp_path: Path) -> None:
