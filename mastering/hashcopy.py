@@ -103,5 +103,15 @@ class Pool:
         return self.stop.is_set() or (self.cancel is not None and self.cancel.is_set())
 
     def close(self) -> None:
+        """Stop and wait; a second Ctrl-C while waiting is held until every thread has
+        ended (the caller then undoes what they wrote, with no descriptor left open)."""
         self.stop.set()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        interrupt: KeyboardInterrupt | None = None
+        while True:
+            try:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt as exc:
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt

@@ -182,6 +182,8 @@ class Target:
         self.made_files: list[str] = []  # created by this run under their final names
         self.temps: list[str] = []  # created by this run under a temporary name
         self.wrote_dicomdir = False
+        self.renaming: tuple[str, str] | None = None  # (temporary, final) during a rename
+        self.publishing: bytes | None = None  # the new DICOMDIR while it is renamed in
         self.extra: Extra | None = None  # the web content as written (with its manifest)
         self.journal: Journal | None = None
 
@@ -498,14 +500,17 @@ class Target:
             _sync_data(self.root, [rel for rel, *_rest in journal.pending])
         pending = journal.flush()
         for rel, name, _size, _digest in pending:
+            self.renaming = (rel, name)  # an interrupt may land right after the rename
             try:
                 _rename_noreplace(self.root / rel, self.root / name)
             except FileExistsError as exc:
+                self.renaming = None  # not renamed: the name is someone else's
                 raise _error(f"{name} appeared on the medium while this run wrote it; it was "
                              "left alone and this run's files were removed", self.report,
                              6) from exc
-            self.temps.remove(rel)
             self.made_files.append(name)
+            self.temps.remove(rel)
+            self.renaming = None
 
     def _folder(self, parts: tuple[str, ...]) -> str:
         """The '/'-joined folder for a new file, made where missing (remembered once made);
@@ -536,12 +541,17 @@ class Target:
             out.flush()
             if self.options.sync:
                 os.fsync(out.fileno())
-        if self.existing is not None and self.existing.dicomdir_name != "DICOMDIR" and \
-                self.mode == "append":
-            os.unlink(self.root / self.existing.dicomdir_name)  # 'dicomdir' on a folder
+        self.publishing = dicomdir  # an interrupt may land right after the rename
         os.replace(self.root / tmp, self.root / "DICOMDIR")
-        self.temps.remove(tmp)
         self.wrote_dicomdir = True
+        self.temps.remove(tmp)
+        self.publishing = None
+        old = self.existing.dicomdir_name if self.existing is not None else "DICOMDIR"
+        if old != "DICOMDIR" and self.mode == "append":  # 'dicomdir' on a folder: removed
+            _fsync(self.root)  # after the new one is in place (both for a moment, never none)
+            lower, upper = self.root / old, self.root / "DICOMDIR"
+            if os.path.lexists(lower) and not os.path.samefile(lower, upper):  # (FAT: one)
+                os.unlink(lower)
         _fsync(self.root)
 
     # -- checking ---------------------------------------------------------------------------
@@ -590,13 +600,31 @@ class Target:
 
     # -- undoing ----------------------------------------------------------------------------
 
+    def _settle_interrupted_renames(self) -> None:
+        """An interrupt between a rename and its bookkeeping: the file (or the DICOMDIR) is
+        at its final name already, and is this run's to undo."""
+        if self.renaming is not None:
+            rel, name = self.renaming
+            if not os.path.lexists(self.root / rel) and os.path.lexists(self.root / name):
+                self.made_files.append(name)  # renamed (never over another: NOREPLACE)
+            self.renaming = None
+        if self.publishing is not None and not self.wrote_dicomdir:
+            with contextlib.suppress(OSError):
+                if (self.root / "DICOMDIR").read_bytes() == self.publishing:
+                    self.wrote_dicomdir = True
+            self.publishing = None
+
     def undo(self) -> None:
         """Best effort: remove what this run wrote and restore the earlier DICOMDIR. A pulled
         stick cannot be cleaned; its journal lets the next run do it."""
         try:
+            self._settle_interrupted_renames()
             if self.wrote_dicomdir:
                 if self.existing is not None and self.mode == "append":
-                    tmp = self.root / f"{uuid.uuid4().hex[:8].upper()}.TMP"
+                    # a name of this run's journal: if the power goes now, the next run
+                    # knows the copy as ours
+                    tmp = self.root / (self.journal.temp_name(self.root) if self.journal
+                                       is not None else f"{uuid.uuid4().hex[:8].upper()}.TMP")
                     with open(tmp, "xb") as out:
                         out.write(self.existing.dicomdir)
                     _fsync(tmp)
@@ -637,7 +665,12 @@ class Journal:
     @classmethod
     def create(cls, root: Path, planned: Iterable[tuple[str, ...]], removals: list[Proof], *,
                sync: bool = True) -> Journal:
-        token = "".join(secrets.choice(_TOKEN_CHARS) for _ in range(4))
+        planned = list(planned)
+        taken = _tokens_in_use(root, planned)
+        for _try in range(1000):  # a name of the owner's already looks like ours: another
+            token = "".join(secrets.choice(_TOKEN_CHARS) for _ in range(4))
+            if token not in taken:
+                break
         fd = os.open(root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o644)
         journal = cls(root, fd, token, sync)
@@ -692,10 +725,27 @@ class Journal:
         os.unlink(self.root / JOURNAL)
 
 
+def _tokens_in_use(root: Path, planned: list[tuple[str, ...]]) -> set[str]:
+    """Tokens of names like ours (``TTTTnnnn.TMP``) already in the folders this run writes
+    to: the run takes another, so that the next run's cleanup (which removes this run's
+    temporary names) can never take one of them for ours."""
+    shape = re.compile(r"([A-Za-z]{4})[0-9A-Za-z]{4}\.TMP", re.IGNORECASE)
+    folders = {root} | {root.joinpath(*c[:i]) for c in planned for i in range(1, len(c))}
+    taken: set[str] = set()
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if m := shape.fullmatch(name):
+                    taken.add(m.group(1).upper())
+    return taken
+
+
 def _parse_journal(text: str) -> tuple[str, list[str], list[Proof]] | None:
     """(token, planned names, records and removals) of a journal of ours; None if not ours.
     A torn last line (the stick went while it was appended) proves nothing and is skipped."""
     lines = text.split("\n")
+    if lines and lines[-1]:  # no newline at the end: the last line is torn
+        lines.pop()
     if len(lines) < 3 or lines[0] != JOURNAL_MAGIC or not lines[2].startswith("temp "):
         return None
     token = lines[2][5:]

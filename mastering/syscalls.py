@@ -39,8 +39,15 @@ def allocate(fd: int, size: int) -> bool:
 
 
 def syncfs(fd: int) -> bool:
-    """syncfs(2): write back everything of the file system fd is on; False if not done."""
+    """syncfs(2): write back everything of the file system fd is on; False where the call is
+    missing (the caller fsyncs file by file). A write-back error (EIO, ENOSPC: Linux 5.8 and
+    later report them here) is raised: a per-file fsync afterwards would not see it."""
     lib = libc()
     if lib is None or not hasattr(lib, "syncfs"):
         return False
-    return lib.syncfs(fd) == 0
+    if lib.syncfs(fd) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
