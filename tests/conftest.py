@@ -174,3 +174,25 @@ def isoinfo_listing(iso: Path) -> list[tuple[str, int]]:
 
 def load(path: Path) -> pydicom.FileDataset:
     return pydicom.dcmread(path)
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """Every run with enough files streams (mastering.earlyiso); counts the runs whose early
+    layout was used."""
+    from mastering import directio, earlyiso
+
+    monkeypatch.setattr(earlyiso, "MIN_BYTES", 0)
+    monkeypatch.setattr(earlyiso, "RESERVE_SHARE", 1e9)
+    monkeypatch.setattr(directio, "WINDOW", 3 * 4096)  # bodies and zeros across windows
+    monkeypatch.setattr(directio, "_ZEROS", bytes(3 * 4096))
+    used: list[int] = []
+    real = earlyiso.EarlyImage.placement
+
+    def placement(self, entries):
+        placed = real(self, entries)
+        used.append(len(placed or ()))
+        return placed
+
+    monkeypatch.setattr(earlyiso.EarlyImage, "placement", placement)
+    return used

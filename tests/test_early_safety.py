@@ -20,25 +20,6 @@ from .conftest import extract_iso, make_ct, sample
 EPOCH = 1_700_000_000
 
 
-@pytest.fixture
-def streamed(monkeypatch):
-    """Small inputs take the early way; counts the runs whose early layout was tried."""
-    monkeypatch.setattr(earlyiso, "MIN_BYTES", 0)
-    monkeypatch.setattr(earlyiso, "RESERVE_SHARE", 1e9)
-    monkeypatch.setattr(directio, "WINDOW", 3 * 4096)
-    monkeypatch.setattr(directio, "_ZEROS", bytes(3 * 4096))
-    used: list[int] = []
-    real = earlyiso.EarlyImage.placement
-
-    def placement(self, entries):
-        placed = real(self, entries)
-        used.append(len(placed or ()))
-        return placed
-
-    monkeypatch.setattr(earlyiso.EarlyImage, "placement", placement)
-    return used
-
-
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}

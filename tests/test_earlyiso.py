@@ -20,25 +20,6 @@ EPOCH = 1_700_000_000
 MARK = bytes(range(7, 251)) * 8  # pixels only the conflicting file has
 
 
-@pytest.fixture
-def streamed(monkeypatch):
-    """Every run with enough files streams; counts the runs whose early layout was used."""
-    monkeypatch.setattr(earlyiso, "MIN_BYTES", 0)
-    monkeypatch.setattr(earlyiso, "RESERVE_SHARE", 1e9)
-    monkeypatch.setattr(directio, "WINDOW", 3 * 4096)  # bodies and zeros across windows
-    monkeypatch.setattr(directio, "_ZEROS", bytes(3 * 4096))
-    used: list[int] = []
-    real = earlyiso.EarlyImage.placement
-
-    def placement(self, entries):
-        placed = real(self, entries)
-        used.append(len(placed or ()))
-        return placed
-
-    monkeypatch.setattr(earlyiso.EarlyImage, "placement", placement)
-    return used
-
-
 def _inputs(tmp: Path) -> list[Path]:
     src = tmp / "in"
     for i in range(1, 5):  # names sort against the instance numbers: scan order differs

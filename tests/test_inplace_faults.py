@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mastering import hashcopy, inplace, profiles, syscalls
-from mastering.pipeline import Options, master
+from mastering import hashcopy, inplace, syscalls
+from mastering.pipeline import master
 
 from .conftest import ct_series
-
-USB = "STD-GEN-USB-JPEG"
-
-
-def _options(**kw) -> Options:
-    return Options(profiles.load(USB), workers=1, **kw)
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from .test_inplace import USB, _options, _tree  # noqa: F401 - shared helpers
 
 
 def _dirs(root: Path) -> list[str]:
