@@ -165,10 +165,10 @@ class Worker(threading.Thread):
                               drive=self.drive.name)
                     log.info("job %d cancelled", job.id)
             except Unconvertible as exc:
-                self.move(job.id, "failed", ACTIVE, reason=str(exc), drive=self.drive.name)
-                for uid, why in exc.instances:
+                for uid, why in exc.instances:  # recorded before the state that reports it
                     store.audit(job.id, "unconvertible", drive=self.drive.name,
                                 detail=f"instance {uid}: {why}")
+                self.move(job.id, "failed", ACTIVE, reason=str(exc), drive=self.drive.name)
                 log.error("job %d failed: %s", job.id, exc)
             except Permanent as exc:
                 self.move(job.id, "failed", ACTIVE, reason=str(exc), drive=self.drive.name)
