@@ -413,8 +413,8 @@ class Target:
         """--replace: the old DICOMDIR first (so no DICOMDIR ever lists a removed file), then
         its files and this program's old web content, then the folders left empty."""
         if self.existing is not None:
+            self._unlink_old_dicomdir(self.root / self.existing.dicomdir_name)
             self.old_removed = True
-            os.unlink(self.root / self.existing.dicomdir_name)
             _fsync(self.root)
         names = [p.name for p in self.removals] + ([self.old_manifest] if self.old_manifest
                                                    else [])
@@ -551,8 +551,22 @@ class Target:
             _fsync(self.root)  # after the new one is in place (both for a moment, never none)
             lower, upper = self.root / old, self.root / "DICOMDIR"
             if os.path.lexists(lower) and not os.path.samefile(lower, upper):  # (FAT: one)
-                os.unlink(lower)
+                self._unlink_old_dicomdir(lower)
         _fsync(self.root)
+
+    def _unlink_old_dicomdir(self, path: Path) -> None:
+        """Remove the File-set's old DICOMDIR, only as it was read when this run planned
+        (its records are in the new one); one changed since is left alone, and the run
+        stops before anything of the old File-set is removed."""
+        assert self.existing is not None
+        try:
+            same = path.read_bytes() == self.existing.dicomdir
+        except OSError:
+            same = False
+        if not same:
+            raise _error(f"{path.name} changed on the medium while this run wrote it; it was "
+                         "left alone and this run's files were removed", self.report, 6)
+        os.unlink(path)
 
     # -- checking ---------------------------------------------------------------------------
 
@@ -600,6 +614,17 @@ class Target:
 
     # -- undoing ----------------------------------------------------------------------------
 
+    def _old_dicomdir_still_there(self) -> bool:
+        """--append onto a 'dicomdir' of another case on a case-sensitive file system, the
+        old one not removed yet: it stays, and the new DICOMDIR beside it goes."""
+        if self.existing is None or self.existing.dicomdir_name == "DICOMDIR":
+            return False
+        lower, upper = self.root / self.existing.dicomdir_name, self.root / "DICOMDIR"
+        try:
+            return os.path.lexists(lower) and not os.path.samefile(lower, upper)
+        except OSError:
+            return False
+
     def _settle_interrupted_renames(self) -> None:
         """An interrupt between a rename and its bookkeeping: the file (or the DICOMDIR) is
         at its final name already, and is this run's to undo."""
@@ -620,7 +645,9 @@ class Target:
         try:
             self._settle_interrupted_renames()
             if self.wrote_dicomdir:
-                if self.existing is not None and self.mode == "append":
+                if self._old_dicomdir_still_there():
+                    (self.root / "DICOMDIR").unlink()  # ours: the old one kept its name
+                elif self.existing is not None and self.mode == "append":
                     # a name of this run's journal: if the power goes now, the next run
                     # knows the copy as ours
                     tmp = self.root / (self.journal.temp_name(self.root) if self.journal

@@ -196,3 +196,12 @@ def streamed(monkeypatch):
 
     monkeypatch.setattr(earlyiso.EarlyImage, "placement", placement)
     return used
+
+
+@pytest.fixture
+def stick(tmp_path: Path) -> Path:
+    """A folder standing for a stick's root (in-place writes), with a file of the owner's."""
+    root = tmp_path / "stick"
+    root.mkdir()
+    (root / "NOTES.TXT").write_text("not ours\n")
+    return root

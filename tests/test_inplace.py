@@ -47,15 +47,6 @@ def _judge(root: Path, instances: int) -> FileSet:
     return fs
 
 
-@pytest.fixture
-def stick(tmp_path: Path) -> Path:
-    """A folder standing for a stick's root, with a file of the owner's on it."""
-    root = tmp_path / "stick"
-    root.mkdir()
-    (root / "NOTES.TXT").write_text("not ours\n")
-    return root
-
-
 @pytest.mark.oracle
 def test_write_in_place_then_append(tmp_path: Path, stick: Path) -> None:
     first = ct_series(tmp_path / "a", 2, 3)

@@ -42,12 +42,16 @@ def _referenced_missing(root: Path) -> list[str]:
     return [n for n in refs if not (root / n).is_file()]
 
 
-@pytest.fixture
-def stick(tmp_path: Path) -> Path:
-    root = tmp_path / "stick"
-    root.mkdir()
-    (root / "NOTES.TXT").write_text("not ours\n")
-    return root
+def _power_lost_at_replace(monkeypatch, when) -> None:  # noqa: ANN001
+    """os.replace in inplace raises Boom (the power goes) where when(src, dst) says so."""
+    real = inplace.os.replace
+
+    def replace(src, dst, *a, **kw):
+        if when(Path(src), Path(dst)):
+            raise Boom("power lost before the rename")
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(inplace.os, "replace", replace)
 
 
 class Boom(KeyboardInterrupt):
@@ -315,54 +319,87 @@ def test_second_ctrl_c_while_waiting_for_copies(tmp_path: Path, stick: Path,
 def test_power_lost_while_undo_restores_the_old_dicomdir(tmp_path: Path, stick: Path,
                                                          monkeypatch) -> None:
     """--append fails after its DICOMDIR was published; undo restores the old DICOMDIR
-    through a temporary name that carries no journal token (uuid hex). Power lost before
-    that rename: the next run must still be able to append (the leftover is a DICOM file no
-    DICOMDIR lists, and not provably ours)."""
-    import os as _os
-    import re
+    through a temporary name. Power lost before that rename: the leftover copy carries the
+    journal's token, so the next run knows it as ours and can append."""
 
     master([ct_series(tmp_path / "old", 1, 3)], stick, _options(), kind="inplace")
     _inject(monkeypatch, inplace.Journal, "remove", 1, after=False)  # after the DICOMDIR
-    real = _os.replace
-
-    def replace(src, dst, *a, **kw):
-        if re.fullmatch(r"[0-9A-F]{8}\.TMP", Path(src).name):
-            raise Boom("power lost during undo")
-        return real(src, dst, *a, **kw)
-
-    monkeypatch.setattr(inplace.os, "replace", replace)
+    renames = []  # the first one to DICOMDIR publishes, the second is undo's restore
+    _power_lost_at_replace(monkeypatch, lambda src, dst: dst.name == "DICOMDIR"
+                           and len(renames.append(src) or renames) == 2)
     with pytest.raises(Boom):
         master([ct_series(tmp_path / "a", 1, 3, first=5)], stick, _options(update="append"),
                kind="inplace")
+    assert len(renames) == 2  # the power went at undo's restore
     monkeypatch.undo()
     master([ct_series(tmp_path / "b", 1, 2, first=7)], stick, _options(update="append"),
            kind="inplace")
+    assert not list(stick.glob("*.TMP"))
 
 
 def test_power_lost_between_unlinking_lowercase_dicomdir_and_the_rename(
         tmp_path: Path, stick: Path, monkeypatch) -> None:
     """--append onto a folder whose DICOMDIR is stored as 'dicomdir' (case-sensitive file
-    system): _publish_dicomdir unlinks the old one before os.replace; power lost between
-    them leaves the old File-set with no DICOMDIR at all."""
-    import os as _os
+    system): power lost before the new DICOMDIR is renamed in must not leave the old
+    File-set without one (the old one is removed only after the rename)."""
 
     master([ct_series(tmp_path / "old", 1, 3)], stick, _options(), kind="inplace")
     (stick / "DICOMDIR").rename(stick / "dicomdir")
     monkeypatch.setattr(inplace.Target, "undo", lambda self: None)
-    real = _os.replace
-
-    def replace(src, dst, *a, **kw):
-        if Path(dst).name == "DICOMDIR":
-            raise Boom("power lost before the rename")
-        return real(src, dst, *a, **kw)
-
-    monkeypatch.setattr(inplace.os, "replace", replace)
+    _power_lost_at_replace(monkeypatch, lambda src, dst: dst.name == "DICOMDIR")
     with pytest.raises(Boom):
         master([ct_series(tmp_path / "a", 1, 3, first=5)], stick, _options(update="append"),
                kind="inplace")
     monkeypatch.undo()
     assert (stick / "dicomdir").exists() or (stick / "DICOMDIR").exists(), \
         "the old File-set lost its DICOMDIR"
+
+
+def test_replace_leaves_an_old_dicomdir_changed_since_it_was_read(
+        tmp_path: Path, stick: Path, monkeypatch) -> None:
+    """--replace removes the old DICOMDIR only as it was read when the run planned: one
+    changed meanwhile stays, the run fails, nothing of the old File-set is removed."""
+    from mastering.pipeline import MasteringError
+
+    master([ct_series(tmp_path / "old", 1, 3)], stick, _options(), kind="inplace")
+    before = _tree(stick)
+    real = inplace.Target._remove_old
+
+    def remove_old(self):
+        (stick / "DICOMDIR").write_bytes((stick / "DICOMDIR").read_bytes() + b"\0\0")
+        return real(self)
+
+    monkeypatch.setattr(inplace.Target, "_remove_old", remove_old)
+    with pytest.raises(MasteringError, match="DICOMDIR changed on the medium"):
+        master([ct_series(tmp_path / "a", 1, 2, first=5)], stick,
+               _options(update="replace"), kind="inplace")
+    after = _tree(stick)
+    assert after.pop("DICOMDIR") != before.pop("DICOMDIR")  # the changed one, kept
+    assert after == before
+
+
+def test_append_keeps_a_lowercase_dicomdir_changed_since_it_was_read(
+        tmp_path: Path, stick: Path, monkeypatch) -> None:
+    """--append onto 'dicomdir' (case-sensitive file system) that someone changes while the
+    run writes: it stays as it is, the new DICOMDIR and this run's files go."""
+    from mastering.pipeline import MasteringError
+
+    master([ct_series(tmp_path / "old", 1, 3)], stick, _options(), kind="inplace")
+    (stick / "DICOMDIR").rename(stick / "dicomdir")
+    before = _tree(stick)
+    real = inplace.Target._publish_dicomdir
+
+    def publish(self, dicomdir):
+        (stick / "dicomdir").write_bytes((stick / "dicomdir").read_bytes() + b"\0\0")
+        return real(self, dicomdir)
+
+    monkeypatch.setattr(inplace.Target, "_publish_dicomdir", publish)
+    with pytest.raises(MasteringError, match="dicomdir changed on the medium"):
+        master([ct_series(tmp_path / "a", 1, 2, first=5)], stick,
+               _options(update="append"), kind="inplace")
+    after = _tree(stick)
+    assert after.pop("dicomdir") != before.pop("dicomdir")
+    assert after == before  # no DICOMDIR beside it, none of this run's files
 
 
 def test_a_name_taken_during_the_write_is_left_alone(tmp_path: Path, stick: Path,
